@@ -1,0 +1,110 @@
+"""The `ditmesh` command: make-tiny, serve, up, generate."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="diffusers-format folder or hub id")
+    p.add_argument("--name", default=None, help="name clients use for the model (default: folder name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ditmesh import __version__
+    from ditmesh.client import generate_cmd
+
+    parser = argparse.ArgumentParser(prog="ditmesh", description="Serve Diffusion Transformers as a gRPC mesh.")
+    parser.add_argument("--version", action="version", version=f"ditmesh {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-tiny", help="write a small random-weight model folder (no download)")
+    p.add_argument("family", help="model family: flux")
+    p.add_argument("dir", help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("serve", help="run one stage's gRPC server")
+    p.add_argument("stage", choices=["encoder", "denoiser", "vae", "gateway"])
+    _add_model_args(p)
+    p.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on stdout)")
+    p.add_argument("--encoder", action="append", default=[], help="gateway: encoder address (repeatable)")
+    p.add_argument("--denoiser", action="append", default=[], help="gateway: denoiser address (repeatable)")
+    p.add_argument("--vae", action="append", default=[], help="gateway: vae address (repeatable)")
+
+    p = sub.add_parser("up", help="run the whole mesh locally")
+    _add_model_args(p)
+    p.add_argument("--port", type=int, default=0, help="gateway port (default: a free one)")
+
+    generate_cmd.add_parser(sub)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ditmesh.common.errors import DitmeshError
+
+    kwargs = dict(name=args.name, host=args.host, port=args.port)
+    try:
+        if args.stage == "gateway":
+            from ditmesh.gateway.main import serve
+
+            missing = [s for s in ("encoder", "denoiser", "vae") if not getattr(args, s)]
+            if missing:
+                print(f"error: the gateway needs --{' --'.join(missing)} addresses", file=sys.stderr)
+                return 2
+            running = serve(args.model, encoder=args.encoder, denoiser=args.denoiser, vae=args.vae, **kwargs)
+        else:
+            if args.stage == "encoder":
+                from ditmesh.encoder.service import serve
+            elif args.stage == "denoiser":
+                from ditmesh.denoiser.service import serve
+            else:
+                from ditmesh.vae.service import serve
+            running = serve(args.model, device=args.device, dtype=args.dtype, **kwargs)
+    except DitmeshError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.stage} listening on {running.address}", flush=True)
+    running.serve_until_signal()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.command == "make-tiny":
+        from ditmesh.common.tiny import make_tiny
+
+        try:
+            path = make_tiny(args.family, args.dir, seed=args.seed)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"wrote {args.family} model to {path}")
+        return 0
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "up":
+        from ditmesh.local import UpConfig, run_up
+
+        return run_up(
+            UpConfig(model=args.model, host=args.host, port=args.port, name=args.name, device=args.device, dtype=args.dtype)
+        )
+    if args.command == "generate":
+        from ditmesh.client import generate_cmd
+
+        return generate_cmd.run(args)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""What a model is, read from its diffusers-format folder or hub id.
+
+Only JSON configs are read here (model_index.json, the VAE and transformer
+configs), so the gateway can validate requests without loading any weights;
+each stage then loads just its own components (see the stage packages).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ditmesh.common.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Family:
+    """A model family: the defaults its pipelines use and how latents are laid out."""
+
+    name: str
+    pipeline_classes: tuple[str, ...]
+    default_size: int
+    default_steps: int
+    default_guidance: float
+    latent_patch: int
+    """Pixels per token side = vae scale factor * this (Flux packs 2x2 latents)."""
+
+
+FLUX = Family(
+    name="flux",
+    pipeline_classes=("FluxPipeline",),
+    default_size=1024,
+    default_steps=28,
+    default_guidance=3.5,
+    latent_patch=2,
+)
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX,)}
+
+
+def family_of_pipeline(class_name: str) -> Family:
+    for fam in FAMILIES.values():
+        if class_name in fam.pipeline_classes:
+            return fam
+    known = sorted(c for f in FAMILIES.values() for c in f.pipeline_classes)
+    raise InvalidArgument(f"pipeline class {class_name!r} is not supported; supported: {known}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelRef:
+    """A model as the mesh knows it: where it is, what it is, its limits."""
+
+    source: str
+    """Diffusers-format folder or hub id, as given."""
+    name: str
+    """Name clients use to ask for it."""
+    family: Family
+    vae_scale_factor: int
+    latent_channels: int
+    guidance_embeds: bool
+    """Flux dev: guidance is an input of the transformer (distilled), not CFG."""
+    max_prompt_tokens: int
+
+    @property
+    def size_multiple(self) -> int:
+        return self.vae_scale_factor * self.family.latent_patch
+
+    @property
+    def default_steps(self) -> int:
+        # FLUX.1-schnell (no guidance embedding) is distilled for few steps.
+        if self.family is FLUX and not self.guidance_embeds:
+            return 4
+        return self.family.default_steps
+
+    @property
+    def default_guidance(self) -> float:
+        if self.family is FLUX and not self.guidance_embeds:
+            return 0.0
+        return self.family.default_guidance
+
+
+def check_model_name(requested: str, model: ModelRef) -> None:
+    """Empty means the served model; anything else must be its name."""
+    if requested and requested != model.name:
+        raise InvalidArgument(f"unknown model {requested!r}; this mesh serves {model.name!r}")
+
+
+def default_name(source: str) -> str:
+    path = Path(source)
+    if path.exists():
+        return path.resolve().name
+    return source.rstrip("/").split("/")[-1]
+
+
+def _load_json_config(source: str, subfolder: str | None) -> dict:
+    from diffusers import ConfigMixin
+
+    class _Reader(ConfigMixin):
+        config_name = "config.json"
+
+    kwargs = {"subfolder": subfolder} if subfolder else {}
+    return dict(_Reader.load_config(source, **kwargs))
+
+
+def resolve_model(source: str, name: str | None = None) -> ModelRef:
+    """Reads a model's configs; raises InvalidArgument with a sentence if it is not one."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        index = dict(DiffusionPipeline.load_config(source))
+    except Exception as exc:  # noqa: BLE001 - any loader failure means "not a model here"
+        raise InvalidArgument(
+            f"{source!r} is not a diffusers-format model folder or a reachable hub id "
+            f"(no model_index.json): {exc.__class__.__name__}"
+        ) from exc
+    family = family_of_pipeline(str(index.get("_class_name", "")))
+    vae_cfg = _load_json_config(source, "vae")
+    tr_cfg = _load_json_config(source, "transformer")
+    block_out = vae_cfg.get("block_out_channels") or [0] * 4
+    vae_scale_factor = 2 ** (len(block_out) - 1)
+    max_tokens = 512
+    try:
+        tok_cfg = _load_tokenizer_config(source, "tokenizer_2")
+        max_tokens = int(tok_cfg.get("model_max_length", max_tokens))
+        max_tokens = min(max_tokens, 512)
+    except Exception:  # noqa: BLE001 - absent tokenizer config: keep the family limit
+        log.debug("no tokenizer_2 config in %s", source)
+    return ModelRef(
+        source=source,
+        name=name or default_name(source),
+        family=family,
+        vae_scale_factor=vae_scale_factor,
+        latent_channels=int(vae_cfg.get("latent_channels", 16)),
+        guidance_embeds=bool(tr_cfg.get("guidance_embeds", False)),
+        max_prompt_tokens=max_tokens,
+    )
+
+
+def _load_tokenizer_config(source: str, subfolder: str) -> dict:
+    import json
+
+    path = Path(source) / subfolder / "tokenizer_config.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    from huggingface_hub import hf_hub_download
+
+    return json.loads(Path(hf_hub_download(source, "tokenizer_config.json", subfolder=subfolder)).read_text())
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """bfloat16 on GPUs (what the models are trained in), float32 on CPU (exactness)."""
+    if requested == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if requested not in table:
+        raise ValueError(f"--dtype must be one of auto, {', '.join(table)}; got {requested!r}")
+    return table[requested]
+
+
+def offline_default() -> None:
+    """Local folders need no hub; don't let a missing network stall loading."""
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

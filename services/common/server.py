@@ -1,0 +1,213 @@
+"""gRPC server scaffolding shared by every stage.
+
+- One interceptor maps domain errors to status codes; any other exception is
+  logged here with its traceback and reaches the client as INTERNAL with a
+  sentence and the request id, never the traceback.
+- grpc.health.v1 on every server; NOT_SERVING while draining.
+- SIGTERM / SIGINT: stop accepting, let in-flight work finish (grace), exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterable
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from ditmesh.common.codec import MAX_MESSAGE_BYTES
+from ditmesh.common.errors import DitmeshError
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_KEY = "x-request-id"
+
+
+def channel_options(
+    max_message_bytes: int = MAX_MESSAGE_BYTES, max_receive_bytes: int | None = None
+) -> list[tuple[str, int]]:
+    """Message limits to set on both ends (gRPC's default receive limit is 4 MiB)."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_receive_bytes or max_message_bytes),
+    ]
+
+
+def request_id_of(context: grpc.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY:
+            return str(value)
+    return ""
+
+
+def _abort(context: grpc.ServicerContext, stage: str, exc: BaseException) -> None:
+    if isinstance(exc, DitmeshError):
+        context.abort(exc.code, str(exc))
+    rid = request_id_of(context)
+    log.exception("internal error in the %s stage (request %s)", stage, rid or "-")
+    context.abort(
+        grpc.StatusCode.INTERNAL,
+        f"internal error in the {stage} stage (request {rid or '-'}); its log has the details",
+    )
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """Turns exceptions raised by servicer methods into status codes (see module doc)."""
+
+    def __init__(self, stage: str) -> None:
+        self._stage = stage
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        stage = self._stage
+
+        def wrap_unary(fn):
+            def inner(request, context):
+                try:
+                    return fn(request, context)
+                except Exception as exc:  # noqa: BLE001 - mapped, logged, never swallowed
+                    if _aborted(context, exc):
+                        raise
+                    _abort(context, stage, exc)
+
+            return inner
+
+        def wrap_stream(fn):
+            def inner(request, context):
+                try:
+                    yield from fn(request, context)
+                except Exception as exc:  # noqa: BLE001
+                    if _aborted(context, exc):
+                        raise
+                    _abort(context, stage, exc)
+
+            return inner
+
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                wrap_unary(handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                wrap_unary(handler.stream_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                wrap_stream(handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                wrap_stream(handler.stream_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+def _aborted(context: grpc.ServicerContext, exc: BaseException) -> bool:
+    # context.abort() sets the status, then raises a bare Exception: let that one pass.
+    return type(exc) is Exception and context.code() is not None
+
+
+@dataclass(kw_only=True, slots=True)
+class ServerConfig:
+    """Where and how a stage listens."""
+
+    stage: str
+    """Name used in logs and error sentences: encoder, denoiser, vae, gateway."""
+    host: str = "127.0.0.1"
+    port: int = 0
+    """0 picks a free port; the bound one is on `RunningServer.port`."""
+    max_workers: int = 16
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_receive_bytes: int | None = None
+    """Receive limit when it differs from the send limit (the gateway takes only small requests)."""
+    grace_seconds: float = 30.0
+    """How long in-flight requests may run on after a stop is asked for."""
+
+
+@dataclass(slots=True)
+class RunningServer:
+    server: grpc.Server
+    health: health.HealthServicer
+    port: int
+    config: ServerConfig
+    services: list[str] = field(default_factory=list)
+    _stopped: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    def stop(self, grace: float | None = None) -> None:
+        """Marks the server NOT_SERVING, then drains in-flight work for `grace` seconds."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.health.enter_graceful_shutdown()
+        grace = self.config.grace_seconds if grace is None else grace
+        self.server.stop(grace).wait()
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+    def serve_until_signal(self, on_stop: Callable[[], None] | None = None) -> None:
+        """Blocks until SIGTERM/SIGINT, then stops gracefully (main thread only)."""
+        stop_requested = threading.Event()
+
+        def handler(signum, frame):  # noqa: ARG001
+            stop_requested.set()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+        while not stop_requested.wait(0.5):
+            if self._stopped.is_set():
+                break
+        log.info("%s: stopping (grace %.0fs)", self.config.stage, self.config.grace_seconds)
+        self.stop()
+        if on_stop is not None:
+            on_stop()
+
+
+def start_server(
+    config: ServerConfig,
+    register: Iterable[tuple[Callable[[object, grpc.Server], None], object, str]],
+) -> RunningServer:
+    """Starts a server with the given servicers and a health service, all SERVING.
+
+    `register` holds (add_XServicer_to_server, servicer, full service name) triples.
+    """
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix=config.stage),
+        interceptors=[ErrorInterceptor(config.stage)],
+        options=channel_options(config.max_message_bytes, config.max_receive_bytes),
+    )
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = []
+    for add, servicer, name in register:
+        add(servicer, server)
+        names.append(name)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"{config.stage}: could not bind {config.host}:{config.port}")
+    server.start()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    for name in names:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("%s listening on %s:%d", config.stage, config.host, port)
+    return RunningServer(server=server, health=health_servicer, port=port, config=config, services=names)
+
+

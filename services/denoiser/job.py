@@ -1,0 +1,26 @@
+"""One denoising request as the gang's ranks see it: plain values and CPU tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(kw_only=True, slots=True)
+class DenoiseJob:
+    request_id: str
+    height: int
+    width: int
+    steps: int
+    guidance: float
+    true_cfg_scale: float
+    seed: int
+    num_images: int
+    cond: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Conditioning from the encoder, by name (prompt_embeds, negative_prompt_embeds, ...)."""
+
+
+# Called after each step with (step, total), 1-based; may raise to cancel the job.
+StepCallback = Callable[[int, int], None]

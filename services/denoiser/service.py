@@ -1,0 +1,124 @@
+"""The denoiser stage's gRPC service (served by the gang's leader rank)."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+
+import grpc
+
+from ditmesh.common import codec
+from ditmesh.common.errors import Cancelled, InvalidArgument
+from ditmesh.common.limits import (
+    check_guidance,
+    check_num_images,
+    check_seed,
+    check_size,
+    check_steps,
+)
+from ditmesh.common.models import check_model_name, resolve_model
+from ditmesh.common.server import ServerConfig, start_server
+from ditmesh.denoiser.job import DenoiseJob
+from ditmesh.denoiser.runner import LocalRunner, Runner
+from ditmesh.v1 import denoiser_pb2, denoiser_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+_END = object()
+
+
+def read_job(request_iterator, runner: Runner) -> DenoiseJob:
+    """Reads params, then conditioning chunks, then done; validates everything."""
+    first = next(request_iterator, None)
+    if first is None or first.WhichOneof("payload") != "params":
+        raise InvalidArgument("a Denoise stream must start with DenoiseParams")
+    p = first.params
+    model = runner.model
+    check_model_name(p.model, model)
+    check_size(model, p.height, p.width)
+    check_steps(p.steps)
+    check_num_images(p.num_images)
+    check_guidance(p.guidance, "guidance")
+    check_guidance(p.true_cfg_scale, "true_cfg_scale")
+    check_seed(p.seed)
+    assembler = codec.TensorAssembler()
+    done = None
+    for msg in request_iterator:
+        kind = msg.WhichOneof("payload")
+        if kind == "chunk":
+            assembler.add(msg.chunk)
+        elif kind == "done":
+            done = msg.done
+            break
+        else:
+            raise InvalidArgument("DenoiseParams may come only once, first")
+    if done is None:
+        raise InvalidArgument("the Denoise stream ended before its TensorsDone message")
+    return DenoiseJob(
+        request_id=p.request_id,
+        height=p.height,
+        width=p.width,
+        steps=p.steps,
+        guidance=p.guidance,
+        true_cfg_scale=p.true_cfg_scale,
+        seed=p.seed,
+        num_images=p.num_images,
+        cond=assembler.finish(done),
+    )
+
+
+class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+
+    def Denoise(self, request_iterator, context: grpc.ServicerContext):
+        job = read_job(request_iterator, self.runner)
+        events: queue.Queue = queue.Queue()
+        cancelled = threading.Event()
+        context.add_callback(cancelled.set)
+
+        def on_step(step: int, total: int) -> None:
+            if cancelled.is_set():
+                raise Cancelled(f"request {job.request_id} was cancelled at step {step}")
+            events.put(denoiser_pb2.DenoiseResponse(step=denoiser_pb2.DenoiseStep(step=step, total=total)))
+
+        result: dict = {}
+
+        def work() -> None:
+            try:
+                result["latents"] = self.runner.run(job, on_step)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the RPC thread below
+                result["error"] = exc
+            finally:
+                events.put(_END)
+
+        threading.Thread(target=work, name=f"denoise-{job.request_id}", daemon=True).start()
+        while True:
+            item = events.get()
+            if item is _END:
+                break
+            yield item
+        if "error" in result:
+            raise result["error"]
+        tensors = {"latents": result["latents"]}
+        for chunk in codec.iter_tensor_chunks(tensors):
+            yield denoiser_pb2.DenoiseResponse(chunk=chunk)
+        yield denoiser_pb2.DenoiseResponse(done=codec.done_message(tensors))
+
+
+def serve(
+    model_source: str,
+    *,
+    name: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    device: str = "auto",
+    dtype: str = "auto",
+):
+    model = resolve_model(model_source, name)
+    runner = LocalRunner(model, device, dtype)
+    return start_server(
+        ServerConfig(stage="denoiser", host=host, port=port),
+        [(denoiser_pb2_grpc.add_DenoiserServicer_to_server, DenoiserService(runner), "ditmesh.v1.Denoiser")],
+    )
