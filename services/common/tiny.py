@@ -117,8 +117,8 @@ def _t5_pieces() -> list[tuple[str, float]]:
         add("\u2581" + word, -4.0)
     for suffix in _SUFFIXES:
         add(suffix, -6.0)
-    for char in _T5_CHARS:
-        add("\u2581" + char, -9.0)
+    for char in _T5_CHARS:  # beats "\u2581" + a suffix piece at a word start
+        add("\u2581" + char, -7.0)
     for char in _T5_CHARS:
         add(char, -10.0)
     return pieces

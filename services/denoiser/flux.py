@@ -23,7 +23,7 @@ class FluxAdapter:
         self.device = device
         self.dtype = dtype
         self.transformer = FluxTransformer2DModel.from_pretrained(
-            model.source, subfolder="transformer", torch_dtype=dtype
+            model.source, subfolder="transformer", dtype=dtype
         ).to(device)
         self.transformer.eval()
         self.scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(

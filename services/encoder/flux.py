@@ -20,7 +20,7 @@ class FluxTextEncoder:
         self.model = model
         self.device = device
         self.pipe = FluxPipeline.from_pretrained(
-            model.source, transformer=None, vae=None, torch_dtype=dtype
+            model.source, transformer=None, vae=None, dtype=dtype
         ).to(device)
         self.max_tokens = model.max_prompt_tokens
 

@@ -40,7 +40,7 @@ class VaeDecoder:
         self.model = model
         self.device = device
         self.dtype = dtype
-        self.vae = AutoencoderKL.from_pretrained(model.source, subfolder="vae", torch_dtype=dtype).to(device)
+        self.vae = AutoencoderKL.from_pretrained(model.source, subfolder="vae", dtype=dtype).to(device)
         self.vae.eval()
         self.processor = VaeImageProcessor(vae_scale_factor=model.vae_scale_factor * model.family.latent_patch)
         cfg = self.vae.config

@@ -1,0 +1,189 @@
+"""The tiny pipelines must behave like real checkpoints for plain diffusers, offline.
+
+Every other test of the mesh stands on these folders, so a tokenizer that maps
+prompts to `<unk>` or a config that loads but cannot run would make those tests
+pass for the wrong reason.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import socket
+from collections.abc import Iterator
+
+import huggingface_hub.constants
+import numpy as np
+import pytest
+import torch
+import transformers
+from diffusers import (
+    FluxPipeline,
+    PixArtAlphaPipeline,
+    PixArtSigmaPipeline,
+    StableDiffusion3Pipeline,
+)
+from ditmesh.common import tiny
+from safetensors.torch import load_file
+from tokenizers.models import BPE
+
+PIPELINES = {
+    "flux": FluxPipeline,
+    "sd3": StableDiffusion3Pipeline,
+    "pixart-sigma": PixArtSigmaPipeline,
+    "pixart-alpha": PixArtAlphaPipeline,
+}
+
+# The lengths the real checkpoints' tokenizers declare; pipelines read them.
+MAX_LENGTHS = {
+    ("flux", "tokenizer"): 77,
+    ("flux", "tokenizer_2"): 512,
+    ("sd3", "tokenizer"): 77,
+    ("sd3", "tokenizer_2"): 77,
+    ("sd3", "tokenizer_3"): 512,
+    ("pixart-sigma", "tokenizer"): 300,
+    ("pixart-alpha", "tokenizer"): 120,
+}
+
+SENTENCE = "A photo of a red cat sitting on a wooden table at sunset, 4k!"
+
+
+def _refuse_network(*args: object, **kwargs: object) -> None:
+    raise OSError("a tiny-model test tried to reach the network")
+
+
+def _go_offline(mp: pytest.MonkeyPatch) -> None:
+    """Offline for real: huggingface_hub reads HF_HUB_OFFLINE once at import, so the
+    env var alone would prove nothing; refusing sockets catches any download."""
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    mp.setattr(socket.socket, "connect", _refuse_network)
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    _go_offline(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, pathlib.Path]]:
+    """Each family built once per module; building is offline too."""
+    root = tmp_path_factory.mktemp("tiny")
+    with pytest.MonkeyPatch.context() as mp:
+        _go_offline(mp)
+        yield {family: tiny.make_tiny(family, root / family, seed=0) for family in tiny.FAMILIES}
+
+
+def _model_index(folder: pathlib.Path) -> dict[str, list[str | None]]:
+    return {
+        name: value
+        for name, value in json.loads((folder / "model_index.json").read_text()).items()
+        if not name.startswith("_")
+    }
+
+
+def _tokenizer_names(folder: pathlib.Path) -> list[str]:
+    return [name for name, value in _model_index(folder).items() if name.startswith("tokenizer")]
+
+
+def test_families_match_builders() -> None:
+    assert tuple(PIPELINES) == tiny.FAMILIES
+
+
+def test_unknown_family_names_the_known_ones(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(ValueError) as info:
+        tiny.make_tiny("sdxl", tmp_path)
+    assert all(family in str(info.value) for family in tiny.FAMILIES)
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_pipeline_runs_after_reload(family: str, folders: dict[str, pathlib.Path]) -> None:
+    pipe = PIPELINES[family].from_pretrained(folders[family])
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.vae_scale_factor == 8
+    kwargs = {"use_resolution_binning": False} if family.startswith("pixart") else {}
+
+    def generate() -> np.ndarray:
+        return pipe(
+            "a photo of a red cat",
+            num_inference_steps=2,
+            height=64,
+            width=64,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+            **kwargs,
+        ).images
+
+    images = generate()
+    assert images.shape == (1, 64, 64, 3)
+    assert np.isfinite(images).all()
+    np.testing.assert_array_equal(images, generate())
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_same_seed_same_weights(
+    family: str, folders: dict[str, pathlib.Path], tmp_path: pathlib.Path
+) -> None:
+    again = tiny.make_tiny(family, tmp_path / "again", seed=0)
+    files = sorted(p.relative_to(again) for p in again.rglob("*.safetensors"))
+    assert pathlib.Path("transformer/diffusion_pytorch_model.safetensors") in files
+    for rel in files:
+        first, second = load_file(folders[family] / rel), load_file(again / rel)
+        assert first.keys() == second.keys(), rel
+        for key, tensor in first.items():
+            assert torch.equal(tensor, second[key]), f"{rel}:{key}"
+
+
+def test_other_seed_other_weights(tmp_path: pathlib.Path) -> None:
+    rel = "transformer/diffusion_pytorch_model.safetensors"
+    first = load_file(tiny.make_tiny("pixart-sigma", tmp_path / "a", seed=0) / rel)
+    second = load_file(tiny.make_tiny("pixart-sigma", tmp_path / "b", seed=1) / rel)
+    assert any(not torch.equal(first[key], second[key]) for key in first)
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_folder_is_small(family: str, folders: dict[str, pathlib.Path]) -> None:
+    size = sum(p.stat().st_size for p in folders[family].rglob("*") if p.is_file())
+    assert size < 10 * 2**20
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_tokenizers_reload_with_built_vocab(family: str, folders: dict[str, pathlib.Path]) -> None:
+    folder = folders[family]
+    index = _model_index(folder)
+    names = _tokenizer_names(folder)
+    assert names, "every family has at least one tokenizer"
+    built = {"CLIPTokenizer": len(tiny.clip_tokenizer()), "T5Tokenizer": len(tiny.t5_tokenizer(8))}
+    for name in names:
+        library, class_name = index[name]
+        assert library == "transformers"
+        tok = getattr(transformers, class_name).from_pretrained(folder / name)
+        assert len(tok) == built[class_name] > 100, name
+        assert tok.model_max_length == MAX_LENGTHS[(family, name)]
+        encoder_config = folder / name.replace("tokenizer", "text_encoder") / "config.json"
+        assert json.loads(encoder_config.read_text())["vocab_size"] == len(tok)
+
+        ids = tok(SENTENCE, add_special_tokens=False).input_ids
+        assert len(ids) > 3
+        assert tok.unk_token_id not in ids, tok.convert_ids_to_tokens(ids)
+        with_specials = tok(SENTENCE).input_ids
+        assert with_specials[-1] == tok.eos_token_id
+
+
+def test_t5_spiece_model_matches_tokenizer_json(folders: dict[str, pathlib.Path]) -> None:
+    import sentencepiece
+
+    folder = folders["flux"] / "tokenizer_2"
+    tok = transformers.T5Tokenizer.from_pretrained(folder)
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(folder / "spiece.model"))
+    assert processor.get_piece_size() == len(tok)
+    assert processor.encode(SENTENCE) == tok(SENTENCE, add_special_tokens=False).input_ids
+    assert tok.decode(tok(SENTENCE).input_ids, skip_special_tokens=True) == SENTENCE
+
+
+def test_clip_vocab_files_match_tokenizer_json(folders: dict[str, pathlib.Path]) -> None:
+    folder = folders["flux"] / "tokenizer"
+    tok = transformers.CLIPTokenizer.from_pretrained(folder)
+    vocab, merges = BPE.read_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    from_files = transformers.CLIPTokenizer(vocab=vocab, merges=merges)
+    assert from_files(SENTENCE).input_ids == tok(SENTENCE).input_ids
