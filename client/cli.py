@@ -9,17 +9,25 @@ import sys
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="diffusers-format folder or hub id")
-    p.add_argument("--name", default=None, help="name clients use for the model (default: folder name)")
+    p.add_argument(
+        "--name", default=None, help="name clients use for the model (default: folder name)"
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     from ditmesh import __version__
     from ditmesh.client import generate_cmd
 
-    parser = argparse.ArgumentParser(prog="ditmesh", description="Serve Diffusion Transformers as a gRPC mesh.")
+    parser = argparse.ArgumentParser(
+        prog="ditmesh", description="Serve Diffusion Transformers as a gRPC mesh."
+    )
     parser.add_argument("--version", action="version", version=f"ditmesh {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -33,8 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stage", choices=["encoder", "denoiser", "vae", "gateway"])
     _add_model_args(p)
     p.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on stdout)")
-    p.add_argument("--encoder", action="append", default=[], help="gateway: encoder address (repeatable)")
-    p.add_argument("--denoiser", action="append", default=[], help="gateway: denoiser address (repeatable)")
+    p.add_argument(
+        "--encoder", action="append", default=[], help="gateway: encoder address (repeatable)"
+    )
+    p.add_argument(
+        "--denoiser", action="append", default=[], help="gateway: denoiser address (repeatable)"
+    )
     p.add_argument("--vae", action="append", default=[], help="gateway: vae address (repeatable)")
 
     p = sub.add_parser("up", help="run the whole mesh locally")
@@ -55,9 +67,13 @@ def _serve(args: argparse.Namespace) -> int:
 
             missing = [s for s in ("encoder", "denoiser", "vae") if not getattr(args, s)]
             if missing:
-                print(f"error: the gateway needs --{' --'.join(missing)} addresses", file=sys.stderr)
+                print(
+                    f"error: the gateway needs --{' --'.join(missing)} addresses", file=sys.stderr
+                )
                 return 2
-            running = serve(args.model, encoder=args.encoder, denoiser=args.denoiser, vae=args.vae, **kwargs)
+            running = serve(
+                args.model, encoder=args.encoder, denoiser=args.denoiser, vae=args.vae, **kwargs
+            )
         else:
             if args.stage == "encoder":
                 from ditmesh.encoder.service import serve
@@ -97,7 +113,14 @@ def main(argv: list[str] | None = None) -> int:
         from ditmesh.local import UpConfig, run_up
 
         return run_up(
-            UpConfig(model=args.model, host=args.host, port=args.port, name=args.name, device=args.device, dtype=args.dtype)
+            UpConfig(
+                model=args.model,
+                host=args.host,
+                port=args.port,
+                name=args.name,
+                device=args.device,
+                dtype=args.dtype,
+            )
         )
     if args.command == "generate":
         from ditmesh.client import generate_cmd

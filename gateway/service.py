@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
-
 from ditmesh.common import codec
 from ditmesh.common.errors import (
     Cancelled,

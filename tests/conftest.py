@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 
@@ -50,3 +56,46 @@ def inproc_mesh(tiny_flux):
     mesh = InProcessMesh(tiny_flux)
     yield mesh
     mesh.stop()
+
+
+class UpProcess:
+    """`ditmesh up` in a child process, as the README runs it."""
+
+    def __init__(self, model: str, *extra: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ditmesh.client.cli", "up", "--model", model, *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.stderr: list[str] = []
+        threading.Thread(target=self._drain_stderr, daemon=True).start()
+        self.address = None
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            m = re.match(r"gateway listening on (\S+)", line)
+            if m:
+                self.address = m.group(1)
+                break
+        if self.address is None:
+            self.proc.kill()
+            raise RuntimeError("ditmesh up did not start:\n" + "".join(self.stderr[-50:]))
+
+    def _drain_stderr(self) -> None:
+        for line in self.proc.stderr:
+            self.stderr.append(line)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(60)
+
+
+@pytest.fixture(scope="session")
+def up_mesh(tiny_flux):
+    mesh = UpProcess(tiny_flux)
+    yield mesh
+    if mesh.proc.poll() is None:
+        mesh.stop()

@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from ditmesh.common import codec
 from ditmesh.common.errors import InvalidArgument, ResourceExhausted
 

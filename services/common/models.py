@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
 from ditmesh.common.errors import InvalidArgument
 
 log = logging.getLogger(__name__)

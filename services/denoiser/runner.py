@@ -11,7 +11,6 @@ import threading
 from typing import Protocol
 
 import torch
-
 from ditmesh.common.models import ModelRef, pick_device, pick_dtype
 from ditmesh.denoiser.flux import FluxAdapter
 from ditmesh.denoiser.job import DenoiseJob, StepCallback

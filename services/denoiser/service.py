@@ -7,7 +7,6 @@ import queue
 import threading
 
 import grpc
-
 from ditmesh.common import codec
 from ditmesh.common.errors import Cancelled, InvalidArgument
 from ditmesh.common.limits import (

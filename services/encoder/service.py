@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 import grpc
-
 from ditmesh.common import codec
 from ditmesh.common.errors import InvalidArgument
 from ditmesh.common.models import ModelRef, check_model_name, pick_device, pick_dtype, resolve_model

@@ -5,13 +5,12 @@ from __future__ import annotations
 import logging
 
 import grpc
-
 from ditmesh.common import codec
 from ditmesh.common.errors import InvalidArgument
 from ditmesh.common.models import check_model_name, pick_device, pick_dtype, resolve_model
 from ditmesh.common.server import ServerConfig, start_server
-from ditmesh.vae.decoder import MIME, VaeDecoder, encode_image, normalise_format
 from ditmesh.v1 import vae_pb2, vae_pb2_grpc
+from ditmesh.vae.decoder import MIME, VaeDecoder, encode_image, normalise_format
 
 log = logging.getLogger(__name__)
 
