@@ -1,8 +1,7 @@
 """ditmesh client SDK: `Client` / `AsyncClient` for the gateway, results and errors."""
 
-from ditmesh.client.sdk import (
-    AsyncClient,
-    Client,
+from ditmesh.client.aio import AsyncClient
+from ditmesh.client.results import (
     DeadlineExceededError,
     DitmeshClientError,
     GenerateResult,
@@ -16,6 +15,7 @@ from ditmesh.client.sdk import (
     Timings,
     UnavailableError,
 )
+from ditmesh.client.sdk import Client
 
 __all__ = [
     "AsyncClient",

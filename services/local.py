@@ -139,11 +139,15 @@ class LocalMesh:
     def stop(self) -> int:
         """Gateway first (it stops taking requests), then the stages; returns the worst exit code."""
         worst = 0
-        for p in reversed(self.procs):
-            p.terminate()
-            code = p.wait(self.config.stop_timeout_s)
-            if code not in (0, -signal.SIGTERM):
-                worst = worst or 1
+        gateway = [p for p in self.procs if p.stage == "gateway"]
+        stages = [p for p in self.procs if p.stage != "gateway"]
+        for group in (gateway, stages):
+            for p in group:
+                p.terminate()
+            for p in group:
+                code = p.wait(self.config.stop_timeout_s)
+                if code not in (0, -signal.SIGTERM):
+                    worst = 1
         self.procs.clear()
         return worst
 
