@@ -32,7 +32,13 @@ def serve(
     )
     service = GatewayService(model, *pools, config=config)
     running = start_server(
-        ServerConfig(stage="gateway", host=host, port=port, max_receive_bytes=MAX_REQUEST_BYTES, max_workers=64),
+        ServerConfig(
+            stage="gateway",
+            host=host,
+            port=port,
+            max_receive_bytes=MAX_REQUEST_BYTES,
+            max_workers=64,
+        ),
         [(gateway_pb2_grpc.add_GatewayServicer_to_server, service, "ditmesh.v1.Gateway")],
     )
     return running

@@ -135,7 +135,9 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             raise InvalidArgument("the prompt is empty")
         for what, text in (("prompt", req.prompt), ("negative prompt", req.negative_prompt)):
             if len(text) > MAX_PROMPT_CHARS:
-                raise InvalidArgument(f"the {what} is {len(text)} characters long; the limit is {MAX_PROMPT_CHARS}")
+                raise InvalidArgument(
+                    f"the {what} is {len(text)} characters long; the limit is {MAX_PROMPT_CHARS}"
+                )
         height = req.height or m.family.default_size
         width = req.width or m.family.default_size
         check_size(m, height, width, lim)
@@ -171,7 +173,9 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
 
     # -- stage calls with retries ---------------------------------------------------------------
 
-    def _with_retries(self, pool: StagePool, deadline: float, call: _Call, fn: Callable) -> Iterator:
+    def _with_retries(
+        self, pool: StagePool, deadline: float, call: _Call, fn: Callable
+    ) -> Iterator:
         """Runs generator `fn(replica, timeout)` on a replica; retries UNAVAILABLE elsewhere."""
         exclude: set[int] = set()
         last_detail = "no replica answered"
@@ -185,7 +189,9 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             try:
                 timeout = deadline - time.monotonic()
                 if timeout <= 0:
-                    raise DeadlineExceeded(f"the deadline passed before the {pool.name} stage started")
+                    raise DeadlineExceeded(
+                        f"the deadline passed before the {pool.name} stage started"
+                    )
                 result = yield from fn(lease.replica, timeout)
                 ok = True
                 return result
@@ -196,7 +202,13 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
                 if code != grpc.StatusCode.UNAVAILABLE:
                     raise from_rpc_error(err, pool.name) from None
                 last_detail = err.details() or "connection failed"
-                log.warning("%s replica %s unavailable (attempt %d): %s", pool.name, lease.replica.address, attempt + 1, last_detail)
+                log.warning(
+                    "%s replica %s unavailable (attempt %d): %s",
+                    pool.name,
+                    lease.replica.address,
+                    attempt + 1,
+                    last_detail,
+                )
                 pool.mark_down(lease.replica)
                 exclude.add(id(lease.replica))
             finally:
@@ -251,7 +263,9 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
 
         def fn(replica, timeout):
             stub = denoiser_pb2_grpc.DenoiserStub(replica.channel)
-            stream = stub.Denoise(requests(), timeout=timeout, metadata=[(REQUEST_ID_KEY, plan.request_id)])
+            stream = stub.Denoise(
+                requests(), timeout=timeout, metadata=[(REQUEST_ID_KEY, plan.request_id)]
+            )
             call.set(stream)
             asm = codec.TensorAssembler()
             done = None
@@ -292,7 +306,9 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
 
         def fn(replica, timeout):
             stub = vae_pb2_grpc.VaeStub(replica.channel)
-            stream = stub.Decode(requests(), timeout=timeout, metadata=[(REQUEST_ID_KEY, plan.request_id)])
+            stream = stub.Decode(
+                requests(), timeout=timeout, metadata=[(REQUEST_ID_KEY, plan.request_id)]
+            )
             call.set(stream)
             # Images are held until the stage answers whole, so a retry cannot send
             # the client a second copy of an image.
@@ -374,7 +390,11 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
                     img = images.get(c.index)
                     if img is None:
                         img = images[c.index] = gateway_pb2.Image(
-                            index=c.index, format=c.format, mime_type=c.mime_type, width=c.width, height=c.height
+                            index=c.index,
+                            format=c.format,
+                            mime_type=c.mime_type,
+                            width=c.width,
+                            height=c.height,
                         )
                     img.data += c.data
                 elif kind == "finished":

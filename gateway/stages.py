@@ -54,7 +54,9 @@ class StagePool:
         if not addresses:
             raise ValueError(f"the {name} stage needs at least one address")
         self.name = name
-        self.replicas = [Replica(a, grpc.insecure_channel(a, options=channel_options())) for a in addresses]
+        self.replicas = [
+            Replica(a, grpc.insecure_channel(a, options=channel_options())) for a in addresses
+        ]
         self.slots_per_replica = slots_per_replica
         self.max_waiting = max_waiting
         self.down_seconds = down_seconds
@@ -70,7 +72,9 @@ class StagePool:
 
     def _free_replica(self, exclude: set[int]) -> Replica | None:
         now = time.monotonic()
-        candidates = [r for r in self.replicas if r.inflight < self.slots_per_replica and id(r) not in exclude]
+        candidates = [
+            r for r in self.replicas if r.inflight < self.slots_per_replica and id(r) not in exclude
+        ]
         up = [r for r in candidates if r.is_up(now)]
         pool = up or candidates
         if not pool:
@@ -101,7 +105,9 @@ class StagePool:
                             return Lease(self, replica)
                     timeout = None if deadline is None else deadline - time.monotonic()
                     if timeout is not None and timeout <= 0:
-                        raise DeadlineExceeded(f"the deadline passed while waiting for the {self.name} stage")
+                        raise DeadlineExceeded(
+                            f"the deadline passed while waiting for the {self.name} stage"
+                        )
                     self._cond.wait(timeout=min(timeout, 1.0) if timeout is not None else 1.0)
             finally:
                 self._waiting.remove(ticket)
@@ -117,7 +123,9 @@ class StagePool:
             if ok:
                 lease.replica.served += 1
                 took = time.monotonic() - lease.started
-                self._service_ema = took if not self._service_ema else 0.8 * self._service_ema + 0.2 * took
+                self._service_ema = (
+                    took if not self._service_ema else 0.8 * self._service_ema + 0.2 * took
+                )
             self._cond.notify_all()
 
     def mark_down(self, replica: Replica) -> None:

@@ -61,7 +61,11 @@ class StageProcess:
     def wait_listening(self, timeout: float) -> str:
         if not self._ready.wait(timeout) or self.address is None:
             code = self.proc.poll()
-            why = f"exited with code {code}" if code is not None else f"did not start in {timeout:.0f} s"
+            why = (
+                f"exited with code {code}"
+                if code is not None
+                else f"did not start in {timeout:.0f} s"
+            )
             raise RuntimeError(f"the {self.stage} stage {why}; its log is above")
         return self.address
 
@@ -178,7 +182,10 @@ def run_up(config: UpConfig) -> int:
     while not stop.wait(0.5):
         dead = mesh.dead_stage()
         if dead is not None:
-            print(f"error: the {dead.stage} stage exited with code {dead.proc.returncode}; stopping", file=sys.stderr)
+            print(
+                f"error: the {dead.stage} stage exited with code {dead.proc.returncode}; stopping",
+                file=sys.stderr,
+            )
             code = 1
             break
     print("stopping the mesh", file=sys.stderr, flush=True)

@@ -71,7 +71,11 @@ def test_oversized_message(stub):
 
 def test_stream_form_reports_the_same(stub):
     with pytest.raises(grpc.RpcError) as info:
-        list(stub.Generate(gateway_pb2.GenerateRequest(prompt="a cat", height=65, width=64), timeout=30))
+        list(
+            stub.Generate(
+                gateway_pb2.GenerateRequest(prompt="a cat", height=65, width=64), timeout=30
+            )
+        )
     assert info.value.code() == INVALID
 
 
@@ -103,7 +107,11 @@ def test_denoiser_rejects_a_stream_without_params(inproc_mesh):
     ch = grpc.insecure_channel(inproc_mesh.denoisers[0].address)
     stub = denoiser_pb2_grpc.DenoiserStub(ch)
     with pytest.raises(grpc.RpcError) as info:
-        list(stub.Denoise(iter([denoiser_pb2.DenoiseRequest(done=codec.done_message({}))]), timeout=30))
+        list(
+            stub.Denoise(
+                iter([denoiser_pb2.DenoiseRequest(done=codec.done_message({}))]), timeout=30
+            )
+        )
     assert info.value.code() == INVALID
     assert "must start with DenoiseParams" in info.value.details()
     ch.close()

@@ -24,7 +24,9 @@ TOL = 1  # uint8 levels, i.e. 1/255
 
 @pytest.fixture(scope="module")
 def stub(up_mesh):
-    ch = grpc.insecure_channel(up_mesh.address, options=[("grpc.max_receive_message_length", 256 << 20)])
+    ch = grpc.insecure_channel(
+        up_mesh.address, options=[("grpc.max_receive_message_length", 256 << 20)]
+    )
     yield gateway_pb2_grpc.GatewayStub(ch)
     ch.close()
 
@@ -63,7 +65,9 @@ def decode_events(events) -> tuple[list[np.ndarray], list[str]]:
     images = []
     for i in sorted(data):
         if meta[i].format == vae_pb2.OUTPUT_FORMAT_RAW:
-            images.append(np.frombuffer(data[i], np.uint8).reshape(meta[i].height, meta[i].width, 3))
+            images.append(
+                np.frombuffer(data[i], np.uint8).reshape(meta[i].height, meta[i].width, 3)
+            )
         else:
             images.append(np.asarray(Image.open(io.BytesIO(data[i])).convert("RGB")))
     return images, kinds
@@ -75,7 +79,9 @@ def max_diff(a: np.ndarray, b: np.ndarray) -> int:
 
 
 def test_image_matches_plain_diffusers(stub, pipe):
-    req = gateway_pb2.GenerateRequest(prompt="a red fox in the snow", height=64, width=96, steps=4, seed=7, guidance=3.5)
+    req = gateway_pb2.GenerateRequest(
+        prompt="a red fox in the snow", height=64, width=96, steps=4, seed=7, guidance=3.5
+    )
     events = list(stub.Generate(req, timeout=120))
     images, kinds = decode_events(events)
     assert kinds[0] == "queued" and kinds[1] == "encoded" and kinds[-1] == "finished"
@@ -133,8 +139,12 @@ def test_several_images_and_true_cfg_match(stub, pipe):
 )
 def test_output_formats(stub, fmt, pil_format):
     base = dict(prompt="a boat", height=64, width=64, steps=2, seed=11)
-    raw = stub.GenerateUnary(gateway_pb2.GenerateRequest(**base, output_format=vae_pb2.OUTPUT_FORMAT_RAW), timeout=120)
-    resp = stub.GenerateUnary(gateway_pb2.GenerateRequest(**base, output_format=fmt, quality=95), timeout=120)
+    raw = stub.GenerateUnary(
+        gateway_pb2.GenerateRequest(**base, output_format=vae_pb2.OUTPUT_FORMAT_RAW), timeout=120
+    )
+    resp = stub.GenerateUnary(
+        gateway_pb2.GenerateRequest(**base, output_format=fmt, quality=95), timeout=120
+    )
     img = resp.images[0]
     assert img.format == fmt and img.width == 64 and img.height == 64
     want = np.frombuffer(raw.images[0].data, np.uint8).reshape(64, 64, 3)
@@ -166,4 +176,7 @@ def test_sigterm_stops_every_stage(tiny_flux):
     assert len(children) == 4
     assert mesh.stop() == 0
     for pid in children:
-        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
+        assert (
+            not os.path.exists(f"/proc/{pid}")
+            or "zombie" in open(f"/proc/{pid}/status").read().lower()
+        )

@@ -14,11 +14,19 @@ GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 
 
 def generate(out: Path) -> None:
-    protos = sorted(str(p.relative_to(PROTO_DIR)) for p in (PROTO_DIR / "ditmesh" / "v1").glob("*.proto"))
+    protos = sorted(
+        str(p.relative_to(PROTO_DIR)) for p in (PROTO_DIR / "ditmesh" / "v1").glob("*.proto")
+    )
     subprocess.run(
         [
-            sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTO_DIR}",
-            f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}", *protos,
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{PROTO_DIR}",
+            f"--python_out={out}",
+            f"--pyi_out={out}",
+            f"--grpc_python_out={out}",
+            *protos,
         ],
         check=True,
     )
@@ -29,11 +37,21 @@ def drift() -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         generate(out)
-        fresh = {p.name for p in (out / "ditmesh" / "v1").iterdir() if p.name.endswith(GENERATED_SUFFIXES)}
-        checked = {p.name for p in (PROTO_DIR / "ditmesh" / "v1").iterdir() if p.name.endswith(GENERATED_SUFFIXES)}
+        fresh = {
+            p.name
+            for p in (out / "ditmesh" / "v1").iterdir()
+            if p.name.endswith(GENERATED_SUFFIXES)
+        }
+        checked = {
+            p.name
+            for p in (PROTO_DIR / "ditmesh" / "v1").iterdir()
+            if p.name.endswith(GENERATED_SUFFIXES)
+        }
         bad = sorted(fresh ^ checked)
         for name in sorted(fresh & checked):
-            if not filecmp.cmp(out / "ditmesh" / "v1" / name, PROTO_DIR / "ditmesh" / "v1" / name, shallow=False):
+            if not filecmp.cmp(
+                out / "ditmesh" / "v1" / name, PROTO_DIR / "ditmesh" / "v1" / name, shallow=False
+            ):
                 bad.append(name)
         return bad
 
@@ -41,7 +59,10 @@ def drift() -> list[str]:
 def main() -> int:
     bad = drift()
     if bad:
-        print("generated stubs are out of date (run `make protos`): " + ", ".join(bad), file=sys.stderr)
+        print(
+            "generated stubs are out of date (run `make protos`): " + ", ".join(bad),
+            file=sys.stderr,
+        )
         return 1
     print("generated stubs match the protos")
     return 0

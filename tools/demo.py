@@ -25,12 +25,18 @@ def main() -> int:
 
     t0 = time.monotonic()
     with LocalMesh(UpConfig(model=args.model)) as mesh:
-        print(f"gateway listening on {mesh.gateway_address} (started in {time.monotonic() - t0:.1f} s)")
+        print(
+            f"gateway listening on {mesh.gateway_address} (started in {time.monotonic() - t0:.1f} s)"
+        )
         with Client(mesh.gateway_address, timeout=300) as client:
 
             def progress(p) -> None:
                 if p.kind == "step":
-                    print(f"  step {p.step}/{p.total}", end="\r" if p.step < p.total else "\n", flush=True)
+                    print(
+                        f"  step {p.step}/{p.total}",
+                        end="\r" if p.step < p.total else "\n",
+                        flush=True,
+                    )
                 else:
                     print(f"  {p.kind}", flush=True)
 
@@ -43,7 +49,9 @@ def main() -> int:
                 on_progress=progress,
             )
         paths = result.save(args.out)
-    print(f"wrote {', '.join(map(str, paths))} (seed {result.seed}, {result.timings.total:.2f} s in the mesh)")
+    print(
+        f"wrote {', '.join(map(str, paths))} (seed {result.seed}, {result.timings.total:.2f} s in the mesh)"
+    )
     return 0
 
 

@@ -57,7 +57,9 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return t.view(torch.uint8).numpy().tobytes()
 
 
-def tensor_from_bytes(data: bytes | bytearray, dtype: torch.dtype, shape: Iterable[int]) -> torch.Tensor:
+def tensor_from_bytes(
+    data: bytes | bytearray, dtype: torch.dtype, shape: Iterable[int]
+) -> torch.Tensor:
     shape = tuple(int(s) for s in shape)
     numel = 1
     for s in shape:
@@ -82,7 +84,9 @@ def from_proto(msg: tensor_pb2.Tensor) -> torch.Tensor:
     return tensor_from_bytes(msg.data, dtype_from_name(msg.dtype), msg.shape)
 
 
-def iter_chunks(name: str, t: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tensor_pb2.TensorChunk]:
+def iter_chunks(
+    name: str, t: torch.Tensor, chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[tensor_pb2.TensorChunk]:
     """Splits one tensor into ordered chunks; the first carries dtype and shape."""
     data = tensor_bytes(t)
     total = len(data)

@@ -149,7 +149,9 @@ def _load_tokenizer_config(source: str, subfolder: str) -> dict:
         return json.loads(path.read_text())
     from huggingface_hub import hf_hub_download
 
-    return json.loads(Path(hf_hub_download(source, "tokenizer_config.json", subfolder=subfolder)).read_text())
+    return json.loads(
+        Path(hf_hub_download(source, "tokenizer_config.json", subfolder=subfolder)).read_text()
+    )
 
 
 def pick_device(requested: str = "auto") -> torch.device:

@@ -207,6 +207,6 @@ def start_server(
     for name in names:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("%s listening on %s:%d", config.stage, config.host, port)
-    return RunningServer(server=server, health=health_servicer, port=port, config=config, services=names)
-
-
+    return RunningServer(
+        server=server, health=health_servicer, port=port, config=config, services=names
+    )

@@ -59,7 +59,9 @@ class FluxAdapter:
         do_true_cfg = job.true_cfg_scale > 1 and "negative_prompt_embeds" in job.cond
         if do_true_cfg:
             neg_embeds = self._cond(job, "negative_prompt_embeds").repeat_interleave(n, dim=0)
-            neg_pooled = self._cond(job, "negative_pooled_prompt_embeds").repeat_interleave(n, dim=0)
+            neg_pooled = self._cond(job, "negative_pooled_prompt_embeds").repeat_interleave(
+                n, dim=0
+            )
             neg_text_ids = torch.zeros(neg_embeds.shape[1], 3, device=self.device, dtype=self.dtype)
 
         channels = self.transformer.config.in_channels // 4
@@ -67,7 +69,9 @@ class FluxAdapter:
         w = 2 * (job.width // (vsf * 2))
         # Noise is drawn on the CPU so a seed gives the same image on any device.
         generator = torch.Generator("cpu").manual_seed(job.seed)
-        latents = randn_tensor((n, channels, h, w), generator=generator, device=torch.device("cpu"), dtype=self.dtype)
+        latents = randn_tensor(
+            (n, channels, h, w), generator=generator, device=torch.device("cpu"), dtype=self.dtype
+        )
         latents = latents.to(self.device)
         latents = FluxPipeline._pack_latents(latents, n, channels, h, w)
         img_ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, self.device, self.dtype)
@@ -86,7 +90,9 @@ class FluxAdapter:
         )
         timesteps, _ = retrieve_timesteps(scheduler, job.steps, self.device, sigmas=sigmas, mu=mu)
         if self.transformer.config.guidance_embeds:
-            guidance = torch.full([1], job.guidance, device=self.device, dtype=torch.float32).expand(n)
+            guidance = torch.full(
+                [1], job.guidance, device=self.device, dtype=torch.float32
+            ).expand(n)
         else:
             guidance = None
         scheduler.set_begin_index(0)

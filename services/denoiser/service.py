@@ -80,7 +80,9 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
         def on_step(step: int, total: int) -> None:
             if cancelled.is_set():
                 raise Cancelled(f"request {job.request_id} was cancelled at step {step}")
-            events.put(denoiser_pb2.DenoiseResponse(step=denoiser_pb2.DenoiseStep(step=step, total=total)))
+            events.put(
+                denoiser_pb2.DenoiseResponse(step=denoiser_pb2.DenoiseStep(step=step, total=total))
+            )
 
         result: dict = {}
 
@@ -119,5 +121,11 @@ def serve(
     runner = LocalRunner(model, device, dtype)
     return start_server(
         ServerConfig(stage="denoiser", host=host, port=port),
-        [(denoiser_pb2_grpc.add_DenoiserServicer_to_server, DenoiserService(runner), "ditmesh.v1.Denoiser")],
+        [
+            (
+                denoiser_pb2_grpc.add_DenoiserServicer_to_server,
+                DenoiserService(runner),
+                "ditmesh.v1.Denoiser",
+            )
+        ],
     )

@@ -17,7 +17,9 @@ log = logging.getLogger(__name__)
 MAX_PROMPT_CHARS = 20_000
 
 
-def load_text_encoder(model: ModelRef, device: str = "auto", dtype: str = "auto") -> FluxTextEncoder:
+def load_text_encoder(
+    model: ModelRef, device: str = "auto", dtype: str = "auto"
+) -> FluxTextEncoder:
     dev = pick_device(device)
     return FluxTextEncoder(model, dev, pick_dtype(dtype, dev))
 
@@ -62,5 +64,11 @@ def serve(
     encoder = load_text_encoder(model, device, dtype)
     return start_server(
         ServerConfig(stage="encoder", host=host, port=port),
-        [(encoder_pb2_grpc.add_EncoderServicer_to_server, EncoderService(encoder), "ditmesh.v1.Encoder")],
+        [
+            (
+                encoder_pb2_grpc.add_EncoderServicer_to_server,
+                EncoderService(encoder),
+                "ditmesh.v1.Encoder",
+            )
+        ],
     )

@@ -39,9 +39,13 @@ class VaeDecoder:
         self.model = model
         self.device = device
         self.dtype = dtype
-        self.vae = AutoencoderKL.from_pretrained(model.source, subfolder="vae", dtype=dtype).to(device)
+        self.vae = AutoencoderKL.from_pretrained(model.source, subfolder="vae", dtype=dtype).to(
+            device
+        )
         self.vae.eval()
-        self.processor = VaeImageProcessor(vae_scale_factor=model.vae_scale_factor * model.family.latent_patch)
+        self.processor = VaeImageProcessor(
+            vae_scale_factor=model.vae_scale_factor * model.family.latent_patch
+        )
         cfg = self.vae.config
         self.scaling = float(cfg.scaling_factor)
         self.shift = float(cfg.shift_factor) if cfg.get("shift_factor") is not None else 0.0
@@ -76,7 +80,9 @@ def encode_image(pixels: np.ndarray, fmt: int, quality: int = 0) -> bytes:
     if not 1 <= q <= 100:
         raise InvalidArgument(f"quality must be between 1 and 100; got {q}")
     buf = io.BytesIO()
-    kwargs = {"quality": q} if fmt in (vae_pb2.OUTPUT_FORMAT_JPEG, vae_pb2.OUTPUT_FORMAT_WEBP) else {}
+    kwargs = (
+        {"quality": q} if fmt in (vae_pb2.OUTPUT_FORMAT_JPEG, vae_pb2.OUTPUT_FORMAT_WEBP) else {}
+    )
     Image.fromarray(pixels).save(buf, format=_PIL_FORMAT[fmt], **kwargs)
     return buf.getvalue()
 

@@ -15,7 +15,9 @@ from ditmesh.vae.decoder import MIME, VaeDecoder, encode_image, normalise_format
 log = logging.getLogger(__name__)
 
 
-def iter_image_chunks(index: int, data: bytes, fmt: int, width: int, height: int, chunk_bytes: int = codec.CHUNK_BYTES):
+def iter_image_chunks(
+    index: int, data: bytes, fmt: int, width: int, height: int, chunk_bytes: int = codec.CHUNK_BYTES
+):
     total = len(data)
     offset = 0
     while True:

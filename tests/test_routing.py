@@ -1,0 +1,106 @@
+"""Routing and failure handling of the gateway, against real stage servers on loopback."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+from ditmesh.common.errors import DeadlineExceeded, ResourceExhausted
+from ditmesh.gateway.stages import StagePool
+from ditmesh.v1 import gateway_pb2, gateway_pb2_grpc
+
+from .conftest import InProcessMesh
+
+REQ = dict(prompt="a cat", height=64, width=64, steps=2, seed=1)
+
+
+def unary(address: str, **kw):
+    with grpc.insecure_channel(address) as ch:
+        return gateway_pb2_grpc.GatewayStub(ch).GenerateUnary(
+            gateway_pb2.GenerateRequest(**{**REQ, **kw}), timeout=60
+        )
+
+
+def test_a_down_replica_is_routed_around(tiny_flux):
+    mesh = InProcessMesh(tiny_flux, denoisers=2)
+    try:
+        ok = unary(mesh.address)
+        mesh.denoisers[0].stop(0)
+        for _ in range(3):  # every request lands, whichever replica it tries first
+            again = unary(mesh.address)
+            assert again.images[0].data == ok.images[0].data
+    finally:
+        mesh.stop()
+
+
+@pytest.mark.parametrize("stage", ["encoder", "denoiser", "vae"])
+def test_a_stage_that_is_down_is_named(tiny_flux, stage):
+    mesh = InProcessMesh(tiny_flux)
+    try:
+        server = {"encoder": mesh.encoder, "denoiser": mesh.denoisers[0], "vae": mesh.vae}[stage]
+        server.stop(0)
+        with pytest.raises(grpc.RpcError) as info:
+            unary(mesh.address)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert f"the {stage} stage is unavailable" in info.value.details()
+    finally:
+        mesh.stop()
+
+
+def test_deadline_is_reported(inproc_mesh):
+    with grpc.insecure_channel(inproc_mesh.address) as ch:
+        stub = gateway_pb2_grpc.GatewayStub(ch)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.GenerateUnary(
+                gateway_pb2.GenerateRequest(**{**REQ, "steps": 50, "height": 256, "width": 256}),
+                timeout=0.3,
+            )
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_queue_full_says_when_to_retry():
+    pool = StagePool("denoiser", ["127.0.0.1:1"], slots_per_replica=1, max_waiting=1)
+    try:
+        held = pool.acquire(deadline=None)
+        waiter = threading.Thread(
+            target=lambda: pool.acquire(deadline=time.monotonic() + 2).release()
+        )
+        waiter.start()
+        while pool.waiting == 0:
+            time.sleep(0.01)
+        with pytest.raises(
+            ResourceExhausted,
+            match=r"the denoiser queue is full \(1 waiting\); retry in about \d+ s",
+        ):
+            pool.acquire(deadline=time.monotonic() + 1)
+        held.release()
+        waiter.join()
+    finally:
+        pool.close()
+
+
+def test_waiting_past_the_deadline():
+    pool = StagePool("vae", ["127.0.0.1:1"], slots_per_replica=1)
+    try:
+        held = pool.acquire(deadline=None)
+        with pytest.raises(DeadlineExceeded, match="waiting for the vae stage"):
+            pool.acquire(deadline=time.monotonic() + 0.2)
+        held.release()
+    finally:
+        pool.close()
+
+
+def test_least_loaded_replica_is_chosen():
+    pool = StagePool("vae", ["127.0.0.1:1", "127.0.0.1:2"], slots_per_replica=2)
+    try:
+        a = pool.acquire(deadline=None)
+        b = pool.acquire(deadline=None)
+        assert a.replica is not b.replica
+        pool.mark_down(a.replica)
+        a.release()
+        c = pool.acquire(deadline=None)
+        assert c.replica is b.replica  # the other one is marked down
+    finally:
+        pool.close()
