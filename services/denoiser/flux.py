@@ -1,20 +1,51 @@
 """Flux model adapter: latent packing, positional ids, transformer call, true CFG, scheduler.
 
-The loop follows diffusers' FluxPipeline step for step (same noise from the same
-seed, same sigmas and shift, same guidance handling), using the pipeline's own
-static helpers, so a request gives the image plain diffusers gives.
+Follows diffusers' FluxPipeline step for step (same noise from the same seed,
+same sigmas and shift, same guidance handling), using the pipeline's own static
+helpers, so a request gives the image plain diffusers gives.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
 from ditmesh.common.errors import InvalidArgument
 from ditmesh.common.models import ModelRef
-from ditmesh.denoiser.job import DenoiseJob, StepCallback
+from ditmesh.denoiser.job import DenoiseJob
+from ditmesh.denoiser.parallel.processors import FluxParallelProcessor
+from ditmesh.denoiser.parallel.sequence import SequencePlan
+from ditmesh.denoiser.sampler import Prepared
+
+# Image tokens enter as `hidden_states` with their positions `img_ids`; splitting
+# both splits the rotary embedding with them. Text tokens stay whole.
+FLUX_PLAN = SequencePlan(
+    split_inputs={"hidden_states": 1, "img_ids": 0},
+    gather_output=("proj_out", 1),
+    text_len_input=("encoder_hidden_states", 1),
+    processors={"transformer_blocks.*.attn": FluxParallelProcessor, "single_transformer_blocks.*.attn": FluxParallelProcessor},
+)
+
+
+def cond_tensor(job: DenoiseJob, name: str, device, dtype) -> torch.Tensor:
+    try:
+        t = job.cond[name]
+    except KeyError:
+        raise InvalidArgument(f"conditioning tensor {name!r} is missing") from None
+    return t.to(device, dtype)
+
+
+def initial_noise(job: DenoiseJob, shape: tuple[int, ...], dtype, device) -> torch.Tensor:
+    """Drawn on the CPU so a seed gives the same image on any device and any rank."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    generator = torch.Generator("cpu").manual_seed(job.seed)
+    return randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=dtype).to(device)
 
 
 class FluxAdapter:
+    plan = FLUX_PLAN
+
     def __init__(self, model: ModelRef, device: torch.device, dtype: torch.dtype) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
@@ -25,103 +56,91 @@ class FluxAdapter:
             model.source, subfolder="transformer", dtype=dtype
         ).to(device)
         self.transformer.eval()
-        self.scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(
-            model.source, subfolder="scheduler"
-        )
+        self.heads = self.transformer.config.num_attention_heads
+        self.scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(model.source, subfolder="scheduler")
         self._scheduler_cls = FlowMatchEulerDiscreteScheduler
 
-    def new_scheduler(self):
-        # Schedulers hold per-run state (step index, sigmas): one per request.
-        return self._scheduler_cls.from_config(self.scheduler_config)
+    def prepare(self, job: DenoiseJob) -> Prepared:
+        from diffusers.pipelines.flux.pipeline_flux import FluxPipeline, calculate_shift, retrieve_timesteps
 
-    def _cond(self, job: DenoiseJob, name: str) -> torch.Tensor:
-        try:
-            t = job.cond[name]
-        except KeyError:
-            raise InvalidArgument(f"conditioning tensor {name!r} is missing") from None
-        return t.to(self.device, self.dtype)
-
-    @torch.inference_mode()
-    def run(self, job: DenoiseJob, on_step: StepCallback | None = None) -> torch.Tensor:
-        """Returns the final latents, unpacked: [num_images, C, H/8, W/8] in VAE latent space."""
-        from diffusers.pipelines.flux.pipeline_flux import (
-            FluxPipeline,
-            calculate_shift,
-            retrieve_timesteps,
-        )
-        from diffusers.utils.torch_utils import randn_tensor
-
-        n = job.num_images
+        dev, dt, n = self.device, self.dtype, job.num_images
         vsf = self.model.vae_scale_factor
-        prompt_embeds = self._cond(job, "prompt_embeds").repeat_interleave(n, dim=0)
-        pooled = self._cond(job, "pooled_prompt_embeds").repeat_interleave(n, dim=0)
-        text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=self.device, dtype=self.dtype)
-        do_true_cfg = job.true_cfg_scale > 1 and "negative_prompt_embeds" in job.cond
-        if do_true_cfg:
-            neg_embeds = self._cond(job, "negative_prompt_embeds").repeat_interleave(n, dim=0)
-            neg_pooled = self._cond(job, "negative_pooled_prompt_embeds").repeat_interleave(
-                n, dim=0
-            )
-            neg_text_ids = torch.zeros(neg_embeds.shape[1], 3, device=self.device, dtype=self.dtype)
 
+        def branch(prefix: str) -> dict:
+            embeds = cond_tensor(job, prefix + "prompt_embeds", dev, dt).repeat_interleave(n, dim=0)
+            pooled = cond_tensor(job, prefix + "pooled_prompt_embeds", dev, dt).repeat_interleave(n, dim=0)
+            return {
+                "encoder_hidden_states": embeds,
+                "pooled_projections": pooled,
+                "txt_ids": torch.zeros(embeds.shape[1], 3, device=dev, dtype=dt),
+            }
+
+        do_cfg = job.true_cfg_scale > 1 and "negative_prompt_embeds" in job.cond
+        branches = {"cond": branch("")}
+        if do_cfg:
+            branches["uncond"] = branch("negative_")
         channels = self.transformer.config.in_channels // 4
         h = 2 * (job.height // (vsf * 2))
         w = 2 * (job.width // (vsf * 2))
-        # Noise is drawn on the CPU so a seed gives the same image on any device.
-        generator = torch.Generator("cpu").manual_seed(job.seed)
-        latents = randn_tensor(
-            (n, channels, h, w), generator=generator, device=torch.device("cpu"), dtype=self.dtype
-        )
-        latents = latents.to(self.device)
+        latents = initial_noise(job, (n, channels, h, w), dt, dev)
         latents = FluxPipeline._pack_latents(latents, n, channels, h, w)
-        img_ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, self.device, self.dtype)
+        img_ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, dev, dt)
 
-        scheduler = self.new_scheduler()
+        # Schedulers hold per-run state (step index, sigmas): one per request.
+        scheduler = self._scheduler_cls.from_config(self.scheduler_config)
         sigmas = np.linspace(1.0, 1 / job.steps, job.steps)
         if getattr(scheduler.config, "use_flow_sigmas", False):
             sigmas = None
-        cfg = scheduler.config
+        c = scheduler.config
         mu = calculate_shift(
             latents.shape[1],
-            cfg.get("base_image_seq_len", 256),
-            cfg.get("max_image_seq_len", 4096),
-            cfg.get("base_shift", 0.5),
-            cfg.get("max_shift", 1.15),
+            c.get("base_image_seq_len", 256),
+            c.get("max_image_seq_len", 4096),
+            c.get("base_shift", 0.5),
+            c.get("max_shift", 1.15),
         )
-        timesteps, _ = retrieve_timesteps(scheduler, job.steps, self.device, sigmas=sigmas, mu=mu)
-        if self.transformer.config.guidance_embeds:
-            guidance = torch.full(
-                [1], job.guidance, device=self.device, dtype=torch.float32
-            ).expand(n)
-        else:
-            guidance = None
+        timesteps, _ = retrieve_timesteps(scheduler, job.steps, dev, sigmas=sigmas, mu=mu)
         scheduler.set_begin_index(0)
-        total = len(timesteps)
-        for i, t in enumerate(timesteps):
-            timestep = t.expand(n).to(latents.dtype) / 1000
-            noise = self.transformer(
-                hidden_states=latents,
-                timestep=timestep,
-                guidance=guidance,
-                pooled_projections=pooled,
-                encoder_hidden_states=prompt_embeds,
-                txt_ids=text_ids,
-                img_ids=img_ids,
-                return_dict=False,
-            )[0]
-            if do_true_cfg:
-                neg = self.transformer(
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full([n], job.guidance, device=dev, dtype=torch.float32)
+        return Prepared(
+            latents=latents,
+            timesteps=timesteps,
+            scheduler=scheduler,
+            do_cfg=do_cfg,
+            branches=branches,
+            extra={"img_ids": img_ids, "guidance": guidance},
+        )
+
+    def predict(self, prep: Prepared, latents, t, branches: list[str], images: slice) -> list[torch.Tensor]:
+        # FluxPipeline runs the two branches as two calls; so do we.
+        n = latents.shape[0]
+        timestep = t.expand(n).to(latents.dtype) / 1000
+        guidance = prep.extra["guidance"]
+        out = []
+        for name in branches:
+            b = prep.branches[name]
+            out.append(
+                self.transformer(
                     hidden_states=latents,
                     timestep=timestep,
-                    guidance=guidance,
-                    pooled_projections=neg_pooled,
-                    encoder_hidden_states=neg_embeds,
-                    txt_ids=neg_text_ids,
-                    img_ids=img_ids,
+                    guidance=None if guidance is None else guidance[images],
+                    pooled_projections=b["pooled_projections"][images],
+                    encoder_hidden_states=b["encoder_hidden_states"][images],
+                    txt_ids=b["txt_ids"],
+                    img_ids=prep.extra["img_ids"],
                     return_dict=False,
                 )[0]
-                noise = neg + job.true_cfg_scale * (noise - neg)
-            latents = scheduler.step(noise, t, latents, return_dict=False)[0]
-            if on_step is not None:
-                on_step(i + 1, total)
-        return FluxPipeline._unpack_latents(latents, job.height, job.width, vsf)
+            )
+        return out
+
+    def combine(self, cond, uncond, prep: Prepared, job: DenoiseJob) -> torch.Tensor:
+        if uncond is None:
+            return cond
+        return uncond + job.true_cfg_scale * (cond - uncond)
+
+    def finish(self, prep: Prepared, latents: torch.Tensor, job: DenoiseJob) -> torch.Tensor:
+        from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
+
+        return FluxPipeline._unpack_latents(latents, job.height, job.width, self.model.vae_scale_factor)

@@ -12,8 +12,9 @@ from typing import Protocol
 
 import torch
 from ditmesh.common.models import ModelRef, pick_device, pick_dtype
-from ditmesh.denoiser.flux import FluxAdapter
 from ditmesh.denoiser.job import DenoiseJob, StepCallback
+from ditmesh.denoiser.parallel.mesh import single_process_mesh
+from ditmesh.denoiser.sampler import Adapter, sample
 
 
 class Runner(Protocol):
@@ -24,9 +25,19 @@ class Runner(Protocol):
     def close(self) -> None: ...
 
 
-def load_adapter(model: ModelRef, device: str = "auto", dtype: str = "auto") -> FluxAdapter:
-    dev = pick_device(device)
-    return FluxAdapter(model, dev, pick_dtype(dtype, dev))
+def adapter_class(model: ModelRef):
+    """The adapter of a model's family (imported lazily: each pulls in its diffusers classes)."""
+    name = model.family.name
+    if name == "flux":
+        from ditmesh.denoiser.flux import FluxAdapter
+
+        return FluxAdapter
+    raise ValueError(f"no denoiser adapter for family {name!r}")
+
+
+def load_adapter(model: ModelRef, device: str | torch.device = "auto", dtype: str = "auto") -> Adapter:
+    dev = pick_device(device) if isinstance(device, str) else device
+    return adapter_class(model)(model, dev, pick_dtype(dtype, dev))
 
 
 class LocalRunner:
@@ -35,11 +46,12 @@ class LocalRunner:
     def __init__(self, model: ModelRef, device: str = "auto", dtype: str = "auto") -> None:
         self.model = model
         self.adapter = load_adapter(model, device, dtype)
+        self.mesh = single_process_mesh()
         self._lock = threading.Lock()
 
     def run(self, job: DenoiseJob, on_step: StepCallback | None = None) -> torch.Tensor:
         with self._lock:
-            return self.adapter.run(job, on_step).float().cpu()
+            return sample(self.adapter, job, self.mesh, on_step).float().cpu()
 
     def close(self) -> None:
         pass

@@ -1,0 +1,188 @@
+"""The gang's device mesh: degrees, rank layout, and every process group.
+
+Degrees multiply to the world size: ``dp x cfg x pipefusion x ulysses x ring = N``.
+Ranks are laid out in that order with ring the fastest-varying coordinate::
+
+    rank = (((dp_i * cfg + cfg_i) * pipefusion + pf_i) * ulysses + u_i) * ring + r_i
+
+Worked example, N = 8 with dp=1, cfg=2, pipefusion=1, ulysses=2, ring=2:
+
+    rank  cfg_i u_i r_i   ulysses group   ring group   sp group (u x r)   cfg group
+      0     0    0   0      {0, 2}          {0, 1}       {0, 1, 2, 3}      {0, 4}
+      1     0    0   1      {1, 3}          {0, 1}       {0, 1, 2, 3}      {1, 5}
+      2     0    1   0      {0, 2}          {2, 3}       {0, 1, 2, 3}      {2, 6}
+      3     0    1   1      {1, 3}          {2, 3}       {0, 1, 2, 3}      {3, 7}
+      4..7  the same with cfg_i = 1 (the unconditional branch)
+
+Within an sp group the image tokens are split into ulysses*ring shards; rank
+(u_i, r_i) holds shard ``r_i * ulysses + u_i``, so the shards a Ulysses group
+gathers are contiguous and form ring block ``r_i``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch.distributed as dist
+
+DIMS = ("dp", "cfg", "pipefusion", "ulysses", "ring")
+
+
+class ParallelConfigError(ValueError):
+    """A layout that cannot run; the message names the degree and the rule."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ParallelConfig:
+    """Degrees of each parallel strategy; their product is the gang's world size."""
+
+    dp: int = 1
+    """Data parallel: the images of a request are split across dp replicas."""
+    cfg: int = 1
+    """CFG parallel: 2 runs the conditional and unconditional branches on two halves."""
+    pipefusion: int = 1
+    """PipeFusion stages (reserved; must be 1 until PipeFusion lands)."""
+    ulysses: int = 1
+    """Ulysses sequence parallel: all-to-all between sequence and heads."""
+    ring: int = 1
+    """Ring sequence parallel: KV blocks passed around the ring, merged by log-sum-exp."""
+
+    def __post_init__(self) -> None:
+        for name in DIMS:
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ParallelConfigError(f"--{name} must be a positive integer; got {v!r}")
+        if self.cfg not in (1, 2):
+            raise ParallelConfigError(
+                f"--cfg must be 1 or 2 (conditional and unconditional branch); got {self.cfg}"
+            )
+        if self.pipefusion != 1:
+            raise ParallelConfigError("--pipefusion is not supported yet; it must be 1")
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.cfg * self.pipefusion * self.ulysses * self.ring
+
+    @property
+    def sp(self) -> int:
+        return self.ulysses * self.ring
+
+    def describe(self) -> str:
+        return " x ".join(f"{n}{getattr(self, n)}" for n in DIMS if getattr(self, n) > 1) or "single"
+
+    def check_world(self, world_size: int) -> None:
+        if self.world_size != world_size:
+            raise ParallelConfigError(
+                f"dp x cfg x pipefusion x ulysses x ring = {self.dp} x {self.cfg} x "
+                f"{self.pipefusion} x {self.ulysses} x {self.ring} = {self.world_size}, "
+                f"but the gang has {world_size} processes"
+            )
+
+    def check_model(self, *, heads: int) -> None:
+        """Rules that depend on the model: heads must split evenly across Ulysses ranks."""
+        if heads % self.ulysses:
+            raise ParallelConfigError(
+                f"--ulysses {self.ulysses} does not divide the model's {heads} attention heads "
+                f"(heads % ulysses must be 0)"
+            )
+
+    def coords(self, rank: int) -> dict[str, int]:
+        out = {}
+        for name in reversed(DIMS):
+            d = getattr(self, name)
+            out[name] = rank % d
+            rank //= d
+        return {n: out[n] for n in DIMS}
+
+    def rank_of(self, **coords: int) -> int:
+        r = 0
+        for name in DIMS:
+            r = r * getattr(self, name) + coords.get(name, 0)
+        return r
+
+    def groups_along(self, *dims: str) -> list[list[int]]:
+        """Rank lists of every group whose members differ only in `dims`."""
+        others = [n for n in DIMS if n not in dims]
+        groups = []
+        for fixed in itertools.product(*(range(getattr(self, n)) for n in others)):
+            base = dict(zip(others, fixed, strict=True))
+            members = []
+            for varying in itertools.product(*(range(getattr(self, n)) for n in dims)):
+                members.append(self.rank_of(**base, **dict(zip(dims, varying, strict=True))))
+            groups.append(sorted(members))
+        return groups
+
+
+@dataclass(kw_only=True, slots=True)
+class Group:
+    """One process group as this rank sees it."""
+
+    pg: object | None
+    ranks: list[int]
+    rank: int
+    """This process's index within the group."""
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    def global_rank(self, index: int) -> int:
+        return self.ranks[index % self.size]
+
+
+@dataclass(kw_only=True, slots=True)
+class DeviceMesh:
+    """Every group this rank belongs to. Runtime handles only; built once per gang."""
+
+    config: ParallelConfig
+    rank: int
+    coords: dict[str, int]
+    groups: dict[str, Group] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> Group:
+        return self.groups[name]
+
+    @property
+    def sp_shard(self) -> int:
+        return self.coords["ring"] * self.config.ulysses + self.coords["ulysses"]
+
+
+# Group names and the mesh dims each spans.
+GROUP_DIMS: dict[str, tuple[str, ...]] = {
+    "dp": ("dp",),
+    "cfg": ("cfg",),
+    "pipefusion": ("pipefusion",),
+    "ulysses": ("ulysses",),
+    "ring": ("ring",),
+    "sp": ("ulysses", "ring"),
+}
+
+
+def build_mesh(config: ParallelConfig, rank: int, world_size: int, timeout: timedelta | None = None) -> DeviceMesh:
+    """Creates every group; all ranks must call this in the same order (new_group is collective)."""
+    config.check_world(world_size)
+    mesh = DeviceMesh(config=config, rank=rank, coords=config.coords(rank))
+    for name, dims in GROUP_DIMS.items():
+        for ranks in config.groups_along(*dims):
+            if len(ranks) == 1:
+                pg = None
+            elif world_size == 1:
+                pg = None
+            else:
+                kwargs = {"timeout": timeout} if timeout is not None else {}
+                pg = dist.new_group(ranks, **kwargs)
+            if rank in ranks:
+                mesh.groups[name] = Group(pg=pg, ranks=ranks, rank=ranks.index(rank))
+    return mesh
+
+
+def single_process_mesh() -> DeviceMesh:
+    cfg = ParallelConfig()
+    return DeviceMesh(
+        config=cfg,
+        rank=0,
+        coords=cfg.coords(0),
+        groups={name: Group(pg=None, ranks=[0], rank=0) for name in GROUP_DIMS},
+    )

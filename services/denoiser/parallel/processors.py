@@ -1,0 +1,127 @@
+"""Parallel attention processors: the models' own projections, the gang's attention.
+
+Each follows the processor diffusers installs for that attention (same
+projections, norms and rotary embedding, from diffusers' own helpers) and hands
+the attention itself to `SequenceParallel`. Text tokens are passed separately so
+they are attended exactly once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ditmesh.denoiser.parallel.usp import SequenceParallel
+
+
+class FluxParallelProcessor:
+    """For FluxAttention in both double-stream (text passed in) and single-stream
+    (text concatenated in front of the image tokens) blocks."""
+
+    def __init__(self, sp: SequenceParallel, attn: torch.nn.Module) -> None:
+        self.sp = sp
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+        if attention_mask is not None:
+            raise ValueError("attention masks are not supported under sequence parallelism")
+        q, k, v, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        q, k, v = (x.unflatten(-1, (-1, attn.head_dim)) for x in (q, k, v))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        if encoder_hidden_states is not None:
+            text_len = encoder_hidden_states.shape[1]
+            eq, ek, ev = (x.unflatten(-1, (-1, attn.head_dim)) for x in (eq, ek, ev))
+            eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
+            q, k, v = (torch.cat(p, dim=1) for p in ((eq, q), (ek, k), (ev, v)))
+        else:
+            text_len = self.sp.shards.text_len
+        if image_rotary_emb is not None:
+            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        text = (q[:, :text_len], k[:, :text_len], v[:, :text_len])
+        img_out, text_out = self.sp.attention(q[:, text_len:], k[:, text_len:], v[:, text_len:], text)
+        out = torch.cat([text_out, img_out], dim=1).flatten(2, 3).to(q.dtype)
+        if encoder_hidden_states is not None:
+            text_part, img_part = out[:, :text_len], out[:, text_len:]
+            img_part = attn.to_out[1](attn.to_out[0](img_part.contiguous()))
+            text_part = attn.to_add_out(text_part.contiguous())
+            return img_part, text_part
+        return out
+
+
+def _check_plain(attn) -> None:
+    for flag in ("spatial_norm", "group_norm"):
+        if getattr(attn, flag, None) is not None:
+            raise ValueError(f"attention with {flag} is not supported under sequence parallelism")
+    if getattr(attn, "residual_connection", False) or getattr(attn, "rescale_output_factor", 1.0) != 1.0:
+        raise ValueError("attention with a residual or rescaled output is not supported under sequence parallelism")
+
+
+class JointParallelProcessor:
+    """For SD3's joint attention (image tokens first, context tokens after)."""
+
+    def __init__(self, sp: SequenceParallel, attn: torch.nn.Module) -> None:
+        _check_plain(attn)
+        self.sp = sp
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        if attention_mask is not None:
+            raise ValueError("attention masks are not supported under sequence parallelism")
+        b = hidden_states.shape[0]
+        heads = attn.heads
+
+        def split(x):
+            return x.view(b, -1, heads, x.shape[-1] // heads)
+
+        q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
+        # diffusers' norms act on the last dim, so [B, S, H, D] works as [B, H, S, D] does.
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        text = None
+        if encoder_hidden_states is not None:
+            eq = split(attn.add_q_proj(encoder_hidden_states))
+            ek = split(attn.add_k_proj(encoder_hidden_states))
+            ev = split(attn.add_v_proj(encoder_hidden_states))
+            if attn.norm_added_q is not None:
+                eq = attn.norm_added_q(eq)
+            if attn.norm_added_k is not None:
+                ek = attn.norm_added_k(ek)
+            text = (eq, ek, ev)
+        img_out, text_out = self.sp.attention(q, k, v, text)
+        img_out = img_out.flatten(2, 3).to(q.dtype)
+        img_out = attn.to_out[1](attn.to_out[0](img_out))
+        if encoder_hidden_states is None:
+            return img_out
+        text_out = text_out.flatten(2, 3).to(q.dtype)
+        if not attn.context_pre_only:
+            text_out = attn.to_add_out(text_out)
+        return img_out, text_out
+
+
+class SelfParallelProcessor:
+    """For plain image self-attention (PixArt attn1, SD3.5 attn2): no text tokens."""
+
+    def __init__(self, sp: SequenceParallel, attn: torch.nn.Module) -> None:
+        _check_plain(attn)
+        self.sp = sp
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("SelfParallelProcessor is for self-attention without a mask")
+        b = hidden_states.shape[0]
+        heads = attn.heads
+
+        def split(x):
+            return x.view(b, -1, heads, x.shape[-1] // heads)
+
+        q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        out, _ = self.sp.attention(q, k, v, None)
+        out = out.flatten(2, 3).to(q.dtype)
+        return attn.to_out[1](attn.to_out[0](out))

@@ -1,0 +1,57 @@
+"""Ulysses sequence parallelism: all-to-all between the sequence and the heads.
+
+Before attention each rank holds a slice of the sequence with all heads; one
+all-to-all gives it the whole (group's) sequence for a slice of the heads, so
+attention itself is local. A second all-to-all restores the sequence split.
+Tensors are [batch, seq, heads, head_dim].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ditmesh.denoiser.parallel.mesh import Group
+
+
+def seq_to_heads(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """[B, L, H, D] sequence-sharded -> [B, u*L, H/u, D] head-sharded."""
+    u = group.size
+    if u == 1:
+        return x
+    b, seq, h, d = x.shape
+    send = x.reshape(b, seq, u, h // u, d).permute(2, 0, 1, 3, 4).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group.pg)
+    # recv[j] is rank j's sequence slice of this rank's heads.
+    return recv.permute(1, 0, 2, 3, 4).reshape(b, u * seq, h // u, d)
+
+
+def heads_to_seq(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """[B, u*L, H/u, D] head-sharded -> [B, L, H, D] sequence-sharded."""
+    u = group.size
+    if u == 1:
+        return x
+    b, seq, h, d = x.shape
+    send = x.reshape(b, u, seq // u, h, d).permute(1, 0, 2, 3, 4).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group.pg)
+    # recv[j] holds head slice j of this rank's sequence slice.
+    return recv.permute(1, 2, 0, 3, 4).reshape(b, seq // u, u * h, d)
+
+
+def head_slice(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """This rank's heads of a tensor every rank holds whole (the text tokens)."""
+    if group.size == 1:
+        return x
+    h = x.shape[2] // group.size
+    return x[:, :, group.rank * h : (group.rank + 1) * h]
+
+
+def gather_heads(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """[B, T, H/u, D] -> [B, T, H, D]: every rank's head slice, in rank order."""
+    if group.size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(group.size)]
+    dist.all_gather(parts, x.contiguous(), group=group.pg)
+    return torch.cat(parts, dim=2)
