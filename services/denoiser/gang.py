@@ -1,0 +1,246 @@
+"""The denoiser gang: N processes that denoise one request together.
+
+Rank 0 (the leader) serves gRPC; it spawns ranks 1..N-1 itself (or they are
+started by torchrun). For every request the leader broadcasts the job on a
+gloo control group, then all ranks run the same sampling loop on their part of
+the mesh. Compute collectives have a timeout, so a dead worker makes the
+leader's request fail (UNAVAILABLE) and the leader exit non-zero instead of
+hanging. The control group waits for the next job without a practical timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import socket
+import threading
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ditmesh.common.errors import Unavailable
+from ditmesh.common.models import ModelRef, pick_device, resolve_model
+from ditmesh.denoiser.job import DenoiseJob, StepCallback
+from ditmesh.denoiser.parallel.mesh import DeviceMesh, ParallelConfig, build_mesh
+from ditmesh.denoiser.parallel.sequence import attach
+from ditmesh.denoiser.runner import load_adapter
+from ditmesh.denoiser.sampler import sample
+
+log = logging.getLogger(__name__)
+
+IDLE_TIMEOUT = timedelta(days=365)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GangSpec:
+    """Everything a rank needs to join the gang; plain values, so it crosses processes."""
+
+    model_source: str
+    model_name: str | None
+    parallel: ParallelConfig
+    master_addr: str
+    master_port: int
+    device: str = "auto"
+    dtype: str = "auto"
+    collective_timeout_s: float = 120.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_device(device: str, local_rank: int) -> torch.device:
+    dev = pick_device(device)
+    if dev.type == "cuda" and dev.index is None:
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return dev
+
+
+class GangMember:
+    """One rank's model, mesh and control group."""
+
+    def __init__(self, spec: GangSpec, rank: int, world: int, local_rank: int) -> None:
+        self.spec = spec
+        self.rank = rank
+        self.device = rank_device(spec.device, local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        timeout = timedelta(seconds=spec.collective_timeout_s)
+        if not dist.is_initialized():
+            dist.init_process_group(
+                backend,
+                init_method=f"tcp://{spec.master_addr}:{spec.master_port}",
+                rank=rank,
+                world_size=world,
+                timeout=timeout,
+            )
+        self.control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+        self.model: ModelRef = resolve_model(spec.model_source, spec.model_name)
+        self.adapter = load_adapter(self.model, self.device, spec.dtype)
+        spec.parallel.check_model(heads=self.adapter.heads)
+        self.mesh: DeviceMesh = build_mesh(spec.parallel, rank, world, timeout=timeout)
+        self.attached = attach(self.adapter.transformer, self.adapter.plan, self.mesh)
+
+    def broadcast_job(self, job: DenoiseJob | None) -> DenoiseJob | None:
+        """Leader: sends `job` (None = stop). Workers: pass None, get the job."""
+        if self.rank == 0:
+            header = None
+            if job is not None:
+                fields = asdict(job)
+                cond = fields.pop("cond")
+                header = {
+                    "fields": fields,
+                    "cond": [(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in cond.items()],
+                }
+            box = [header]
+        else:
+            box = [None]
+        dist.broadcast_object_list(box, src=0, group=self.control)
+        header = box[0]
+        if header is None:
+            return None
+        cond = {}
+        for name, shape, dtype in header["cond"]:
+            t = job.cond[name].contiguous() if self.rank == 0 else torch.empty(shape, dtype=getattr(torch, dtype))
+            dist.broadcast(t, src=0, group=self.control)
+            cond[name] = t
+        return DenoiseJob(**header["fields"], cond=cond)
+
+    def run(self, job: DenoiseJob, on_step: StepCallback | None = None) -> torch.Tensor:
+        return sample(self.adapter, job, self.mesh, on_step)
+
+
+def worker_main(spec: GangSpec, rank: int, world: int) -> None:
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+    member = GangMember(spec, rank, world, local_rank=rank)
+    dist.barrier(group=member.control)
+    while True:
+        job = member.broadcast_job(None)
+        if job is None:
+            break
+        try:
+            member.run(job)
+        except Exception:
+            log.exception("rank %d failed on request %s", rank, job.request_id)
+            raise
+    dist.destroy_process_group()
+
+
+class GangRunner:
+    """The leader's side of a gang: the Runner the gRPC service calls."""
+
+    def __init__(
+        self,
+        model_source: str,
+        parallel: ParallelConfig,
+        *,
+        name: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        collective_timeout_s: float = 120.0,
+    ) -> None:
+        world = parallel.world_size
+        spec = GangSpec(
+            model_source=model_source,
+            model_name=name,
+            parallel=parallel,
+            master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(os.environ.get("MASTER_PORT", 0)) or free_port(),
+            device=device,
+            dtype=dtype,
+            collective_timeout_s=collective_timeout_s,
+        )
+        self.parallel = parallel
+        self.procs = []
+        self.broken = threading.Event()
+        self._lock = threading.Lock()
+        external = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+        if not external:
+            ctx = mp.get_context("spawn")
+            for rank in range(1, world):
+                p = ctx.Process(target=worker_main, args=(spec, rank, world), daemon=True, name=f"gang-rank{rank}")
+                p.start()
+                self.procs.append(p)
+        try:
+            self.member = GangMember(spec, 0, world, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+            dist.barrier(group=self.member.control)
+        except BaseException:
+            self._kill()
+            raise
+        self.model = self.member.model
+        log.info("denoiser gang ready: %s on %d processes (%s)", parallel.describe(), world, self.member.device)
+
+    def dead_workers(self) -> list[str]:
+        return [p.name for p in self.procs if not p.is_alive()]
+
+    def run(self, job: DenoiseJob, on_step: StepCallback | None = None) -> torch.Tensor:
+        with self._lock:
+            if self.broken.is_set():
+                raise Unavailable("the denoiser gang has lost a process and is shutting down")
+            dead = self.dead_workers()
+            if dead:
+                self.broken.set()
+                raise Unavailable(f"the denoiser gang lost {', '.join(dead)}")
+            try:
+                self.member.broadcast_job(job)
+                return self.member.run(job, on_step).float().cpu()
+            except Exception as exc:
+                if isinstance(exc, (RuntimeError, dist.DistBackendError)) or self.dead_workers():
+                    self.broken.set()
+                    log.exception("the gang failed on request %s", job.request_id)
+                    raise Unavailable(
+                        f"the denoiser gang failed on request {job.request_id} (a process died or a "
+                        f"collective timed out)"
+                    ) from exc
+                raise
+
+    def close(self) -> None:
+        with self._lock:
+            if not self.broken.is_set():
+                try:
+                    self.member.broadcast_job(None)
+                except Exception:  # noqa: BLE001 - stopping anyway
+                    log.warning("could not tell the workers to stop")
+            for p in self.procs:
+                p.join(timeout=30)
+            self._kill()
+            if dist.is_initialized():
+                try:
+                    dist.destroy_process_group()
+                except Exception:  # noqa: BLE001
+                    pass
+
+    def _kill(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+
+
+def run_torchrun_worker(model_source: str, parallel: ParallelConfig, *, name, device, dtype, collective_timeout_s) -> None:
+    """Ranks > 0 under torchrun: join the gang and follow the leader."""
+    spec = GangSpec(
+        model_source=model_source,
+        model_name=name,
+        parallel=parallel,
+        master_addr=os.environ["MASTER_ADDR"],
+        master_port=int(os.environ["MASTER_PORT"]),
+        device=device,
+        dtype=dtype,
+        collective_timeout_s=collective_timeout_s,
+    )
+    dist.init_process_group(
+        "nccl" if pick_device(device).type == "cuda" else "gloo",
+        init_method="env://",
+        timeout=timedelta(seconds=collective_timeout_s),
+    )
+    worker_main(spec, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+
+
+__all__ = ["GangRunner", "GangSpec", "ParallelConfig", "run_torchrun_worker", "worker_main"]
