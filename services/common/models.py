@@ -29,6 +29,20 @@ class Family:
     default_guidance: float
     latent_patch: int
     """Pixels per token side = vae scale factor * this (Flux packs 2x2 latents)."""
+    text_encoder: str
+    """"module:Class" of the encoder stage's text encoder for this family."""
+    denoiser: str
+    """"module:Class" of the denoiser stage's model adapter for this family."""
+    max_prompt_tokens_from: str = "tokenizer_2"
+    """Subfolder whose tokenizer bounds the prompt length (the T5 one)."""
+
+
+def load_class(path: str):
+    """Imports "module:Class" lazily: each family pulls in only its own diffusers classes."""
+    import importlib
+
+    module, _, cls = path.partition(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 FLUX = Family(
@@ -38,6 +52,8 @@ FLUX = Family(
     default_steps=28,
     default_guidance=3.5,
     latent_patch=2,
+    text_encoder="ditmesh.encoder.flux:FluxTextEncoder",
+    denoiser="ditmesh.denoiser.flux:FluxAdapter",
 )
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX,)}
@@ -125,7 +141,7 @@ def resolve_model(source: str, name: str | None = None) -> ModelRef:
     vae_scale_factor = 2 ** (len(block_out) - 1)
     max_tokens = 512
     try:
-        tok_cfg = _load_tokenizer_config(source, "tokenizer_2")
+        tok_cfg = _load_tokenizer_config(source, family.max_prompt_tokens_from)
         max_tokens = int(tok_cfg.get("model_max_length", max_tokens))
         max_tokens = min(max_tokens, 512)
     except Exception:  # noqa: BLE001 - absent tokenizer config: keep the family limit

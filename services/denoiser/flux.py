@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
 from ditmesh.common.errors import InvalidArgument
 from ditmesh.common.models import ModelRef
 from ditmesh.denoiser.job import DenoiseJob
@@ -61,7 +60,11 @@ class FluxAdapter:
         self._scheduler_cls = FlowMatchEulerDiscreteScheduler
 
     def prepare(self, job: DenoiseJob) -> Prepared:
-        from diffusers.pipelines.flux.pipeline_flux import FluxPipeline, calculate_shift, retrieve_timesteps
+        from diffusers.pipelines.flux.pipeline_flux import (
+            FluxPipeline,
+            calculate_shift,
+            retrieve_timesteps,
+        )
 
         dev, dt, n = self.device, self.dtype, job.num_images
         vsf = self.model.vae_scale_factor

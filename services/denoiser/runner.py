@@ -11,7 +11,7 @@ import threading
 from typing import Protocol
 
 import torch
-from ditmesh.common.models import ModelRef, pick_device, pick_dtype
+from ditmesh.common.models import ModelRef, load_class, pick_device, pick_dtype
 from ditmesh.denoiser.job import DenoiseJob, StepCallback
 from ditmesh.denoiser.parallel.mesh import single_process_mesh
 from ditmesh.denoiser.sampler import Adapter, sample
@@ -25,19 +25,9 @@ class Runner(Protocol):
     def close(self) -> None: ...
 
 
-def adapter_class(model: ModelRef):
-    """The adapter of a model's family (imported lazily: each pulls in its diffusers classes)."""
-    name = model.family.name
-    if name == "flux":
-        from ditmesh.denoiser.flux import FluxAdapter
-
-        return FluxAdapter
-    raise ValueError(f"no denoiser adapter for family {name!r}")
-
-
 def load_adapter(model: ModelRef, device: str | torch.device = "auto", dtype: str = "auto") -> Adapter:
     dev = pick_device(device) if isinstance(device, str) else device
-    return adapter_class(model)(model, dev, pick_dtype(dtype, dev))
+    return load_class(model.family.denoiser)(model, dev, pick_dtype(dtype, dev))
 
 
 class LocalRunner:

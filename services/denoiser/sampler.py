@@ -15,7 +15,6 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-
 from ditmesh.denoiser.job import DenoiseJob, StepCallback
 from ditmesh.denoiser.parallel.mesh import DeviceMesh, Group
 

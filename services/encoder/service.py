@@ -7,9 +7,14 @@ import logging
 import grpc
 from ditmesh.common import codec
 from ditmesh.common.errors import InvalidArgument
-from ditmesh.common.models import ModelRef, check_model_name, pick_device, pick_dtype, resolve_model
+from ditmesh.common.models import (
+    ModelRef,
+    check_model_name,
+    pick_device,
+    pick_dtype,
+    resolve_model,
+)
 from ditmesh.common.server import ServerConfig, start_server
-from ditmesh.encoder.flux import FluxTextEncoder
 from ditmesh.v1 import encoder_pb2, encoder_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -17,15 +22,13 @@ log = logging.getLogger(__name__)
 MAX_PROMPT_CHARS = 20_000
 
 
-def load_text_encoder(
-    model: ModelRef, device: str = "auto", dtype: str = "auto"
-) -> FluxTextEncoder:
+def load_text_encoder(model: ModelRef, device: str = "auto", dtype: str = "auto"):
     dev = pick_device(device)
-    return FluxTextEncoder(model, dev, pick_dtype(dtype, dev))
+    return load_class(model.family.text_encoder)(model, dev, pick_dtype(dtype, dev))
 
 
 class EncoderService(encoder_pb2_grpc.EncoderServicer):
-    def __init__(self, encoder: FluxTextEncoder) -> None:
+    def __init__(self, encoder) -> None:
         self.encoder = encoder
 
     def Encode(self, request: encoder_pb2.EncodeRequest, context: grpc.ServicerContext):

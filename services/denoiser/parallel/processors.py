@@ -9,7 +9,6 @@ they are attended exactly once.
 from __future__ import annotations
 
 import torch
-
 from ditmesh.denoiser.parallel.usp import SequenceParallel
 
 
