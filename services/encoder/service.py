@@ -10,6 +10,7 @@ from ditmesh.common.errors import InvalidArgument
 from ditmesh.common.models import (
     ModelRef,
     check_model_name,
+    load_class,
     pick_device,
     pick_dtype,
     resolve_model,
