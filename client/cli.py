@@ -21,6 +21,25 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_gang_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("denoiser gang (dp x cfg x pipefusion x ulysses x ring processes)")
+    g.add_argument("--dp", type=int, default=1, help="data parallel: split the images of a request")
+    g.add_argument("--cfg", type=int, default=1, help="2 runs the CFG branches on two halves of the gang")
+    g.add_argument("--pipefusion", type=int, default=1, help="PipeFusion stages (not supported yet)")
+    g.add_argument("--ulysses", type=int, default=1, help="Ulysses sequence parallel degree")
+    g.add_argument("--ring", type=int, default=1, help="Ring sequence parallel degree")
+    g.add_argument(
+        "--collective-timeout", type=float, default=120.0,
+        help="seconds a gang collective may wait before the gang is declared broken",
+    )
+
+
+def _parallel_config(args: argparse.Namespace):
+    from ditmesh.denoiser.parallel.mesh import ParallelConfig
+
+    return ParallelConfig(dp=args.dp, cfg=args.cfg, pipefusion=args.pipefusion, ulysses=args.ulysses, ring=args.ring)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ditmesh import __version__
     from ditmesh.client import generate_cmd
@@ -48,10 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--denoiser", action="append", default=[], help="gateway: denoiser address (repeatable)"
     )
     p.add_argument("--vae", action="append", default=[], help="gateway: vae address (repeatable)")
+    _add_gang_args(p)
 
     p = sub.add_parser("up", help="run the whole mesh locally")
     _add_model_args(p)
     p.add_argument("--port", type=int, default=0, help="gateway port (default: a free one)")
+    _add_gang_args(p)
 
     generate_cmd.add_parser(sub)
     return parser
@@ -59,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _serve(args: argparse.Namespace) -> int:
     from ditmesh.common.errors import DitmeshError
+    from ditmesh.denoiser.parallel.mesh import ParallelConfigError
 
     kwargs = dict(name=args.name, host=args.host, port=args.port)
     try:
@@ -81,13 +103,16 @@ def _serve(args: argparse.Namespace) -> int:
                 from ditmesh.denoiser.service import serve
             else:
                 from ditmesh.vae.service import serve
+            if args.stage == "denoiser":
+                kwargs.update(parallel=_parallel_config(args), collective_timeout_s=args.collective_timeout)
             running = serve(args.model, device=args.device, dtype=args.dtype, **kwargs)
-    except DitmeshError as exc:
+            if running is None:  # a torchrun worker rank: it followed the leader until the end
+                return 0
+    except (DitmeshError, ParallelConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{args.stage} listening on {running.address}", flush=True)
-    running.serve_until_signal()
-    return 0
+    return running.serve_until_signal()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,8 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args)
     if args.command == "up":
+        from ditmesh.denoiser.parallel.mesh import ParallelConfigError
         from ditmesh.local import UpConfig, run_up
 
+        try:
+            parallel = _parallel_config(args)
+        except ParallelConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        gang = [f"--{d}={getattr(parallel, d)}" for d in ("dp", "cfg", "pipefusion", "ulysses", "ring")]
         return run_up(
             UpConfig(
                 model=args.model,
@@ -120,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 name=args.name,
                 device=args.device,
                 dtype=args.dtype,
+                denoiser_args=[*gang, f"--collective-timeout={args.collective_timeout}"],
             )
         )
     if args.command == "generate":

@@ -35,7 +35,7 @@ from ditmesh.common.limits import (
     check_size,
     check_steps,
 )
-from ditmesh.common.models import ModelRef, check_model_name
+from ditmesh.common.models import Family, ModelRef, check_model_name
 from ditmesh.common.server import REQUEST_ID_KEY, request_id_of
 from ditmesh.gateway.stages import StagePool, unavailable
 from ditmesh.v1 import (
@@ -81,10 +81,18 @@ class Plan:
     num_images: int
     output_format: int
     quality: int
+    family: Family
+    """Whose CFG rule decides whether the negative prompt is encoded."""
 
     @property
     def encode_negative(self) -> bool:
-        return self.true_cfg_scale > 1 and bool(self.negative_prompt)
+        # SD3/PixArt guide against the empty prompt when none is given, so the
+        # negative branch is needed even then; Flux only with a negative prompt.
+        return self.family.uses_cfg(
+            guidance=self.guidance,
+            true_cfg_scale=self.true_cfg_scale,
+            has_negative=bool(self.negative_prompt),
+        )
 
 
 class _Call:
@@ -169,6 +177,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             num_images=n,
             output_format=req.output_format or vae_pb2.OUTPUT_FORMAT_PNG,
             quality=req.quality,
+            family=m.family,
         )
 
     # -- stage calls with retries ---------------------------------------------------------------

@@ -36,6 +36,8 @@ class UpConfig:
     start_timeout_s: float = 300.0
     stop_timeout_s: float = 30.0
     extra_env: dict[str, str] = field(default_factory=dict)
+    denoiser_args: list[str] = field(default_factory=list)
+    """Extra `serve denoiser` flags: the gang's degrees."""
 
 
 class StageProcess:
@@ -116,7 +118,14 @@ class LocalMesh:
         c = self.config
         env = {**os.environ, **c.extra_env, "PYTHONUNBUFFERED": "1"}
         try:
-            stages = [StageProcess(s, [*self._common_args(), "--port", "0"], env) for s in STAGES]
+            stages = [
+                StageProcess(
+                    s,
+                    [*self._common_args(), "--port", "0", *(c.denoiser_args if s == "denoiser" else [])],
+                    env,
+                )
+                for s in STAGES
+            ]
             self.procs.extend(stages)
             addrs = {}
             for p in stages:

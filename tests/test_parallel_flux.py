@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from ditmesh.common.models import resolve_model
 from ditmesh.denoiser.job import DenoiseJob
 

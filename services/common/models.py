@@ -11,6 +11,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from ditmesh.common.errors import InvalidArgument
@@ -35,6 +36,25 @@ class Family:
     """"module:Class" of the denoiser stage's model adapter for this family."""
     max_prompt_tokens_from: str = "tokenizer_2"
     """Subfolder whose tokenizer bounds the prompt length (the T5 one)."""
+    max_sequence_length: int = 512
+    """The pipeline's default `max_sequence_length`: prompts are cut there, so it caps
+    the tokenizer's own limit (SD3's T5 tokenizer allows 512, StableDiffusion3Pipeline
+    encodes 256)."""
+    cfg_rule: Literal["true_cfg", "guidance"] = "true_cfg"
+    """When the pipeline runs classifier-free guidance. "true_cfg" (Flux): only with a
+    negative prompt and true_cfg_scale > 1, since guidance is distilled into the
+    model. "guidance" (SD3, PixArt): whenever guidance > 1, against the empty prompt
+    when no negative prompt is given."""
+
+    def uses_cfg(self, *, guidance: float, true_cfg_scale: float, has_negative: bool) -> bool:
+        """Whether a request runs a conditional and an unconditional branch.
+
+        The gateway asks for the negative encoding by this rule and the denoiser
+        adapters run CFG by it, so the two cannot disagree.
+        """
+        if self.cfg_rule == "guidance":
+            return guidance > 1.0
+        return true_cfg_scale > 1.0 and has_negative
 
 
 def load_class(path: str):
@@ -56,7 +76,49 @@ FLUX = Family(
     denoiser="ditmesh.denoiser.flux:FluxAdapter",
 )
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX,)}
+SD3 = Family(
+    name="sd3",
+    pipeline_classes=("StableDiffusion3Pipeline",),
+    default_size=1024,
+    default_steps=28,
+    default_guidance=7.0,
+    latent_patch=2,
+    text_encoder="ditmesh.encoder.sd3:SD3TextEncoder",
+    denoiser="ditmesh.denoiser.sd3:SD3Adapter",
+    max_prompt_tokens_from="tokenizer_3",
+    max_sequence_length=256,
+    cfg_rule="guidance",
+)
+
+PIXART_SIGMA = Family(
+    name="pixart-sigma",
+    pipeline_classes=("PixArtSigmaPipeline",),
+    default_size=1024,
+    default_steps=20,
+    default_guidance=4.5,
+    latent_patch=2,
+    text_encoder="ditmesh.encoder.pixart:PixArtTextEncoder",
+    denoiser="ditmesh.denoiser.pixart:PixArtAdapter",
+    max_prompt_tokens_from="tokenizer",
+    max_sequence_length=300,
+    cfg_rule="guidance",
+)
+
+PIXART_ALPHA = Family(
+    name="pixart-alpha",
+    pipeline_classes=("PixArtAlphaPipeline",),
+    default_size=1024,
+    default_steps=20,
+    default_guidance=4.5,
+    latent_patch=2,
+    text_encoder="ditmesh.encoder.pixart:PixArtTextEncoder",
+    denoiser="ditmesh.denoiser.pixart:PixArtAdapter",
+    max_prompt_tokens_from="tokenizer",
+    max_sequence_length=120,
+    cfg_rule="guidance",
+)
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX, SD3, PIXART_SIGMA, PIXART_ALPHA)}
 
 
 def family_of_pipeline(class_name: str) -> Family:
@@ -81,6 +143,8 @@ class ModelRef:
     guidance_embeds: bool
     """Flux dev: guidance is an input of the transformer (distilled), not CFG."""
     max_prompt_tokens: int
+    heads: int = 0
+    """Attention heads of the transformer (what Ulysses splits)."""
 
     @property
     def size_multiple(self) -> int:
@@ -139,21 +203,22 @@ def resolve_model(source: str, name: str | None = None) -> ModelRef:
     tr_cfg = _load_json_config(source, "transformer")
     block_out = vae_cfg.get("block_out_channels") or [0] * 4
     vae_scale_factor = 2 ** (len(block_out) - 1)
-    max_tokens = 512
+    max_tokens = family.max_sequence_length
     try:
         tok_cfg = _load_tokenizer_config(source, family.max_prompt_tokens_from)
-        max_tokens = int(tok_cfg.get("model_max_length", max_tokens))
-        max_tokens = min(max_tokens, 512)
+        max_tokens = min(int(tok_cfg.get("model_max_length", max_tokens)), max_tokens)
     except Exception:  # noqa: BLE001 - absent tokenizer config: keep the family limit
-        log.debug("no tokenizer_2 config in %s", source)
+        log.debug("no %s config in %s", family.max_prompt_tokens_from, source)
     return ModelRef(
         source=source,
         name=name or default_name(source),
         family=family,
         vae_scale_factor=vae_scale_factor,
         latent_channels=int(vae_cfg.get("latent_channels", 16)),
-        guidance_embeds=bool(tr_cfg.get("guidance_embeds", False)),
+        # Only Flux's transformer takes guidance as an input; elsewhere it means CFG.
+        guidance_embeds=family is FLUX and bool(tr_cfg.get("guidance_embeds", False)),
         max_prompt_tokens=max_tokens,
+        heads=int(tr_cfg.get("num_attention_heads", 0)),
     )
 
 

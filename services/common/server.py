@@ -144,7 +144,12 @@ class RunningServer:
     port: int
     config: ServerConfig
     services: list[str] = field(default_factory=list)
+    exit_code: int = 0
+    """Non-zero once the stage failed for good (e.g. a gang lost a process)."""
+    on_stop: list[Callable[[], None]] = field(default_factory=list)
+    """Cleanups run after the server has drained (e.g. stopping a gang's workers)."""
     _stopped: threading.Event = field(default_factory=threading.Event)
+    _done: threading.Event = field(default_factory=threading.Event)
 
     @property
     def address(self) -> str:
@@ -158,12 +163,24 @@ class RunningServer:
         self.health.enter_graceful_shutdown()
         grace = self.config.grace_seconds if grace is None else grace
         self.server.stop(grace).wait()
+        for fn in self.on_stop:
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - one failed cleanup must not skip the others
+                log.exception("%s: cleanup failed", self.config.stage)
+        self._done.set()
+
+    def fail(self, reason: str) -> None:
+        """Stops serving for good and makes the process exit non-zero."""
+        log.error("%s: %s; stopping", self.config.stage, reason)
+        self.exit_code = 1
+        threading.Thread(target=self.stop, args=(0,), daemon=True).start()
 
     def wait(self) -> None:
         self.server.wait_for_termination()
 
-    def serve_until_signal(self, on_stop: Callable[[], None] | None = None) -> None:
-        """Blocks until SIGTERM/SIGINT, then stops gracefully (main thread only)."""
+    def serve_until_signal(self) -> int:
+        """Blocks until SIGTERM/SIGINT (or a failure), stops gracefully; returns the exit code."""
         stop_requested = threading.Event()
 
         def handler(signum, frame):  # noqa: ARG001
@@ -176,8 +193,8 @@ class RunningServer:
                 break
         log.info("%s: stopping (grace %.0fs)", self.config.stage, self.config.grace_seconds)
         self.stop()
-        if on_stop is not None:
-            on_stop()
+        self._done.wait(self.config.grace_seconds + 60)
+        return self.exit_code
 
 
 def start_server(

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from ditmesh.common.errors import InvalidArgument
 from ditmesh.common.models import ModelRef
+from ditmesh.denoiser.helpers import cond_tensor, do_cfg, initial_noise
 from ditmesh.denoiser.job import DenoiseJob
 from ditmesh.denoiser.parallel.processors import FluxParallelProcessor
 from ditmesh.denoiser.parallel.sequence import SequencePlan
@@ -24,22 +24,6 @@ FLUX_PLAN = SequencePlan(
     text_len_input=("encoder_hidden_states", 1),
     processors={"transformer_blocks.*.attn": FluxParallelProcessor, "single_transformer_blocks.*.attn": FluxParallelProcessor},
 )
-
-
-def cond_tensor(job: DenoiseJob, name: str, device, dtype) -> torch.Tensor:
-    try:
-        t = job.cond[name]
-    except KeyError:
-        raise InvalidArgument(f"conditioning tensor {name!r} is missing") from None
-    return t.to(device, dtype)
-
-
-def initial_noise(job: DenoiseJob, shape: tuple[int, ...], dtype, device) -> torch.Tensor:
-    """Drawn on the CPU so a seed gives the same image on any device and any rank."""
-    from diffusers.utils.torch_utils import randn_tensor
-
-    generator = torch.Generator("cpu").manual_seed(job.seed)
-    return randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=dtype).to(device)
 
 
 class FluxAdapter:
@@ -78,9 +62,9 @@ class FluxAdapter:
                 "txt_ids": torch.zeros(embeds.shape[1], 3, device=dev, dtype=dt),
             }
 
-        do_cfg = job.true_cfg_scale > 1 and "negative_prompt_embeds" in job.cond
+        cfg_on = do_cfg(self.model, job)
         branches = {"cond": branch("")}
-        if do_cfg:
+        if cfg_on:
             branches["uncond"] = branch("negative_")
         channels = self.transformer.config.in_channels // 4
         h = 2 * (job.height // (vsf * 2))
@@ -111,7 +95,7 @@ class FluxAdapter:
             latents=latents,
             timesteps=timesteps,
             scheduler=scheduler,
-            do_cfg=do_cfg,
+            do_cfg=cfg_on,
             branches=branches,
             extra={"img_ids": img_ids, "guidance": guidance},
         )

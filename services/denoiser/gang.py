@@ -155,6 +155,8 @@ class GangRunner:
             dtype=dtype,
             collective_timeout_s=collective_timeout_s,
         )
+        # Checked before any process starts, so a bad layout is one clear error.
+        parallel.check_model(heads=resolve_model(model_source, name).heads)
         self.parallel = parallel
         self.procs = []
         self.broken = threading.Event()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 
@@ -18,7 +19,9 @@ from ditmesh.common.limits import (
 )
 from ditmesh.common.models import check_model_name, resolve_model
 from ditmesh.common.server import ServerConfig, start_server
+from ditmesh.denoiser.gang import GangRunner, run_torchrun_worker
 from ditmesh.denoiser.job import DenoiseJob
+from ditmesh.denoiser.parallel.mesh import ParallelConfig
 from ditmesh.denoiser.runner import LocalRunner, Runner
 from ditmesh.v1 import denoiser_pb2, denoiser_pb2_grpc
 
@@ -68,8 +71,9 @@ def read_job(request_iterator, runner: Runner) -> DenoiseJob:
 
 
 class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
-    def __init__(self, runner: Runner) -> None:
+    def __init__(self, runner: Runner, on_fatal=None) -> None:
         self.runner = runner
+        self.on_fatal = on_fatal
 
     def Denoise(self, request_iterator, context: grpc.ServicerContext):
         job = read_job(request_iterator, self.runner)
@@ -101,11 +105,23 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
                 break
             yield item
         if "error" in result:
+            if getattr(self.runner, "broken", None) is not None and self.runner.broken.is_set() and self.on_fatal:
+                self.on_fatal("the gang lost a process or a collective timed out")
             raise result["error"]
         tensors = {"latents": result["latents"]}
         for chunk in codec.iter_tensor_chunks(tensors):
             yield denoiser_pb2.DenoiseResponse(chunk=chunk)
         yield denoiser_pb2.DenoiseResponse(done=codec.done_message(tensors))
+
+
+def _watch_gang(runner: GangRunner, running) -> None:
+    """Fails the server when a worker dies while the gang is idle."""
+    while not running._stopped.wait(1.0):
+        dead = runner.dead_workers()
+        if dead:
+            runner.broken.set()
+            running.fail(f"gang process {', '.join(dead)} exited")
+            return
 
 
 def serve(
@@ -116,16 +132,47 @@ def serve(
     port: int = 0,
     device: str = "auto",
     dtype: str = "auto",
+    parallel: ParallelConfig | None = None,
+    collective_timeout_s: float = 120.0,
 ):
-    model = resolve_model(model_source, name)
-    runner = LocalRunner(model, device, dtype)
-    return start_server(
-        ServerConfig(stage="denoiser", host=host, port=port),
-        [
-            (
-                denoiser_pb2_grpc.add_DenoiserServicer_to_server,
-                DenoiserService(runner),
-                "ditmesh.v1.Denoiser",
+    """Starts the denoiser; with more than one process, rank 0 spawns the gang and serves.
+
+    Under torchrun (WORLD_SIZE > 1), ranks other than 0 follow the leader and return None.
+    """
+    parallel = parallel or ParallelConfig()
+    world_env = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_env > 1:
+        parallel.check_world(world_env)
+        if int(os.environ.get("RANK", "0")) != 0:
+            run_torchrun_worker(
+                model_source,
+                parallel,
+                name=name,
+                device=device,
+                dtype=dtype,
+                collective_timeout_s=collective_timeout_s,
             )
-        ],
+            return None
+    if parallel.world_size == 1:
+        model = resolve_model(model_source, name)
+        runner: Runner = LocalRunner(model, device, dtype)
+    else:
+        runner = GangRunner(
+            model_source,
+            parallel,
+            name=name,
+            device=device,
+            dtype=dtype,
+            collective_timeout_s=collective_timeout_s,
+        )
+    holder: dict = {}
+    service = DenoiserService(runner, on_fatal=lambda why: holder["server"].fail(why))
+    running = start_server(
+        ServerConfig(stage="denoiser", host=host, port=port),
+        [(denoiser_pb2_grpc.add_DenoiserServicer_to_server, service, "ditmesh.v1.Denoiser")],
     )
+    holder["server"] = running
+    running.on_stop.append(runner.close)
+    if isinstance(runner, GangRunner):
+        threading.Thread(target=_watch_gang, args=(runner, running), daemon=True, name="gang-watch").start()
+    return running

@@ -1,0 +1,66 @@
+"""Pieces every family adapter needs: conditioning lookup, seeded noise, schedulers, CFG."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from ditmesh.common.errors import InvalidArgument
+from ditmesh.common.models import ModelRef
+from ditmesh.denoiser.job import DenoiseJob
+
+
+def cond_tensor(job: DenoiseJob, name: str, device, dtype) -> torch.Tensor:
+    """A conditioning tensor by name; `dtype=None` keeps its dtype (attention masks)."""
+    try:
+        t = job.cond[name]
+    except KeyError:
+        raise InvalidArgument(f"conditioning tensor {name!r} is missing") from None
+    return t.to(device) if dtype is None else t.to(device, dtype)
+
+
+def initial_noise(job: DenoiseJob, shape: tuple[int, ...], dtype, device) -> torch.Tensor:
+    """Drawn on the CPU so a seed gives the same image on any device and any rank."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    generator = torch.Generator("cpu").manual_seed(job.seed)
+    return randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=dtype).to(
+        device
+    )
+
+
+class SchedulerFactory:
+    """The model's saved scheduler (class and config), made fresh for each request.
+
+    Schedulers hold per-run state (step index, multistep history), so requests
+    must not share one.
+    """
+
+    def __init__(self, source: str) -> None:
+        import diffusers
+
+        class _Reader(diffusers.ConfigMixin):
+            config_name = "scheduler_config.json"
+
+        self.config = _Reader.load_config(source, subfolder="scheduler")
+        name = self.config.get("_class_name", "")
+        self.cls = getattr(diffusers, name, None)
+        if self.cls is None:
+            raise ValueError(f"unknown scheduler class {name!r} in {source!r}")
+
+    def __call__(self) -> Any:
+        return self.cls.from_config(self.config)
+
+
+def do_cfg(model: ModelRef, job: DenoiseJob) -> bool:
+    """The family's CFG rule (as the gateway applies it); CFG needs the negative encoding."""
+    has_negative = "negative_prompt_embeds" in job.cond
+    on = model.family.uses_cfg(
+        guidance=job.guidance, true_cfg_scale=job.true_cfg_scale, has_negative=has_negative
+    )
+    if on and not has_negative:
+        raise InvalidArgument(
+            f"guidance {job.guidance} > 1 runs classifier-free guidance, which needs the "
+            "negative conditioning (negative_prompt_embeds); none was sent"
+        )
+    return on
