@@ -9,6 +9,8 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from ditmesh.client.results import (
     GenerateResult,
     ModelList,
@@ -31,7 +33,6 @@ from ditmesh.client.sdk import (
     _probe_timeout,
 )
 from ditmesh.v1 import gateway_pb2, gateway_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 # The callback may return an awaitable, which the async client awaits.
 AsyncProgressCallback = Callable[[Progress], Any]

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import grpc
-from ditmesh.client.sdk import Client, DitmeshClientError, GenerateResult, Progress
 from tqdm import tqdm
+
+from ditmesh.client.sdk import Client, DitmeshClientError, GenerateResult, Progress
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
 GATEWAY_ENV = "DITMESH_GATEWAY"

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import grpc
-from ditmesh.v1 import gateway_pb2, vae_pb2
 from PIL import Image
+
+from ditmesh.v1 import gateway_pb2, vae_pb2
 
 _INT64_MAX = 2**63 - 1
 

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from ditmesh.client.results import (
     DeadlineExceededError,
     DitmeshClientError,
@@ -33,7 +35,6 @@ from ditmesh.client.results import (
     _unary_result,
 )
 from ditmesh.v1 import gateway_pb2, gateway_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 # The results names are re-exported for callers that import them from here.
 __all__ = [

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
+
 from ditmesh.common import codec
 from ditmesh.common.errors import (
     Cancelled,

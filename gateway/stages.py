@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
+
 from ditmesh.common.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from ditmesh.common.server import channel_options
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp
+
 from ditmesh.common.models import resolve_model
 from ditmesh.denoiser.job import DenoiseJob
 from ditmesh.denoiser.parallel.mesh import ParallelConfig, build_mesh, single_process_mesh

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 import torch
+
 from ditmesh.common import codec
 from ditmesh.v1 import denoiser_pb2, denoiser_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 

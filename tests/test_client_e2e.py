@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ditmesh.client import AsyncClient, Client, GenerateResult, InvalidArgumentError, Progress
 from PIL import Image
+
+from ditmesh.client import AsyncClient, Client, GenerateResult, InvalidArgumentError, Progress
 
 TOL = 1  # uint8 levels, i.e. 1/255
 

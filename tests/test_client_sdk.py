@@ -19,6 +19,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from PIL import Image
+
 from ditmesh.client import (
     AsyncClient,
     Client,
@@ -32,8 +35,6 @@ from ditmesh.client import (
     generate_cmd,
 )
 from ditmesh.v1 import gateway_pb2, gateway_pb2_grpc, vae_pb2
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from PIL import Image
 
 SC = grpc.StatusCode
 

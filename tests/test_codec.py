@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from ditmesh.common import codec
 from ditmesh.common.errors import InvalidArgument, ResourceExhausted
 

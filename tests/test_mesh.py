@@ -14,8 +14,9 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from ditmesh.v1 import gateway_pb2, gateway_pb2_grpc, vae_pb2
 from PIL import Image
+
+from ditmesh.v1 import gateway_pb2, gateway_pb2_grpc, vae_pb2
 
 from .conftest import UpProcess
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from ditmesh.common.models import resolve_model
 from ditmesh.denoiser.job import DenoiseJob
 

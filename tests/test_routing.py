@@ -7,6 +7,7 @@ import time
 
 import grpc
 import pytest
+
 from ditmesh.common.errors import DeadlineExceeded, ResourceExhausted
 from ditmesh.gateway.stages import StagePool
 from ditmesh.v1 import gateway_pb2, gateway_pb2_grpc

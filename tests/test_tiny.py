@@ -23,9 +23,10 @@ from diffusers import (
     PixArtSigmaPipeline,
     StableDiffusion3Pipeline,
 )
-from ditmesh.common import tiny
 from safetensors.torch import load_file
 from tokenizers.models import BPE
+
+from ditmesh.common import tiny
 
 PIPELINES = {
     "flux": FluxPipeline,

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 
 import torch
+
 from ditmesh.common.errors import InvalidArgument, ResourceExhausted
 from ditmesh.v1 import tensor_pb2
 

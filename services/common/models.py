@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+
 from ditmesh.common.errors import InvalidArgument
 
 log = logging.getLogger(__name__)

@@ -17,9 +17,10 @@ from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
 from ditmesh.common.codec import MAX_MESSAGE_BYTES
 from ditmesh.common.errors import DitmeshError
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 log = logging.getLogger(__name__)
 

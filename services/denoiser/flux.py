@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
 from ditmesh.common.models import ModelRef
 from ditmesh.denoiser.helpers import cond_tensor, do_cfg, initial_noise
 from ditmesh.denoiser.job import DenoiseJob

@@ -20,6 +20,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
 from ditmesh.common.errors import Unavailable
 from ditmesh.common.models import ModelRef, pick_device, resolve_model
 from ditmesh.denoiser.job import DenoiseJob, StepCallback

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
 from ditmesh.common.errors import InvalidArgument
 from ditmesh.common.models import ModelRef
 from ditmesh.denoiser.job import DenoiseJob
@@ -64,3 +65,30 @@ def do_cfg(model: ModelRef, job: DenoiseJob) -> bool:
             "negative conditioning (negative_prompt_embeds); none was sent"
         )
     return on
+
+
+def stack_branches(
+    prep, branches: list[str], images: slice
+) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """The transformer inputs of `branches` for `images`, batched as the pipelines batch them.
+
+    SD3 and PixArt pipelines run CFG as one call on [uncond, cond]; keeping that
+    order (not [cond, uncond]) keeps the single-process result next to theirs.
+    Returns the batch order and the concatenated inputs.
+    """
+    order = ["uncond", "cond"] if sorted(branches) == ["cond", "uncond"] else list(branches)
+    parts = [{k: v[images] for k, v in prep.branches[name].items()} for name in order]
+    return order, {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def unstack_branches(out: torch.Tensor, order: list[str], branches: list[str]) -> list[torch.Tensor]:
+    """Splits a batched prediction back into `branches`, in the order they were asked for."""
+    by_name = dict(zip(order, out.chunk(len(order)), strict=True))
+    return [by_name[name] for name in branches]
+
+
+def guide(cond: torch.Tensor, uncond: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Classifier-free guidance as the pipelines write it."""
+    if uncond is None:
+        return cond
+    return uncond + scale * (cond - uncond)

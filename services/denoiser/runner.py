@@ -11,6 +11,7 @@ import threading
 from typing import Protocol
 
 import torch
+
 from ditmesh.common.models import ModelRef, load_class, pick_device, pick_dtype
 from ditmesh.denoiser.job import DenoiseJob, StepCallback
 from ditmesh.denoiser.parallel.mesh import single_process_mesh

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
+
 from ditmesh.denoiser.job import DenoiseJob, StepCallback
 from ditmesh.denoiser.parallel.mesh import DeviceMesh, Group
 

@@ -8,6 +8,7 @@ import queue
 import threading
 
 import grpc
+
 from ditmesh.common import codec
 from ditmesh.common.errors import Cancelled, InvalidArgument
 from ditmesh.common.limits import (

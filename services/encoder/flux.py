@@ -8,6 +8,7 @@ conditioning matches it exactly.
 from __future__ import annotations
 
 import torch
+
 from ditmesh.common.errors import InvalidArgument
 from ditmesh.common.models import ModelRef
 

@@ -14,6 +14,7 @@ otherwise falls back to lower-casing, which is what this stage does always
 from __future__ import annotations
 
 import torch
+
 from ditmesh.common.errors import InvalidArgument
 from ditmesh.common.models import ModelRef, load_class
 

@@ -10,6 +10,7 @@ same T5 length), applied to `negative_prompt or ""`.
 from __future__ import annotations
 
 import torch
+
 from ditmesh.common.errors import InvalidArgument
 from ditmesh.common.models import ModelRef
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import grpc
+
 from ditmesh.common import codec
 from ditmesh.common.errors import InvalidArgument
 from ditmesh.common.models import (

@@ -12,6 +12,7 @@ import io
 
 import numpy as np
 import torch
+
 from ditmesh.common.errors import InvalidArgument
 from ditmesh.common.models import ModelRef
 from ditmesh.v1 import vae_pb2

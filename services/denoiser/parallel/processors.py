@@ -9,6 +9,7 @@ they are attended exactly once.
 from __future__ import annotations
 
 import torch
+
 from ditmesh.denoiser.parallel.usp import SequenceParallel
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+
 from ditmesh.denoiser.parallel.kernels import attention_lse, merge
 from ditmesh.denoiser.parallel.mesh import Group
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
 from ditmesh.denoiser.parallel.mesh import DeviceMesh
 from ditmesh.denoiser.parallel.usp import SequenceParallel, SequenceShards
 

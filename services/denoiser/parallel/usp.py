@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from ditmesh.denoiser.parallel import ulysses as U
 from ditmesh.denoiser.parallel.kernels import attention
 from ditmesh.denoiser.parallel.mesh import Group
