@@ -81,7 +81,9 @@ def stack_branches(
     return order, {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def unstack_branches(out: torch.Tensor, order: list[str], branches: list[str]) -> list[torch.Tensor]:
+def unstack_branches(
+    out: torch.Tensor, order: list[str], branches: list[str]
+) -> list[torch.Tensor]:
     """Splits a batched prediction back into `branches`, in the order they were asked for."""
     by_name = dict(zip(order, out.chunk(len(order)), strict=True))
     return [by_name[name] for name in branches]

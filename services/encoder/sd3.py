@@ -27,7 +27,9 @@ class SD3TextEncoder:
         if self.pipe.text_encoder_3 is None or self.pipe.tokenizer_3 is None:
             # Without T5 the pipeline pads with zeros sized by the transformer config,
             # which this stage does not load.
-            raise ValueError(f"model {model.name!r} has no T5 text encoder; SD3 needs text_encoder_3")
+            raise ValueError(
+                f"model {model.name!r} has no T5 text encoder; SD3 needs text_encoder_3"
+            )
         self.max_tokens = model.max_prompt_tokens
 
     def count_tokens(self, prompt: str) -> int:
