@@ -253,23 +253,20 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         return (yield from self._with_retries(self.encoder, deadline, call, fn))
 
     def _denoise(self, plan: Plan, cond: dict, deadline: float, call: _Call):
+        params = denoiser_pb2.DenoiseParams(
+            request_id=plan.request_id,
+            model=self.model.name,
+            height=plan.height,
+            width=plan.width,
+            steps=plan.steps,
+            guidance=plan.guidance,
+            true_cfg_scale=plan.true_cfg_scale,
+            seed=plan.seed,
+            num_images=plan.num_images,
+        )
+
         def requests():
-            yield denoiser_pb2.DenoiseRequest(
-                params=denoiser_pb2.DenoiseParams(
-                    request_id=plan.request_id,
-                    model=self.model.name,
-                    height=plan.height,
-                    width=plan.width,
-                    steps=plan.steps,
-                    guidance=plan.guidance,
-                    true_cfg_scale=plan.true_cfg_scale,
-                    seed=plan.seed,
-                    num_images=plan.num_images,
-                )
-            )
-            for chunk in codec.iter_tensor_chunks(cond):
-                yield denoiser_pb2.DenoiseRequest(chunk=chunk)
-            yield denoiser_pb2.DenoiseRequest(done=codec.done_message(cond))
+            return codec.params_and_tensors_stream(denoiser_pb2.DenoiseRequest, params, cond)
 
         def fn(replica, timeout):
             stub = denoiser_pb2_grpc.DenoiserStub(replica.channel)
@@ -299,20 +296,17 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
     def _decode(self, plan: Plan, latents, deadline: float, call: _Call):
         tensors = {"latents": latents}
 
+        params = vae_pb2.DecodeParams(
+            request_id=plan.request_id,
+            model=self.model.name,
+            height=plan.height,
+            width=plan.width,
+            output_format=plan.output_format,
+            quality=plan.quality,
+        )
+
         def requests():
-            yield vae_pb2.DecodeRequest(
-                params=vae_pb2.DecodeParams(
-                    request_id=plan.request_id,
-                    model=self.model.name,
-                    height=plan.height,
-                    width=plan.width,
-                    output_format=plan.output_format,
-                    quality=plan.quality,
-                )
-            )
-            for chunk in codec.iter_tensor_chunks(tensors):
-                yield vae_pb2.DecodeRequest(chunk=chunk)
-            yield vae_pb2.DecodeRequest(done=codec.done_message(tensors))
+            return codec.params_and_tensors_stream(vae_pb2.DecodeRequest, params, tensors)
 
         def fn(replica, timeout):
             stub = vae_pb2_grpc.VaeStub(replica.channel)

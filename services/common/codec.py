@@ -175,3 +175,31 @@ class TensorAssembler:
             if missing:
                 raise InvalidArgument(f"tensors announced but not received: {sorted(missing)}")
         return dict(self._done)
+
+
+def read_params_and_tensors(request_iterator, params_name: str, rpc: str):
+    """Reads the stream shape every tensor-carrying RPC uses: params, chunks, done.
+
+    Messages have a oneof `payload` of {params, chunk, done}. Returns (params, tensors).
+    """
+    first = next(request_iterator, None)
+    if first is None or first.WhichOneof("payload") != "params":
+        raise InvalidArgument(f"a {rpc} stream must start with {params_name}")
+    assembler = TensorAssembler()
+    for msg in request_iterator:
+        kind = msg.WhichOneof("payload")
+        if kind == "chunk":
+            assembler.add(msg.chunk)
+        elif kind == "done":
+            return first.params, assembler.finish(msg.done)
+        else:
+            raise InvalidArgument(f"{params_name} may come only once, first")
+    raise InvalidArgument(f"the {rpc} stream ended before its TensorsDone message")
+
+
+def params_and_tensors_stream(message_cls, params, tensors: Mapping[str, torch.Tensor]):
+    """Writes that stream shape: one params message, the tensors' chunks, then done."""
+    yield message_cls(params=params)
+    for chunk in iter_tensor_chunks(tensors):
+        yield message_cls(chunk=chunk)
+    yield message_cls(done=done_message(tensors))

@@ -10,7 +10,7 @@ import threading
 import grpc
 
 from ditmesh.common import codec
-from ditmesh.common.errors import Cancelled, InvalidArgument
+from ditmesh.common.errors import Cancelled
 from ditmesh.common.limits import (
     check_guidance,
     check_num_images,
@@ -33,10 +33,7 @@ _END = object()
 
 def read_job(request_iterator, runner: Runner) -> DenoiseJob:
     """Reads params, then conditioning chunks, then done; validates everything."""
-    first = next(request_iterator, None)
-    if first is None or first.WhichOneof("payload") != "params":
-        raise InvalidArgument("a Denoise stream must start with DenoiseParams")
-    p = first.params
+    p, cond = codec.read_params_and_tensors(request_iterator, "DenoiseParams", "Denoise")
     model = runner.model
     check_model_name(p.model, model)
     check_size(model, p.height, p.width)
@@ -45,19 +42,6 @@ def read_job(request_iterator, runner: Runner) -> DenoiseJob:
     check_guidance(p.guidance, "guidance")
     check_guidance(p.true_cfg_scale, "true_cfg_scale")
     check_seed(p.seed)
-    assembler = codec.TensorAssembler()
-    done = None
-    for msg in request_iterator:
-        kind = msg.WhichOneof("payload")
-        if kind == "chunk":
-            assembler.add(msg.chunk)
-        elif kind == "done":
-            done = msg.done
-            break
-        else:
-            raise InvalidArgument("DenoiseParams may come only once, first")
-    if done is None:
-        raise InvalidArgument("the Denoise stream ended before its TensorsDone message")
     return DenoiseJob(
         request_id=p.request_id,
         height=p.height,
@@ -67,7 +51,7 @@ def read_job(request_iterator, runner: Runner) -> DenoiseJob:
         true_cfg_scale=p.true_cfg_scale,
         seed=p.seed,
         num_images=p.num_images,
-        cond=assembler.finish(done),
+        cond=cond,
     )
 
 
