@@ -82,16 +82,17 @@ def main() -> None:
     results = []
     reference = None
     for name in args.layouts.split(","):
-        degrees = LAYOUTS[name]
+        graphs = name.endswith("+graphs")
+        degrees = LAYOUTS[name.removesuffix("+graphs")]
         parallel = ParallelConfig(**degrees)
         true_cfg = 2.0 if parallel.cfg == 2 else 1.0
         job = make_job(args.model, args.height, args.steps, true_cfg, num_images=parallel.dp)
         warm = make_job(args.model, args.height, 3, true_cfg, num_images=parallel.dp)
         t0 = time.perf_counter()
         if parallel.world_size == 1:
-            runner = LocalRunner(resolve_model(args.model), "cuda", "bfloat16")
+            runner = LocalRunner(resolve_model(args.model), "cuda", "bfloat16", cuda_graphs=graphs)
         else:
-            runner = GangRunner(args.model, parallel, device="cuda", dtype="bfloat16")
+            runner = GangRunner(args.model, parallel, device="cuda", dtype="bfloat16", cuda_graphs=graphs)
         load_s = time.perf_counter() - t0
         runner.run(warm)
         times = []

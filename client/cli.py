@@ -24,20 +24,34 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_gang_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("denoiser gang (dp x cfg x pipefusion x ulysses x ring processes)")
     g.add_argument("--dp", type=int, default=1, help="data parallel: split the images of a request")
-    g.add_argument("--cfg", type=int, default=1, help="2 runs the CFG branches on two halves of the gang")
-    g.add_argument("--pipefusion", type=int, default=1, help="PipeFusion stages (not supported yet)")
+    g.add_argument(
+        "--cfg", type=int, default=1, help="2 runs the CFG branches on two halves of the gang"
+    )
+    g.add_argument(
+        "--pipefusion", type=int, default=1, help="PipeFusion stages (not supported yet)"
+    )
     g.add_argument("--ulysses", type=int, default=1, help="Ulysses sequence parallel degree")
     g.add_argument("--ring", type=int, default=1, help="Ring sequence parallel degree")
     g.add_argument(
-        "--collective-timeout", type=float, default=120.0,
+        "--collective-timeout",
+        type=float,
+        default=120.0,
         help="seconds a gang collective may wait before the gang is declared broken",
+    )
+    g.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        help="run the transformer eagerly on GPU instead of replaying CUDA graphs",
     )
 
 
 def _parallel_config(args: argparse.Namespace):
     from ditmesh.denoiser.parallel.mesh import ParallelConfig
 
-    return ParallelConfig(dp=args.dp, cfg=args.cfg, pipefusion=args.pipefusion, ulysses=args.ulysses, ring=args.ring)
+    return ParallelConfig(
+        dp=args.dp, cfg=args.cfg, pipefusion=args.pipefusion, ulysses=args.ulysses, ring=args.ring
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,7 +118,11 @@ def _serve(args: argparse.Namespace) -> int:
             else:
                 from ditmesh.vae.service import serve
             if args.stage == "denoiser":
-                kwargs.update(parallel=_parallel_config(args), collective_timeout_s=args.collective_timeout)
+                kwargs.update(
+                    parallel=_parallel_config(args),
+                    collective_timeout_s=args.collective_timeout,
+                    cuda_graphs=args.cuda_graphs,
+                )
             running = serve(args.model, device=args.device, dtype=args.dtype, **kwargs)
             if running is None:  # a torchrun worker rank: it followed the leader until the end
                 return 0
@@ -143,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         except ParallelConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        gang = [f"--{d}={getattr(parallel, d)}" for d in ("dp", "cfg", "pipefusion", "ulysses", "ring")]
+        gang = [
+            f"--{d}={getattr(parallel, d)}" for d in ("dp", "cfg", "pipefusion", "ulysses", "ring")
+        ]
         return run_up(
             UpConfig(
                 model=args.model,
@@ -152,7 +172,11 @@ def main(argv: list[str] | None = None) -> int:
                 name=args.name,
                 device=args.device,
                 dtype=args.dtype,
-                denoiser_args=[*gang, f"--collective-timeout={args.collective_timeout}"],
+                denoiser_args=[
+                    *gang,
+                    f"--collective-timeout={args.collective_timeout}",
+                    *([] if args.cuda_graphs else ["--no-cuda-graphs"]),
+                ],
             )
         )
     if args.command == "generate":

@@ -40,6 +40,8 @@ class FluxAdapter:
             model.source, subfolder="transformer", dtype=dtype
         ).to(device)
         self.transformer.eval()
+        # What `predict` calls: the transformer, or its CUDA-graphed replay (runner.py).
+        self.forward = self.transformer
         self.heads = self.transformer.config.num_attention_heads
         self.scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(model.source, subfolder="scheduler")
         self._scheduler_cls = FlowMatchEulerDiscreteScheduler
@@ -110,7 +112,7 @@ class FluxAdapter:
         for name in branches:
             b = prep.branches[name]
             out.append(
-                self.transformer(
+                self.forward(
                     hidden_states=latents,
                     timestep=timestep,
                     guidance=None if guidance is None else guidance[images],

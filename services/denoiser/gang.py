@@ -26,7 +26,7 @@ from ditmesh.common.models import ModelRef, pick_device, resolve_model
 from ditmesh.denoiser.job import DenoiseJob, StepCallback
 from ditmesh.denoiser.parallel.mesh import DeviceMesh, ParallelConfig, build_mesh
 from ditmesh.denoiser.parallel.sequence import attach
-from ditmesh.denoiser.runner import load_adapter
+from ditmesh.denoiser.runner import load_adapter, use_cuda_graphs
 from ditmesh.denoiser.sampler import sample
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class GangSpec:
     device: str = "auto"
     dtype: str = "auto"
     collective_timeout_s: float = 120.0
+    cuda_graphs: bool = True
 
 
 def free_port() -> int:
@@ -86,6 +87,7 @@ class GangMember:
         spec.parallel.check_model(heads=self.adapter.heads)
         self.mesh: DeviceMesh = build_mesh(spec.parallel, rank, world, timeout=timeout)
         self.attached = attach(self.adapter.transformer, self.adapter.plan, self.mesh)
+        use_cuda_graphs(self.adapter, spec.cuda_graphs)
 
     def broadcast_job(self, job: DenoiseJob | None) -> DenoiseJob | None:
         """Leader: sends `job` (None = stop). Workers: pass None, get the job."""
@@ -144,6 +146,7 @@ class GangRunner:
         device: str = "auto",
         dtype: str = "auto",
         collective_timeout_s: float = 120.0,
+        cuda_graphs: bool = True,
     ) -> None:
         world = parallel.world_size
         spec = GangSpec(
@@ -155,6 +158,7 @@ class GangRunner:
             device=device,
             dtype=dtype,
             collective_timeout_s=collective_timeout_s,
+            cuda_graphs=cuda_graphs,
         )
         # Checked before any process starts, so a bad layout is one clear error.
         parallel.check_model(heads=resolve_model(model_source, name).heads)

@@ -26,6 +26,14 @@ class Runner(Protocol):
     def close(self) -> None: ...
 
 
+def use_cuda_graphs(adapter: Adapter, enabled: bool) -> None:
+    """Routes the adapter's transformer calls through CUDA graphs (GPU only)."""
+    from ditmesh.denoiser.graphs import GraphedForward
+
+    if enabled and next(adapter.transformer.parameters()).device.type == "cuda":
+        adapter.forward = GraphedForward(adapter.transformer)
+
+
 def load_adapter(model: ModelRef, device: str | torch.device = "auto", dtype: str = "auto") -> Adapter:
     dev = pick_device(device) if isinstance(device, str) else device
     return load_class(model.family.denoiser)(model, dev, pick_dtype(dtype, dev))
@@ -34,9 +42,12 @@ def load_adapter(model: ModelRef, device: str | torch.device = "auto", dtype: st
 class LocalRunner:
     """A gang of one: runs jobs in this process, one at a time."""
 
-    def __init__(self, model: ModelRef, device: str = "auto", dtype: str = "auto") -> None:
+    def __init__(
+        self, model: ModelRef, device: str = "auto", dtype: str = "auto", cuda_graphs: bool = True
+    ) -> None:
         self.model = model
         self.adapter = load_adapter(model, device, dtype)
+        use_cuda_graphs(self.adapter, cuda_graphs)
         self.mesh = single_process_mesh()
         self._lock = threading.Lock()
 

@@ -119,6 +119,7 @@ def serve(
     dtype: str = "auto",
     parallel: ParallelConfig | None = None,
     collective_timeout_s: float = 120.0,
+    cuda_graphs: bool = True,
 ):
     """Starts the denoiser; with more than one process, rank 0 spawns the gang and serves.
 
@@ -140,7 +141,7 @@ def serve(
             return None
     if parallel.world_size == 1:
         model = resolve_model(model_source, name)
-        runner: Runner = LocalRunner(model, device, dtype)
+        runner: Runner = LocalRunner(model, device, dtype, cuda_graphs=cuda_graphs)
     else:
         runner = GangRunner(
             model_source,
@@ -149,6 +150,7 @@ def serve(
             device=device,
             dtype=dtype,
             collective_timeout_s=collective_timeout_s,
+            cuda_graphs=cuda_graphs,
         )
     holder: dict = {}
     service = DenoiserService(runner, on_fatal=lambda why: holder["server"].fail(why))
