@@ -46,6 +46,16 @@ def _add_gang_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_vae_gang_args(p: argparse.ArgumentParser, flag: str) -> None:
+    p.add_argument(
+        flag,
+        type=int,
+        default=1,
+        metavar="M",
+        help="VAE gang: M processes split each decode by height (distvae; one per GPU)",
+    )
+
+
 def _parallel_config(args: argparse.Namespace):
     from ditmesh.denoiser.parallel.mesh import ParallelConfig
 
@@ -82,11 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--vae", action="append", default=[], help="gateway: vae address (repeatable)")
     _add_gang_args(p)
+    _add_vae_gang_args(p, "--parallel")
 
     p = sub.add_parser("up", help="run the whole mesh locally")
     _add_model_args(p)
     p.add_argument("--port", type=int, default=0, help="gateway port (default: a free one)")
     _add_gang_args(p)
+    _add_vae_gang_args(p, "--vae-parallel")
 
     generate_cmd.add_parser(sub)
     return parser
@@ -97,6 +109,9 @@ def _serve(args: argparse.Namespace) -> int:
     from ditmesh.denoiser.parallel.mesh import ParallelConfigError
 
     kwargs = dict(name=args.name, host=args.host, port=args.port)
+    if args.parallel != 1 and args.stage != "vae":
+        print("error: --parallel applies to the vae stage only", file=sys.stderr)
+        return 2
     try:
         if args.stage == "gateway":
             from ditmesh.gateway.main import serve
@@ -123,6 +138,8 @@ def _serve(args: argparse.Namespace) -> int:
                     collective_timeout_s=args.collective_timeout,
                     cuda_graphs=args.cuda_graphs,
                 )
+            elif args.stage == "vae":
+                kwargs.update(parallel=args.parallel, collective_timeout_s=args.collective_timeout)
             running = serve(args.model, device=args.device, dtype=args.dtype, **kwargs)
             if running is None:  # a torchrun worker rank: it followed the leader until the end
                 return 0
@@ -153,12 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args)
     if args.command == "up":
+        from ditmesh.common.errors import InvalidArgument
         from ditmesh.denoiser.parallel.mesh import ParallelConfigError
         from ditmesh.local import UpConfig, run_up
+        from ditmesh.vae.gang import check_parallel
 
         try:
             parallel = _parallel_config(args)
-        except ParallelConfigError as exc:
+            check_parallel(args.vae_parallel, "--vae-parallel")
+        except (ParallelConfigError, InvalidArgument) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         gang = [
@@ -176,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
                     *gang,
                     f"--collective-timeout={args.collective_timeout}",
                     *([] if args.cuda_graphs else ["--no-cuda-graphs"]),
+                ],
+                vae_args=[
+                    f"--parallel={args.vae_parallel}",
+                    f"--collective-timeout={args.collective_timeout}",
                 ],
             )
         )

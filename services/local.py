@@ -38,6 +38,8 @@ class UpConfig:
     extra_env: dict[str, str] = field(default_factory=dict)
     denoiser_args: list[str] = field(default_factory=list)
     """Extra `serve denoiser` flags: the gang's degrees."""
+    vae_args: list[str] = field(default_factory=list)
+    """Extra `serve vae` flags: the VAE gang's size (`--parallel M`)."""
 
 
 class StageProcess:
@@ -114,6 +116,9 @@ class LocalMesh:
             args += ["--name", c.name]
         return args
 
+    def _stage_args(self, stage: str) -> list[str]:
+        return {"denoiser": self.config.denoiser_args, "vae": self.config.vae_args}.get(stage, [])
+
     def start(self) -> str:
         c = self.config
         env = {**os.environ, **c.extra_env, "PYTHONUNBUFFERED": "1"}
@@ -121,7 +126,7 @@ class LocalMesh:
             stages = [
                 StageProcess(
                     s,
-                    [*self._common_args(), "--port", "0", *(c.denoiser_args if s == "denoiser" else [])],
+                    [*self._common_args(), "--port", "0", *self._stage_args(s)],
                     env,
                 )
                 for s in STAGES

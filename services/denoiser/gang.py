@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
-import socket
 import threading
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -22,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ditmesh.common.errors import Unavailable
+from ditmesh.common.gangs import IDLE_TIMEOUT, free_port, rank_device
 from ditmesh.common.models import ModelRef, pick_device, resolve_model
 from ditmesh.denoiser.job import DenoiseJob, StepCallback
 from ditmesh.denoiser.parallel.mesh import DeviceMesh, ParallelConfig, build_mesh
@@ -30,8 +30,6 @@ from ditmesh.denoiser.runner import load_adapter, use_cuda_graphs
 from ditmesh.denoiser.sampler import sample
 
 log = logging.getLogger(__name__)
-
-IDLE_TIMEOUT = timedelta(days=365)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -47,19 +45,6 @@ class GangSpec:
     dtype: str = "auto"
     collective_timeout_s: float = 120.0
     cuda_graphs: bool = True
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rank_device(device: str, local_rank: int) -> torch.device:
-    dev = pick_device(device)
-    if dev.type == "cuda" and dev.index is None:
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return dev
 
 
 class GangMember:

@@ -69,6 +69,28 @@ class VaeDecoder:
         # The same rounding VaeImageProcessor.numpy_to_pil applies.
         return (arr * 255).round().astype("uint8")
 
+    def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The latents as the VAE's decoder takes them (scaling and shift undone, as `decode`).
+
+        Separate so the VAE gang can scale once on its leader and send the result to every rank.
+        """
+        return latents.to(self.device, self.dtype) / self.scaling + self.shift
+
+    @torch.inference_mode()
+    def decode_float(self, latents: torch.Tensor) -> np.ndarray:
+        """Float images [N, H, W, 3] in [0, 1]: `decode` before its uint8 rounding.
+
+        The VAE gang falls back to this for latents too short to split, and tests compare
+        a gang's output with it before rounding hides small differences.
+        """
+        image = self.vae.decode(self.scale_latents(latents), return_dict=False)[0]
+        return self.processor.postprocess(image, output_type="np")
+
+
+def to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Float images in [0, 1] to uint8 with the rounding VaeImageProcessor.numpy_to_pil applies."""
+    return (arr * 255).round().astype("uint8")
+
 
 def encode_image(pixels: np.ndarray, fmt: int, quality: int = 0) -> bytes:
     if fmt == vae_pb2.OUTPUT_FORMAT_RAW:
