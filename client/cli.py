@@ -39,10 +39,9 @@ def _add_gang_args(p: argparse.ArgumentParser) -> None:
         help="seconds a gang collective may wait before the gang is declared broken",
     )
     g.add_argument(
-        "--no-cuda-graphs",
-        dest="cuda_graphs",
-        action="store_false",
-        help="run the transformer eagerly on GPU instead of replaying CUDA graphs",
+        "--cuda-graphs",
+        action="store_true",
+        help="replay the transformer from CUDA graphs (GPU, one-process denoiser only for now)",
     )
 
 
@@ -195,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                 denoiser_args=[
                     *gang,
                     f"--collective-timeout={args.collective_timeout}",
-                    *([] if args.cuda_graphs else ["--no-cuda-graphs"]),
+                    *(["--cuda-graphs"] if args.cuda_graphs else []),
                 ],
                 vae_args=[
                     f"--parallel={args.vae_parallel}",

@@ -1,12 +1,17 @@
-"""SD3 under every gang layout equals the single process (see parallel_harness)."""
+"""SD3 and SD3.5-style models under every gang layout equal the single process.
+
+See parallel_harness. SD3.5 adds q/k norms and an image-only second attention.
+"""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ditmesh.denoiser.job import DenoiseJob
 
 from .parallel_harness import ParallelEquivalence
+from .tiny_variants import sd35_medium_style
 
 
 def sd3_jobs(model_dir: str) -> list[DenoiseJob]:
@@ -51,3 +56,30 @@ class TestSD3Parallel(ParallelEquivalence):
     @classmethod
     def make_jobs(cls, model_dir):
         return sd3_jobs(model_dir)
+
+
+class TestSD35Parallel(ParallelEquivalence):
+    """SD3.5-medium layout: the plan also swaps the processor of each block's `attn2`.
+
+    Only what SD3.5 adds is checked here, to keep the file short: the 4-process
+    layouts (Ulysses, Ring, both, and CFG with Ulysses) on one job with CFG,
+    3 images and 15 image tokens. Data parallel is family code SD3 covers above.
+    """
+
+    family = "sd3"
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def model_dir(cls, tmp_path_factory) -> str:
+        from ditmesh.common.tiny import make_tiny
+
+        folder = make_tiny(cls.family, tmp_path_factory.mktemp("sd35") / "model")
+        return str(sd35_medium_style(folder))
+
+    @classmethod
+    def make_jobs(cls, model_dir):
+        return [job for job in sd3_jobs(model_dir) if job.request_id == "b"]
+
+    @pytest.mark.parametrize("world", [4])
+    def test_layouts_match_single_process(self, model_dir, jobs, reference, world, tmp_path):
+        super().test_layouts_match_single_process(model_dir, jobs, reference, world, tmp_path)

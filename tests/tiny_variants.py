@@ -33,3 +33,22 @@ def pixart_alpha_with_micro_conditions(
     assert transformer.use_additional_conditions
     transformer.save_pretrained(folder / "transformer")
     return folder
+
+
+def sd35_medium_style(folder: str | pathlib.Path, *, seed: int = 1) -> pathlib.Path:
+    """Rewrites a tiny SD3's transformer the way SD3.5-medium is: RMS q/k norms and a
+    second, image-only attention (`attn2`) in the first block.
+
+    The last block stays a plain one, so both block kinds are exercised.
+    """
+    from diffusers import SD3Transformer2DModel
+
+    folder = pathlib.Path(folder)
+    cfg = dict(SD3Transformer2DModel.load_config(folder, subfolder="transformer"))
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    cfg.update(dual_attention_layers=(0,), qk_norm="rms_norm")
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(**cfg).eval()
+    assert transformer.transformer_blocks[0].attn2 is not None
+    transformer.save_pretrained(folder / "transformer")
+    return folder

@@ -51,6 +51,8 @@ class PixArtAdapter:
             model.source, subfolder="transformer", dtype=dtype
         ).to(device)
         self.transformer.eval()
+        # What `predict` calls: the transformer, or its CUDA-graphed replay (runner.py).
+        self.forward = self.transformer
         self.heads = self.transformer.config.num_attention_heads
         self.schedulers = SchedulerFactory(model.source)
         if "sde" in str(self.schedulers.config.get("algorithm_type", "")):
@@ -114,17 +116,23 @@ class PixArtAdapter:
         x = torch.cat([latents] * len(order)) if len(order) > 1 else latents
         x = prep.scheduler.scale_model_input(x, t)
         timestep = t[None].to(x.device) if t.dim() == 0 else t
-        out = self.transformer(
-            x,
+        kwargs = dict(
+            hidden_states=x,
             encoder_hidden_states=inputs["encoder_hidden_states"],
             encoder_attention_mask=inputs["encoder_attention_mask"],
             timestep=timestep.expand(x.shape[0]),
-            added_cond_kwargs={
-                "resolution": inputs.get("resolution"),
-                "aspect_ratio": inputs.get("aspect_ratio"),
-            },
             return_dict=False,
-        )[0]
+        )
+        if "resolution" not in inputs:
+            out = self.forward(
+                **kwargs, added_cond_kwargs={"resolution": None, "aspect_ratio": None}
+            )[0]
+        else:
+            # Tensors inside a dict argument cannot be fed to a CUDA-graph replay (only
+            # top-level keyword tensors are copied in), so micro-conditioned models
+            # call the transformer itself.
+            micro = {"resolution": inputs["resolution"], "aspect_ratio": inputs["aspect_ratio"]}
+            out = self.transformer(**kwargs, added_cond_kwargs=micro)[0]
         return unstack_branches(out, order, branches)
 
     def combine(self, cond, uncond, prep: Prepared, job: DenoiseJob) -> torch.Tensor:

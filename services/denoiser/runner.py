@@ -43,7 +43,7 @@ class LocalRunner:
     """A gang of one: runs jobs in this process, one at a time."""
 
     def __init__(
-        self, model: ModelRef, device: str = "auto", dtype: str = "auto", cuda_graphs: bool = True
+        self, model: ModelRef, device: str = "auto", dtype: str = "auto", cuda_graphs: bool = False
     ) -> None:
         self.model = model
         self.adapter = load_adapter(model, device, dtype)

@@ -52,6 +52,8 @@ class SD3Adapter:
             model.source, subfolder="transformer", dtype=dtype
         ).to(device)
         self.transformer.eval()
+        # What `predict` calls: the transformer, or its CUDA-graphed replay (runner.py).
+        self.forward = self.transformer
         self.heads = self.transformer.config.num_attention_heads
         self.plan = sd3_plan(self.transformer)
         self.schedulers = SchedulerFactory(model.source)
@@ -107,7 +109,7 @@ class SD3Adapter:
     ) -> list[torch.Tensor]:
         order, inputs = stack_branches(prep, branches, images)
         x = torch.cat([latents] * len(order)) if len(order) > 1 else latents
-        out = self.transformer(
+        out = self.forward(
             hidden_states=x,
             timestep=t.expand(x.shape[0]),
             encoder_hidden_states=inputs["encoder_hidden_states"],

@@ -119,7 +119,7 @@ def serve(
     dtype: str = "auto",
     parallel: ParallelConfig | None = None,
     collective_timeout_s: float = 120.0,
-    cuda_graphs: bool = True,
+    cuda_graphs: bool = False,
 ):
     """Starts the denoiser; with more than one process, rank 0 spawns the gang and serves.
 
