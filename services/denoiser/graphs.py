@@ -1,12 +1,11 @@
 """Replaying the transformer forward from CUDA graphs.
 
-A DiT step is thousands of small kernel launches plus, in a gang, the
-collectives between them; on a fast GPU the host cannot issue them as fast as
-the GPU runs them. Capturing the whole forward (collectives included: NCCL
-supports capture) once per input signature and replaying it removes that
-host overhead. Requests of the same shape reuse the graph; a new shape is
-captured on first use (the gang captures at the same step on every rank, since
-every rank sees the same signature). Off on CPU, where there are no graphs.
+A DiT step is thousands of small kernel launches; on a fast GPU the host cannot
+issue them as fast as the GPU runs them. Capturing the forward once per input
+signature and replaying it removes that host overhead. Requests of the same
+shape reuse the graph; a new shape is captured on first use. GPU only, and for
+now one process only: replaying torch.distributed's NCCL collectives from a
+captured graph hung in a 2-GPU gang (2026-11-27), so gangs run eagerly.
 """
 
 from __future__ import annotations
@@ -19,29 +18,56 @@ import torch
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class _Captured:
-    graph: torch.cuda.CUDAGraph
-    inputs: dict[str, torch.Tensor]
-    output: torch.Tensor
+def _tensors(value, path: tuple = ()):
+    """(path, tensor) for every tensor in a value: a tensor, or dicts of them (PixArt's
+    added_cond_kwargs), so none is replayed from stale memory."""
+    if isinstance(value, torch.Tensor):
+        yield path, value
+    elif isinstance(value, dict):
+        for k in sorted(value):
+            yield from _tensors(value[k], (*path, k))
+
+
+def _get(kwargs: dict, path: tuple) -> torch.Tensor:
+    v = kwargs
+    for k in path:
+        v = v[k]
+    return v
+
+
+def _clone(value):
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    return value
 
 
 def _signature(kwargs: dict) -> tuple:
     sig = []
     for k in sorted(kwargs):
         v = kwargs[k]
-        if isinstance(v, torch.Tensor):
-            sig.append((k, tuple(v.shape), v.dtype, v.device))
+        tensors = list(_tensors(v, (k,)))
+        if tensors:
+            sig.extend((p, tuple(t.shape), t.dtype, t.device) for p, t in tensors)
         else:
             sig.append((k, repr(v)))
     return tuple(sig)
 
 
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    inputs: list[tuple[tuple, torch.Tensor]]
+    output: torch.Tensor
+
+
 class GraphedForward:
     """Calls `module(**kwargs)` through a CUDA graph per signature; returns a fresh tensor.
 
-    Only keyword tensors and plain values are supported; the module must return
-    its output as the first element of a tuple (diffusers' return_dict=False).
+    Keyword values may be tensors, dicts of tensors, or plain values (which are part
+    of the signature); the module must return its output first in a tuple
+    (diffusers' return_dict=False).
     """
 
     def __init__(self, module: torch.nn.Module, *, warmup: int = 2, max_graphs: int = 8) -> None:
@@ -52,7 +78,7 @@ class GraphedForward:
         self._pool = None
 
     def _capture(self, kwargs: dict) -> _Captured:
-        static = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        static = {k: _clone(v) for k, v in kwargs.items()}
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -64,12 +90,9 @@ class GraphedForward:
             self._pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self._pool):
             output = self.module(**static)[0]
+        inputs = [(p, t) for k in sorted(static) for p, t in _tensors(static[k], (k,))]
         log.info("captured a CUDA graph for a new input signature (%d held)", len(self._graphs) + 1)
-        return _Captured(
-            graph=graph,
-            inputs={k: v for k, v in static.items() if isinstance(v, torch.Tensor)},
-            output=output,
-        )
+        return _Captured(graph=graph, inputs=inputs, output=output)
 
     def __call__(self, **kwargs) -> tuple[torch.Tensor]:
         key = _signature(kwargs)
@@ -78,8 +101,8 @@ class GraphedForward:
             if len(self._graphs) >= self.max_graphs:
                 self._graphs.pop(next(iter(self._graphs)))
             entry = self._graphs[key] = self._capture(kwargs)
-        for name, buf in entry.inputs.items():
-            buf.copy_(kwargs[name], non_blocking=True)
+        for path, buf in entry.inputs:
+            buf.copy_(_get(kwargs, path), non_blocking=True)
         entry.graph.replay()
         # The output buffer is overwritten by the next replay (the other CFG branch).
         return (entry.output.clone(),)

@@ -123,16 +123,11 @@ class PixArtAdapter:
             timestep=timestep.expand(x.shape[0]),
             return_dict=False,
         )
-        if "resolution" not in inputs:
-            out = self.forward(
-                **kwargs, added_cond_kwargs={"resolution": None, "aspect_ratio": None}
-            )[0]
-        else:
-            # Tensors inside a dict argument cannot be fed to a CUDA-graph replay (only
-            # top-level keyword tensors are copied in), so micro-conditioned models
-            # call the transformer itself.
+        if "resolution" in inputs:
             micro = {"resolution": inputs["resolution"], "aspect_ratio": inputs["aspect_ratio"]}
-            out = self.transformer(**kwargs, added_cond_kwargs=micro)[0]
+        else:
+            micro = {"resolution": None, "aspect_ratio": None}
+        out = self.forward(**kwargs, added_cond_kwargs=micro)[0]
         return unstack_branches(out, order, branches)
 
     def combine(self, cond, uncond, prep: Prepared, job: DenoiseJob) -> torch.Tensor:
