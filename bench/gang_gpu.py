@@ -82,17 +82,27 @@ def main() -> None:
     results = []
     reference = None
     for name in args.layouts.split(","):
-        graphs = name.endswith("+graphs")
-        degrees = LAYOUTS[name.removesuffix("+graphs")]
+        base, *opts = name.split("+")
+        graphs, compiled = "graphs" in opts, "compile" in opts
+        degrees = LAYOUTS[base]
         parallel = ParallelConfig(**degrees)
         true_cfg = 2.0 if parallel.cfg == 2 else 1.0
         job = make_job(args.model, args.height, args.steps, true_cfg, num_images=parallel.dp)
         warm = make_job(args.model, args.height, 3, true_cfg, num_images=parallel.dp)
         t0 = time.perf_counter()
         if parallel.world_size == 1:
-            runner = LocalRunner(resolve_model(args.model), "cuda", "bfloat16", cuda_graphs=graphs)
+            runner = LocalRunner(
+                resolve_model(args.model), "cuda", "bfloat16", cuda_graphs=graphs, compile=compiled
+            )
         else:
-            runner = GangRunner(args.model, parallel, device="cuda", dtype="bfloat16", cuda_graphs=graphs)
+            runner = GangRunner(
+                args.model,
+                parallel,
+                device="cuda",
+                dtype="bfloat16",
+                cuda_graphs=graphs,
+                compile=compiled,
+            )
         load_s = time.perf_counter() - t0
         runner.run(warm)
         times = []

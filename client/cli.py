@@ -39,6 +39,11 @@ def _add_gang_args(p: argparse.ArgumentParser) -> None:
         help="seconds a gang collective may wait before the gang is declared broken",
     )
     g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the transformer blocks (the first request of each size compiles)",
+    )
+    g.add_argument(
         "--cuda-graphs",
         action="store_true",
         help="replay the transformer from CUDA graphs (GPU, one-process denoiser only for now)",
@@ -136,6 +141,7 @@ def _serve(args: argparse.Namespace) -> int:
                     parallel=_parallel_config(args),
                     collective_timeout_s=args.collective_timeout,
                     cuda_graphs=args.cuda_graphs,
+                    compile=args.compile,
                 )
             elif args.stage == "vae":
                 kwargs.update(parallel=args.parallel, collective_timeout_s=args.collective_timeout)
@@ -195,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                     *gang,
                     f"--collective-timeout={args.collective_timeout}",
                     *(["--cuda-graphs"] if args.cuda_graphs else []),
+                    *(["--compile"] if args.compile else []),
                 ],
                 vae_args=[
                     f"--parallel={args.vae_parallel}",

@@ -20,7 +20,7 @@ from ditmesh.common.models import resolve_model
 from ditmesh.denoiser.job import DenoiseJob
 from ditmesh.denoiser.parallel.mesh import ParallelConfig, build_mesh, single_process_mesh
 from ditmesh.denoiser.parallel.sequence import attach
-from ditmesh.denoiser.runner import load_adapter
+from ditmesh.denoiser.runner import compile_blocks, load_adapter
 from ditmesh.denoiser.sampler import sample
 
 REL_TOL = 1e-4
@@ -36,10 +36,13 @@ LAYOUTS = {
 }
 
 
-def run_layouts(model_dir: str, jobs: list[DenoiseJob], layouts: dict[str, dict]) -> dict[str, list[torch.Tensor]]:
+def run_layouts(
+    model_dir: str, jobs: list[DenoiseJob], layouts: dict[str, dict], compile: bool = False
+) -> dict[str, list[torch.Tensor]]:
     """Runs every layout in this (already initialised) process group; rank 0 gets results."""
     model = resolve_model(model_dir)
     adapter = load_adapter(model, torch.device("cpu"), "float32")
+    compile_blocks(adapter, compile)
     rank, world = dist.get_rank(), dist.get_world_size()
     out = {}
     for name, degrees in layouts.items():
@@ -55,25 +58,50 @@ def run_layouts(model_dir: str, jobs: list[DenoiseJob], layouts: dict[str, dict]
     return out
 
 
-def _rank_main(rank: int, world: int, port: int, model_dir: str, jobs, layouts, out_path: str) -> None:
+def _rank_main(
+    rank: int,
+    world: int,
+    port: int,
+    model_dir: str,
+    jobs,
+    layouts,
+    out_path: str,
+    compile: bool = False,
+) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=120),
     )
     try:
-        results = run_layouts(model_dir, jobs, layouts)
+        results = run_layouts(model_dir, jobs, layouts, compile)
         if rank == 0:
             torch.save(results, out_path)
     finally:
         dist.destroy_process_group()
 
 
-def spawn_layouts(model_dir: str, jobs: list[DenoiseJob], world: int, tmp_path) -> dict[str, list[torch.Tensor]]:
+def spawn_layouts(
+    model_dir: str,
+    jobs: list[DenoiseJob],
+    world: int,
+    tmp_path,
+    layouts: dict[str, dict] | None = None,
+    compile: bool = False,
+) -> dict[str, list[torch.Tensor]]:
     from ditmesh.denoiser.gang import free_port
 
     out_path = str(tmp_path / f"world{world}.pt")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    tmp.spawn(_rank_main, args=(world, free_port(), model_dir, jobs, LAYOUTS[world], out_path), nprocs=world, join=True)
+    tmp.spawn(
+        _rank_main,
+        args=(world, free_port(), model_dir, jobs, layouts or LAYOUTS[world], out_path, compile),
+        nprocs=world,
+        join=True,
+    )
     return torch.load(out_path)
 
 

@@ -19,19 +19,47 @@ def flux_jobs(model_dir: str) -> list[DenoiseJob]:
 
     def cond(text_len: int, prefix: str = "") -> dict[str, torch.Tensor]:
         return {
-            prefix + "prompt_embeds": torch.randn(1, text_len, cfg["joint_attention_dim"], generator=g),
-            prefix + "pooled_prompt_embeds": torch.randn(1, cfg["pooled_projection_dim"], generator=g),
+            prefix + "prompt_embeds": torch.randn(
+                1, text_len, cfg["joint_attention_dim"], generator=g
+            ),
+            prefix + "pooled_prompt_embeds": torch.randn(
+                1, cfg["pooled_projection_dim"], generator=g
+            ),
         }
 
     both = {**cond(7), **cond(7, "negative_")}
     common = dict(steps=3, guidance=3.5, seed=5)
     return [
         # 64x64: 16 image tokens, divisible by 2 and 4; true CFG on; 2 images (dp2 splits them).
-        DenoiseJob(request_id="a", height=64, width=64, true_cfg_scale=2.0, num_images=2, cond=both, **common),
+        DenoiseJob(
+            request_id="a",
+            height=64,
+            width=64,
+            true_cfg_scale=2.0,
+            num_images=2,
+            cond=both,
+            **common,
+        ),
         # 48x80: 15 image tokens, divisible by neither 2 nor 4; 3 images split 2 + 1 under dp2.
-        DenoiseJob(request_id="b", height=48, width=80, true_cfg_scale=1.5, num_images=3, cond=both, **common),
+        DenoiseJob(
+            request_id="b",
+            height=48,
+            width=80,
+            true_cfg_scale=1.5,
+            num_images=3,
+            cond=both,
+            **common,
+        ),
         # No CFG: cfg2 halves compute the same branch.
-        DenoiseJob(request_id="c", height=48, width=48, true_cfg_scale=1.0, num_images=1, cond=cond(5), **common),
+        DenoiseJob(
+            request_id="c",
+            height=48,
+            width=48,
+            true_cfg_scale=1.0,
+            num_images=1,
+            cond=cond(5),
+            **common,
+        ),
     ]
 
 

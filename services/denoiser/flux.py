@@ -23,7 +23,10 @@ FLUX_PLAN = SequencePlan(
     split_inputs={"hidden_states": 1, "img_ids": 0},
     gather_output=("proj_out", 1),
     text_len_input=("encoder_hidden_states", 1),
-    processors={"transformer_blocks.*.attn": FluxParallelProcessor, "single_transformer_blocks.*.attn": FluxParallelProcessor},
+    processors={
+        "transformer_blocks.*.attn": FluxParallelProcessor,
+        "single_transformer_blocks.*.attn": FluxParallelProcessor,
+    },
 )
 
 
@@ -43,7 +46,9 @@ class FluxAdapter:
         # What `predict` calls: the transformer, or its CUDA-graphed replay (runner.py).
         self.forward = self.transformer
         self.heads = self.transformer.config.num_attention_heads
-        self.scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(model.source, subfolder="scheduler")
+        self.scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(
+            model.source, subfolder="scheduler"
+        )
         self._scheduler_cls = FlowMatchEulerDiscreteScheduler
 
     def prepare(self, job: DenoiseJob) -> Prepared:
@@ -58,7 +63,9 @@ class FluxAdapter:
 
         def branch(prefix: str) -> dict:
             embeds = cond_tensor(job, prefix + "prompt_embeds", dev, dt).repeat_interleave(n, dim=0)
-            pooled = cond_tensor(job, prefix + "pooled_prompt_embeds", dev, dt).repeat_interleave(n, dim=0)
+            pooled = cond_tensor(job, prefix + "pooled_prompt_embeds", dev, dt).repeat_interleave(
+                n, dim=0
+            )
             return {
                 "encoder_hidden_states": embeds,
                 "pooled_projections": pooled,
@@ -103,7 +110,9 @@ class FluxAdapter:
             extra={"img_ids": img_ids, "guidance": guidance},
         )
 
-    def predict(self, prep: Prepared, latents, t, branches: list[str], images: slice) -> list[torch.Tensor]:
+    def predict(
+        self, prep: Prepared, latents, t, branches: list[str], images: slice
+    ) -> list[torch.Tensor]:
         # FluxPipeline runs the two branches as two calls; so do we.
         n = latents.shape[0]
         timestep = t.expand(n).to(latents.dtype) / 1000
@@ -133,4 +142,6 @@ class FluxAdapter:
     def finish(self, prep: Prepared, latents: torch.Tensor, job: DenoiseJob) -> torch.Tensor:
         from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 
-        return FluxPipeline._unpack_latents(latents, job.height, job.width, self.model.vae_scale_factor)
+        return FluxPipeline._unpack_latents(
+            latents, job.height, job.width, self.model.vae_scale_factor
+        )

@@ -31,7 +31,7 @@ from ditmesh.denoiser.parallel.mesh import (
     build_mesh,
 )
 from ditmesh.denoiser.parallel.sequence import attach
-from ditmesh.denoiser.runner import load_adapter
+from ditmesh.denoiser.runner import compile_blocks, load_adapter
 from ditmesh.denoiser.sampler import sample
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class GangSpec:
     device: str = "auto"
     dtype: str = "auto"
     collective_timeout_s: float = 120.0
+    compile: bool = False
 
 
 class GangMember:
@@ -76,6 +77,7 @@ class GangMember:
         spec.parallel.check_model(heads=self.adapter.heads)
         self.mesh: DeviceMesh = build_mesh(spec.parallel, rank, world, timeout=timeout)
         self.attached = attach(self.adapter.transformer, self.adapter.plan, self.mesh)
+        compile_blocks(self.adapter, spec.compile)
 
     def broadcast_job(self, job: DenoiseJob | None) -> DenoiseJob | None:
         """Leader: sends `job` (None = stop). Workers: pass None, get the job."""
@@ -144,6 +146,7 @@ class GangRunner:
         dtype: str = "auto",
         collective_timeout_s: float = 120.0,
         cuda_graphs: bool = False,
+        compile: bool = False,
     ) -> None:
         world = parallel.world_size
         spec = GangSpec(
@@ -155,6 +158,7 @@ class GangRunner:
             device=device,
             dtype=dtype,
             collective_timeout_s=collective_timeout_s,
+            compile=compile,
         )
         if cuda_graphs:
             # Replaying torch.distributed NCCL collectives from a CUDA graph hung on

@@ -40,10 +40,17 @@ class Adapter(Protocol):
     def prepare(self, job: DenoiseJob) -> Prepared: ...
 
     def predict(
-        self, prep: Prepared, latents: torch.Tensor, t: torch.Tensor, branches: list[str], images: slice
+        self,
+        prep: Prepared,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        branches: list[str],
+        images: slice,
     ) -> list[torch.Tensor]: ...
 
-    def combine(self, cond: torch.Tensor, uncond: torch.Tensor | None, prep: Prepared, job: DenoiseJob) -> torch.Tensor: ...
+    def combine(
+        self, cond: torch.Tensor, uncond: torch.Tensor | None, prep: Prepared, job: DenoiseJob
+    ) -> torch.Tensor: ...
 
     def finish(self, prep: Prepared, latents: torch.Tensor, job: DenoiseJob) -> torch.Tensor: ...
 
@@ -73,7 +80,9 @@ def gather_images(latents: torch.Tensor, counts: list[int], group: Group) -> tor
 
 
 @torch.inference_mode()
-def sample(adapter: Adapter, job: DenoiseJob, mesh: DeviceMesh, on_step: StepCallback | None = None) -> torch.Tensor:
+def sample(
+    adapter: Adapter, job: DenoiseJob, mesh: DeviceMesh, on_step: StepCallback | None = None
+) -> torch.Tensor:
     prep = adapter.prepare(job)
     dp = mesh["dp"]
     counts = split_counts(job.num_images, dp.size)

@@ -90,7 +90,11 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
                 break
             yield item
         if "error" in result:
-            if getattr(self.runner, "broken", None) is not None and self.runner.broken.is_set() and self.on_fatal:
+            if (
+                getattr(self.runner, "broken", None) is not None
+                and self.runner.broken.is_set()
+                and self.on_fatal
+            ):
                 self.on_fatal("the gang lost a process or a collective timed out")
             raise result["error"]
         tensors = {"latents": result["latents"]}
@@ -120,6 +124,7 @@ def serve(
     parallel: ParallelConfig | None = None,
     collective_timeout_s: float = 120.0,
     cuda_graphs: bool = False,
+    compile: bool = False,
 ):
     """Starts the denoiser; with more than one process, rank 0 spawns the gang and serves.
 
@@ -141,7 +146,7 @@ def serve(
             return None
     if parallel.world_size == 1:
         model = resolve_model(model_source, name)
-        runner: Runner = LocalRunner(model, device, dtype, cuda_graphs=cuda_graphs)
+        runner: Runner = LocalRunner(model, device, dtype, cuda_graphs=cuda_graphs, compile=compile)
     else:
         runner = GangRunner(
             model_source,
@@ -151,6 +156,7 @@ def serve(
             dtype=dtype,
             collective_timeout_s=collective_timeout_s,
             cuda_graphs=cuda_graphs,
+            compile=compile,
         )
     holder: dict = {}
     service = DenoiserService(runner, on_fatal=lambda why: holder["server"].fail(why))
@@ -161,5 +167,7 @@ def serve(
     holder["server"] = running
     running.on_stop.append(runner.close)
     if isinstance(runner, GangRunner):
-        threading.Thread(target=_watch_gang, args=(runner, running), daemon=True, name="gang-watch").start()
+        threading.Thread(
+            target=_watch_gang, args=(runner, running), daemon=True, name="gang-watch"
+        ).start()
     return running

@@ -70,7 +70,9 @@ class ParallelConfig:
         return self.ulysses * self.ring
 
     def describe(self) -> str:
-        return " x ".join(f"{n}{getattr(self, n)}" for n in DIMS if getattr(self, n) > 1) or "single"
+        return (
+            " x ".join(f"{n}{getattr(self, n)}" for n in DIMS if getattr(self, n) > 1) or "single"
+        )
 
     def check_world(self, world_size: int) -> None:
         if self.world_size != world_size:
@@ -160,7 +162,9 @@ GROUP_DIMS: dict[str, tuple[str, ...]] = {
 }
 
 
-def build_mesh(config: ParallelConfig, rank: int, world_size: int, timeout: timedelta | None = None) -> DeviceMesh:
+def build_mesh(
+    config: ParallelConfig, rank: int, world_size: int, timeout: timedelta | None = None
+) -> DeviceMesh:
     """Creates every group; all ranks must call this in the same order (new_group is collective)."""
     config.check_world(world_size)
     mesh = DeviceMesh(config=config, rank=rank, coords=config.coords(rank))

@@ -20,7 +20,14 @@ class FluxParallelProcessor:
     def __init__(self, sp: SequenceParallel, attn: torch.nn.Module) -> None:
         self.sp = sp
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        image_rotary_emb=None,
+    ):
         from diffusers.models.embeddings import apply_rotary_emb
         from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
@@ -40,7 +47,9 @@ class FluxParallelProcessor:
             q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
             k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
         text = (q[:, :text_len], k[:, :text_len], v[:, :text_len])
-        img_out, text_out = self.sp.attention(q[:, text_len:], k[:, text_len:], v[:, text_len:], text)
+        img_out, text_out = self.sp.attention(
+            q[:, text_len:], k[:, text_len:], v[:, text_len:], text
+        )
         out = torch.cat([text_out, img_out], dim=1).flatten(2, 3).to(q.dtype)
         if encoder_hidden_states is not None:
             text_part, img_part = out[:, :text_len], out[:, text_len:]
@@ -54,8 +63,13 @@ def _check_plain(attn) -> None:
     for flag in ("spatial_norm", "group_norm"):
         if getattr(attn, flag, None) is not None:
             raise ValueError(f"attention with {flag} is not supported under sequence parallelism")
-    if getattr(attn, "residual_connection", False) or getattr(attn, "rescale_output_factor", 1.0) != 1.0:
-        raise ValueError("attention with a residual or rescaled output is not supported under sequence parallelism")
+    if (
+        getattr(attn, "residual_connection", False)
+        or getattr(attn, "rescale_output_factor", 1.0) != 1.0
+    ):
+        raise ValueError(
+            "attention with a residual or rescaled output is not supported under sequence parallelism"
+        )
 
 
 class JointParallelProcessor:
@@ -65,7 +79,9 @@ class JointParallelProcessor:
         _check_plain(attn)
         self.sp = sp
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs
+    ):
         if attention_mask is not None:
             raise ValueError("attention masks are not supported under sequence parallelism")
         b = hidden_states.shape[0]
@@ -74,7 +90,11 @@ class JointParallelProcessor:
         def split(x):
             return x.view(b, -1, heads, x.shape[-1] // heads)
 
-        q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
+        q, k, v = (
+            split(attn.to_q(hidden_states)),
+            split(attn.to_k(hidden_states)),
+            split(attn.to_v(hidden_states)),
+        )
         # diffusers' norms act on the last dim, so [B, S, H, D] works as [B, H, S, D] does.
         if attn.norm_q is not None:
             q = attn.norm_q(q)
@@ -108,7 +128,16 @@ class SelfParallelProcessor:
         _check_plain(attn)
         self.sp = sp
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        *args,
+        **kwargs,
+    ):
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("SelfParallelProcessor is for self-attention without a mask")
         b = hidden_states.shape[0]
@@ -117,7 +146,11 @@ class SelfParallelProcessor:
         def split(x):
             return x.view(b, -1, heads, x.shape[-1] // heads)
 
-        q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
+        q, k, v = (
+            split(attn.to_q(hidden_states)),
+            split(attn.to_k(hidden_states)),
+            split(attn.to_v(hidden_states)),
+        )
         if attn.norm_q is not None:
             q = attn.norm_q(q)
         if attn.norm_k is not None:

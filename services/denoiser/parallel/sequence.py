@@ -34,7 +34,9 @@ class SequencePlan:
     """Submodule whose output is gathered back to the whole sequence, and the dim."""
     text_len_input: tuple[str, int] | None = None
     """Forward keyword argument whose dim gives the text length (for blocks that concatenate)."""
-    processors: dict[str, Callable[[SequenceParallel, torch.nn.Module], object]] = field(default_factory=dict)
+    processors: dict[str, Callable[[SequenceParallel, torch.nn.Module], object]] = field(
+        default_factory=dict
+    )
     """Attention module name pattern (fnmatch) -> factory of its parallel processor."""
 
 
@@ -92,7 +94,9 @@ def attach(model: torch.nn.Module, plan: SequencePlan, mesh: DeviceMesh) -> Atta
         shard_index=mesh.sp_shard,
         shards=SequenceShards(),
     )
-    order = [cfg.coords(r)["ring"] * cfg.ulysses + cfg.coords(r)["ulysses"] for r in mesh["sp"].ranks]
+    order = [
+        cfg.coords(r)["ring"] * cfg.ulysses + cfg.coords(r)["ulysses"] for r in mesh["sp"].ranks
+    ]
     attached = Attached(sp=sp)
     modules = dict(model.named_modules())
 
@@ -131,5 +135,7 @@ def attach(model: torch.nn.Module, plan: SequencePlan, mesh: DeviceMesh) -> Atta
                 module.set_processor(factory(sp, module))
                 matched += 1
     if plan.processors and not matched:
-        raise ValueError("the sequence plan matched no attention module; it does not fit this model")
+        raise ValueError(
+            "the sequence plan matched no attention module; it does not fit this model"
+        )
     return attached

@@ -43,6 +43,9 @@ class SequenceParallel:
         size = self.ulysses.size * self.shards.local
         return max(0, min(size, self.shards.total - block * size))
 
+    # Collectives stay outside compiled graphs: the blocks around attention are
+    # compiled (--compile), the gang's exchange runs eagerly between them.
+    @torch.compiler.disable
     def attention(
         self,
         q: torch.Tensor,
