@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
 import sys
-import time
 
 import grpc
 import pytest
@@ -71,62 +71,84 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-def _denoise_request(height=64, width=64):
+def _denoise_request(height=64, width=64, steps=2):
     cond = {"prompt_embeds": torch.randn(1, 5, 32), "pooled_prompt_embeds": torch.randn(1, 32)}
-    yield denoiser_pb2.DenoiseRequest(
-        params=denoiser_pb2.DenoiseParams(
-            request_id="r", height=height, width=width, steps=2, guidance=3.5, seed=1, num_images=1
+    params = denoiser_pb2.DenoiseParams(
+        request_id="r", height=height, width=width, steps=steps, guidance=3.5, seed=1, num_images=1
+    )
+    return codec.params_and_tensors_stream(denoiser_pb2.DenoiseRequest, params, cond)
+
+
+class GangProcess:
+    """`ditmesh serve denoiser --ring 2` as a child process, and its one worker."""
+
+    def __init__(self, model: str) -> None:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ditmesh.client.cli",
+                "serve",
+                "denoiser",
+                "--model",
+                model,
+                "--ring",
+                "2",
+                "--collective-timeout",
+                "20",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
         )
-    )
-    for c in codec.iter_tensor_chunks(cond):
-        yield denoiser_pb2.DenoiseRequest(chunk=c)
-    yield denoiser_pb2.DenoiseRequest(done=codec.done_message(cond))
-
-
-def test_a_dead_worker_makes_the_leader_answer_unavailable_and_exit(tiny_flux):
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ditmesh.client.cli",
-            "serve",
-            "denoiser",
-            "--model",
-            tiny_flux,
-            "--ring",
-            "2",
-            "--collective-timeout",
-            "20",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        line = proc.stdout.readline()
+        line = self.proc.stdout.readline()
         m = re.match(r"denoiser listening on (\S+)", line)
         assert m, line
-        with grpc.insecure_channel(m.group(1)) as ch:
+        self.address = m.group(1)
+        self.workers = [
+            p
+            for p in _children(self.proc.pid)
+            if "resource_tracker" not in open(f"/proc/{p}/cmdline").read()
+        ]
+        assert len(self.workers) == 1
+
+    def kill_worker(self) -> None:
+        os.kill(self.workers[0], signal.SIGKILL)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+
+def test_a_worker_dying_mid_request_fails_it_with_unavailable_and_the_leader_exits(tiny_flux):
+    gang = GangProcess(tiny_flux)
+    try:
+        with grpc.insecure_channel(gang.address) as ch:
             stub = denoiser_pb2_grpc.DenoiserStub(ch)
             assert any(
                 r.WhichOneof("payload") == "done"
                 for r in stub.Denoise(_denoise_request(), timeout=60)
             )
-            workers = [
-                p
-                for p in _children(proc.pid)
-                if "resource_tracker" not in open(f"/proc/{p}/cmdline").read()
-            ]
-            assert len(workers) == 1
-            import os
-
-            os.kill(workers[0], signal.SIGKILL)
-            time.sleep(0.5)
+            stream = stub.Denoise(_denoise_request(128, 128, steps=400), timeout=120)
             with pytest.raises(grpc.RpcError) as info:
-                list(stub.Denoise(_denoise_request(), timeout=60))
+                for r in stream:
+                    if r.WhichOneof("payload") == "step" and r.step.step == 2:
+                        gang.kill_worker()
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "gang" in info.value.details()
-        assert proc.wait(timeout=60) != 0
+        assert gang.proc.wait(timeout=60) != 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        gang.close()
+
+
+def test_a_worker_dying_while_idle_stops_the_leader(tiny_flux):
+    gang = GangProcess(tiny_flux)
+    try:
+        gang.kill_worker()
+        assert gang.proc.wait(timeout=60) != 0  # no request needed to notice
+        with grpc.insecure_channel(gang.address) as ch:
+            with pytest.raises(grpc.RpcError) as info:
+                list(denoiser_pb2_grpc.DenoiserStub(ch).Denoise(_denoise_request(), timeout=10))
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        gang.close()

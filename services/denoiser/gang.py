@@ -200,6 +200,10 @@ class GangRunner:
             self.member.device,
         )
 
+    @property
+    def busy(self) -> bool:
+        return self._lock.locked()
+
     def dead_workers(self) -> list[str]:
         return [p.name for p in self.procs if not p.is_alive()]
 

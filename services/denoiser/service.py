@@ -104,10 +104,14 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
 
 
 def _watch_gang(runner: GangRunner, running) -> None:
-    """Fails the server when a worker dies while the gang is idle."""
+    """Fails the server when a worker dies while the gang is idle.
+
+    During a request the request itself fails (its collective errors or times out)
+    and answers UNAVAILABLE before the server stops, so the watcher waits for it.
+    """
     while not running._stopped.wait(1.0):
         dead = runner.dead_workers()
-        if dead:
+        if dead and not runner.busy:
             runner.broken.set()
             running.fail(f"gang process {', '.join(dead)} exited")
             return
