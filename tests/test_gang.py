@@ -152,3 +152,72 @@ def test_a_worker_dying_while_idle_stops_the_leader(tiny_flux):
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         gang.close()
+
+
+def test_a_gang_started_by_torchrun_serves_the_single_process_result(tiny_flux):
+    from ditmesh.denoiser.job import DenoiseJob
+
+    from .parallel_harness import REL_TOL, relative_error, single
+
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    proc = subprocess.Popen(
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "ditmesh.client.cli",
+            "serve",
+            "denoiser",
+            "--model",
+            tiny_flux,
+            "--ulysses",
+            "2",
+            "--collective-timeout",
+            "30",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        address = None
+        for line in proc.stdout:
+            m = re.match(r"denoiser listening on (\S+)", line)
+            if m:
+                address = m.group(1)
+                break
+        assert address, "the torchrun gang did not start"
+        torch.manual_seed(3)
+        cond = {"prompt_embeds": torch.randn(1, 5, 32), "pooled_prompt_embeds": torch.randn(1, 32)}
+        params = denoiser_pb2.DenoiseParams(
+            request_id="t", height=48, width=80, steps=2, guidance=3.5, seed=4, num_images=1
+        )
+        asm = codec.TensorAssembler()
+        with grpc.insecure_channel(address) as ch:
+            for r in denoiser_pb2_grpc.DenoiserStub(ch).Denoise(
+                codec.params_and_tensors_stream(denoiser_pb2.DenoiseRequest, params, cond),
+                timeout=60,
+            ):
+                if r.WhichOneof("payload") == "chunk":
+                    asm.add(r.chunk)
+        got = asm.finish()["latents"]
+        job = DenoiseJob(
+            request_id="t",
+            height=48,
+            width=80,
+            steps=2,
+            guidance=3.5,
+            true_cfg_scale=1.0,
+            seed=4,
+            num_images=1,
+            cond=cond,
+        )
+        want = single(tiny_flux, [job])[0]
+        assert relative_error(got, want) <= REL_TOL
+        # torchrun itself reports a SIGTERM as a failure; what matters is that all stop.
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

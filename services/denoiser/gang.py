@@ -64,9 +64,11 @@ class GangMember:
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         timeout = timedelta(seconds=spec.collective_timeout_s)
         if not dist.is_initialized():
+            # Under torchrun its agent already serves the rendezvous store at MASTER_PORT.
+            under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
             dist.init_process_group(
                 backend,
-                init_method=f"tcp://{spec.master_addr}:{spec.master_port}",
+                init_method="env://" if under_torchrun else f"tcp://{spec.master_addr}:{spec.master_port}",
                 rank=rank,
                 world_size=world,
                 timeout=timeout,
