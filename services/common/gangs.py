@@ -6,10 +6,13 @@ denoiser (its sampler, mesh and adapters) just to pick a port.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import socket
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
 from ditmesh.common.models import pick_device
 
@@ -30,3 +33,46 @@ def rank_device(device: str, local_rank: int) -> torch.device:
     if dev.type == "cuda" and dev.index is None:
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return dev
+
+
+class WorkerProcesses:
+    """Ranks 1..world-1 of a gang, started by its leader.
+
+    Spawned, not forked: a forked child cannot use CUDA that its parent initialised.
+    Daemonic, so they end with a leader that exits normally; a leader killed outright
+    closes their sockets, which fails their next collective.
+    """
+
+    def __init__(
+        self, target: Callable, args_of_rank: Callable[[int], tuple], world: int, prefix: str
+    ) -> None:
+        ctx = mp.get_context("spawn")
+        self.procs: list = []
+        for rank in range(1, world):
+            p = ctx.Process(
+                target=target, args=args_of_rank(rank), daemon=True, name=f"{prefix}-rank{rank}"
+            )
+            p.start()
+            self.procs.append(p)
+
+    def dead(self) -> list[str]:
+        return [p.name for p in self.procs if not p.is_alive()]
+
+    def join(self, timeout: float = 30.0) -> None:
+        for p in self.procs:
+            p.join(timeout=timeout)
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+
+
+def leave_process_group() -> None:
+    """Leaves the default group if any; a broken group may fail to close, which is fine here."""
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass

@@ -11,7 +11,6 @@ hanging. The control group waits for the next job without a practical timeout.
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
 import threading
 from dataclasses import asdict, dataclass
@@ -21,7 +20,13 @@ import torch
 import torch.distributed as dist
 
 from ditmesh.common.errors import Unavailable
-from ditmesh.common.gangs import IDLE_TIMEOUT, free_port, rank_device
+from ditmesh.common.gangs import (
+    IDLE_TIMEOUT,
+    WorkerProcesses,
+    free_port,
+    leave_process_group,
+    rank_device,
+)
 from ditmesh.common.models import ModelRef, pick_device, resolve_model
 from ditmesh.denoiser.job import DenoiseJob, StepCallback
 from ditmesh.denoiser.parallel.mesh import (
@@ -68,7 +73,9 @@ class GangMember:
             under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
             dist.init_process_group(
                 backend,
-                init_method="env://" if under_torchrun else f"tcp://{spec.master_addr}:{spec.master_port}",
+                init_method="env://"
+                if under_torchrun
+                else f"tcp://{spec.master_addr}:{spec.master_port}",
                 rank=rank,
                 world_size=world,
                 timeout=timeout,
@@ -171,28 +178,20 @@ class GangRunner:
         # Checked before any process starts, so a bad layout is one clear error.
         parallel.check_model(heads=resolve_model(model_source, name).heads)
         self.parallel = parallel
-        self.procs = []
         self.broken = threading.Event()
         self._lock = threading.Lock()
         external = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
-        if not external:
-            ctx = mp.get_context("spawn")
-            for rank in range(1, world):
-                p = ctx.Process(
-                    target=worker_main,
-                    args=(spec, rank, world),
-                    daemon=True,
-                    name=f"gang-rank{rank}",
-                )
-                p.start()
-                self.procs.append(p)
+        # Under torchrun the other ranks are torchrun's; it watches them.
+        self.workers = WorkerProcesses(
+            worker_main, lambda r: (spec, r, world), 1 if external else world, "gang"
+        )
         try:
             self.member = GangMember(
                 spec, 0, world, local_rank=int(os.environ.get("LOCAL_RANK", 0))
             )
             dist.barrier(group=self.member.control)
         except BaseException:
-            self._kill()
+            self.workers.kill()
             raise
         self.model = self.member.model
         log.info(
@@ -207,7 +206,7 @@ class GangRunner:
         return self._lock.locked()
 
     def dead_workers(self) -> list[str]:
-        return [p.name for p in self.procs if not p.is_alive()]
+        return self.workers.dead()
 
     def run(self, job: DenoiseJob, on_step: StepCallback | None = None) -> torch.Tensor:
         with self._lock:
@@ -237,20 +236,9 @@ class GangRunner:
                     self.member.broadcast_job(None)
                 except Exception:  # noqa: BLE001 - stopping anyway
                     log.warning("could not tell the workers to stop")
-            for p in self.procs:
-                p.join(timeout=30)
-            self._kill()
-            if dist.is_initialized():
-                try:
-                    dist.destroy_process_group()
-                except Exception:  # noqa: BLE001
-                    pass
-
-    def _kill(self) -> None:
-        for p in self.procs:
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
+            self.workers.join()
+            self.workers.kill()
+            leave_process_group()
 
 
 def run_torchrun_worker(

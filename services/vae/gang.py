@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-import multiprocessing as mp
 import os
 import threading
 from dataclasses import dataclass
@@ -37,7 +36,13 @@ import torch
 import torch.distributed as dist
 
 from ditmesh.common.errors import FailedPrecondition, InvalidArgument, Unavailable
-from ditmesh.common.gangs import IDLE_TIMEOUT, free_port, rank_device
+from ditmesh.common.gangs import (
+    IDLE_TIMEOUT,
+    WorkerProcesses,
+    free_port,
+    leave_process_group,
+    rank_device,
+)
 from ditmesh.common.models import ModelRef, pick_dtype, resolve_model
 from ditmesh.vae.decoder import VaeDecoder, to_uint8
 
@@ -242,27 +247,19 @@ class VaeGang:
             collective_timeout_s=collective_timeout_s,
         )
         self.world = world
-        self.procs: list[mp.Process] = []
         self.broken = threading.Event()
         """Set once a decode failed mid-collective or a worker died; the gang never recovers."""
         self.closing = threading.Event()
         """Set when close() starts, so workers exiting on request are not taken for deaths."""
         self._lock = threading.Lock()
-        ctx = mp.get_context("spawn")
-        for rank in range(1, world):
-            p = ctx.Process(
-                target=worker_main, args=(spec, rank), daemon=True, name=f"vae-rank{rank}"
-            )
-            p.start()
-            self.procs.append(p)
+        self.workers = WorkerProcesses(worker_main, lambda r: (spec, r), world, "vae")
         try:
             device_ = init_gang(spec, 0)
             self.member = VaeMember(model, device_, dtype)
             dist.barrier(group=self.member.control)
         except BaseException:
-            self._kill()
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            self.workers.kill()
+            leave_process_group()
             raise
         self.model: ModelRef = self.member.model
         log.info("VAE gang ready: %d processes (%s)", world, device_)
@@ -271,7 +268,7 @@ class VaeGang:
         self.member.local.check_latents(latents, height, width)
 
     def dead_workers(self) -> list[str]:
-        return [p.name for p in self.procs if not p.is_alive()]
+        return self.workers.dead()
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Returns uint8 images [N, H, W, 3], as VaeDecoder.decode."""
@@ -305,20 +302,9 @@ class VaeGang:
                     self.member.broadcast(None)
                 except Exception:  # noqa: BLE001 - stopping anyway
                     log.warning("could not tell the VAE workers to stop")
-                for p in self.procs:
-                    p.join(timeout=30)
-            self._kill()
-            if dist.is_initialized():
-                try:
-                    dist.destroy_process_group()
-                except Exception:  # noqa: BLE001 - the group may be broken; exiting anyway
-                    pass
-
-    def _kill(self) -> None:
-        for p in self.procs:
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
+                self.workers.join()
+            self.workers.kill()
+            leave_process_group()
 
 
 __all__ = [
