@@ -51,6 +51,14 @@ class FluxAdapter:
         )
         self._scheduler_cls = FlowMatchEulerDiscreteScheduler
 
+    def warmup_cond(self) -> dict[str, torch.Tensor]:
+        """Conditioning of the shapes the encoder sends (T5 padded to its max length)."""
+        c = self.transformer.config
+        return {
+            "prompt_embeds": torch.zeros(1, self.model.max_prompt_tokens, c.joint_attention_dim),
+            "pooled_prompt_embeds": torch.zeros(1, c.pooled_projection_dim),
+        }
+
     def prepare(self, job: DenoiseJob) -> Prepared:
         from diffusers.pipelines.flux.pipeline_flux import (
             FluxPipeline,

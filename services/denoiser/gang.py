@@ -36,7 +36,7 @@ from ditmesh.denoiser.parallel.mesh import (
     build_mesh,
 )
 from ditmesh.denoiser.parallel.sequence import attach
-from ditmesh.denoiser.runner import compile_blocks, load_adapter
+from ditmesh.denoiser.runner import compile_blocks, load_adapter, warmup_job
 from ditmesh.denoiser.sampler import sample
 
 log = logging.getLogger(__name__)
@@ -194,6 +194,9 @@ class GangRunner:
             self.workers.kill()
             raise
         self.model = self.member.model
+        if compile:
+            # Every rank compiles at start, not in the first user's request.
+            self.run(warmup_job(self.member.adapter, self.model, cfg=parallel.cfg == 2))
         log.info(
             "denoiser gang ready: %s on %d processes (%s)",
             parallel.describe(),

@@ -63,6 +63,14 @@ class PixArtAdapter:
                 f"({self.schedulers.config['algorithm_type']}); only deterministic ones are supported"
             )
 
+    def warmup_cond(self) -> dict[str, torch.Tensor]:
+        """Conditioning of the shapes the encoder sends (T5 padded to its max length)."""
+        n = self.model.max_prompt_tokens
+        return {
+            "prompt_embeds": torch.zeros(1, n, self.transformer.config.caption_channels),
+            "prompt_attention_mask": torch.ones(1, n, dtype=torch.int64),
+        }
+
     def prepare(self, job: DenoiseJob) -> Prepared:
         from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import retrieve_timesteps
 

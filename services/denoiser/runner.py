@@ -51,6 +51,26 @@ def use_cuda_graphs(adapter: Adapter, enabled: bool) -> None:
         adapter.forward = GraphedForward(adapter.transformer)
 
 
+def warmup_job(adapter: Adapter, model: ModelRef, *, cfg: bool, steps: int = 2) -> DenoiseJob:
+    """A request at the model's default size and guidance, so compiling or capturing
+    happens at start rather than in the first user's request. Negative conditioning is
+    always sent: families that guide by default use it; Flux only with `cfg` (true CFG)."""
+    cond = adapter.warmup_cond()
+    cond.update({"negative_" + k: v.clone() for k, v in cond.items()})
+    size = model.family.default_size
+    return DenoiseJob(
+        request_id="warmup",
+        height=size,
+        width=size,
+        steps=steps,
+        guidance=model.default_guidance,
+        true_cfg_scale=2.0 if cfg else 1.0,
+        seed=0,
+        num_images=1,
+        cond=cond,
+    )
+
+
 def load_adapter(
     model: ModelRef, device: str | torch.device = "auto", dtype: str = "auto"
 ) -> Adapter:
@@ -75,6 +95,8 @@ class LocalRunner:
         use_cuda_graphs(self.adapter, cuda_graphs)
         self.mesh = single_process_mesh()
         self._lock = threading.Lock()
+        if compile or cuda_graphs:
+            self.run(warmup_job(self.adapter, model, cfg=False))
 
     def run(self, job: DenoiseJob, on_step: StepCallback | None = None) -> torch.Tensor:
         with self._lock:

@@ -58,6 +58,16 @@ class SD3Adapter:
         self.plan = sd3_plan(self.transformer)
         self.schedulers = SchedulerFactory(model.source)
 
+    def warmup_cond(self) -> dict[str, torch.Tensor]:
+        """Conditioning of the shapes the encoder sends (77 CLIP + the T5 max length)."""
+        c = self.transformer.config
+        return {
+            "prompt_embeds": torch.zeros(
+                1, 77 + self.model.max_prompt_tokens, c.joint_attention_dim
+            ),
+            "pooled_prompt_embeds": torch.zeros(1, c.pooled_projection_dim),
+        }
+
     def prepare(self, job: DenoiseJob) -> Prepared:
         from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
             calculate_shift,
