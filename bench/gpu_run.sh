@@ -9,7 +9,7 @@ export PYTHONPATH=/tmp/site
 nvidia-smi -L; python3 -c 'import torch, diffusers; print(torch.__version__, diffusers.__version__, torch.cuda.device_count())'
 M=/tmp/flux-random; H=${H:-1024}; S=${S:-28}
 python3 .peers/make_flux.py $M full 2>&1 | tail -1
-python3 bench/gang_gpu.py --model $M --layouts ${LAYOUTS:-single,single+graphs,u2,u2+graphs,r2+graphs} \
+python3 bench/gang_gpu.py --model $M --layouts ${LAYOUTS:-single,single+compile,u2,u2+compile,r2+compile} \
   --height $H --steps $S --out $OUT 2>&1 | tee $OUT/ours.log | grep -E "RESULT|Error|error|\|"
 timeout 200 python3 bench/vae_gpu.py --sizes ${VAE_SIZES:-1024,2048,4096} --ranks 1,2 --repeats 2 --out $OUT 2>&1 \
   | tee $OUT/vae.log | grep -E "RESULT|Error|error|\|"
