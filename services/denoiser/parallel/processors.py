@@ -72,6 +72,31 @@ def _check_plain(attn) -> None:
         )
 
 
+def _projected(attn, x: torch.Tensor, to_q, to_k, to_v, norm_q, norm_k):
+    """q, k, v of `x` as [B, S, H, D], with the module's q/k norms applied.
+
+    diffusers' norms act on the last dim, so [B, S, H, D] works as [B, H, S, D] does.
+    """
+    b, heads = x.shape[0], attn.heads
+
+    def split(t):
+        return t.view(b, -1, heads, t.shape[-1] // heads)
+
+    q, k, v = split(to_q(x)), split(to_k(x)), split(to_v(x))
+    if norm_q is not None:
+        q = norm_q(q)
+    if norm_k is not None:
+        k = norm_k(k)
+    return q, k, v
+
+
+def _no_extras(args: tuple, kwargs: dict) -> None:
+    # Extra attention inputs (IP-adapter images, ...) would be silently dropped: refuse.
+    extra = [k for k, v in kwargs.items() if v is not None] + (["positional"] if args else [])
+    if extra:
+        raise ValueError(f"attention inputs {extra} are not supported under sequence parallelism")
+
+
 class JointParallelProcessor:
     """For SD3's joint attention (image tokens first, context tokens after)."""
 
@@ -84,32 +109,21 @@ class JointParallelProcessor:
     ):
         if attention_mask is not None:
             raise ValueError("attention masks are not supported under sequence parallelism")
-        b = hidden_states.shape[0]
-        heads = attn.heads
-
-        def split(x):
-            return x.view(b, -1, heads, x.shape[-1] // heads)
-
-        q, k, v = (
-            split(attn.to_q(hidden_states)),
-            split(attn.to_k(hidden_states)),
-            split(attn.to_v(hidden_states)),
+        _no_extras(args, kwargs)
+        q, k, v = _projected(
+            attn, hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k
         )
-        # diffusers' norms act on the last dim, so [B, S, H, D] works as [B, H, S, D] does.
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
         text = None
         if encoder_hidden_states is not None:
-            eq = split(attn.add_q_proj(encoder_hidden_states))
-            ek = split(attn.add_k_proj(encoder_hidden_states))
-            ev = split(attn.add_v_proj(encoder_hidden_states))
-            if attn.norm_added_q is not None:
-                eq = attn.norm_added_q(eq)
-            if attn.norm_added_k is not None:
-                ek = attn.norm_added_k(ek)
-            text = (eq, ek, ev)
+            text = _projected(
+                attn,
+                encoder_hidden_states,
+                attn.add_q_proj,
+                attn.add_k_proj,
+                attn.add_v_proj,
+                attn.norm_added_q,
+                attn.norm_added_k,
+            )
         img_out, text_out = self.sp.attention(q, k, v, text)
         img_out = img_out.flatten(2, 3).to(q.dtype)
         img_out = attn.to_out[1](attn.to_out[0](img_out))
@@ -129,32 +143,14 @@ class SelfParallelProcessor:
         self.sp = sp
 
     def __call__(
-        self,
-        attn,
-        hidden_states,
-        encoder_hidden_states=None,
-        attention_mask=None,
-        temb=None,
-        *args,
-        **kwargs,
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs
     ):
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("SelfParallelProcessor is for self-attention without a mask")
-        b = hidden_states.shape[0]
-        heads = attn.heads
-
-        def split(x):
-            return x.view(b, -1, heads, x.shape[-1] // heads)
-
-        q, k, v = (
-            split(attn.to_q(hidden_states)),
-            split(attn.to_k(hidden_states)),
-            split(attn.to_v(hidden_states)),
+        _no_extras(args, kwargs)
+        q, k, v = _projected(
+            attn, hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k
         )
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
         out, _ = self.sp.attention(q, k, v, None)
         out = out.flatten(2, 3).to(q.dtype)
         return attn.to_out[1](attn.to_out[0](out))
