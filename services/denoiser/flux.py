@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ditmesh.common.models import ModelRef
-from ditmesh.denoiser.helpers import cond_tensor, do_cfg, initial_noise
+from ditmesh.denoiser.helpers import TransformerAdapterBase, cond_tensor, do_cfg, initial_noise
 from ditmesh.denoiser.job import DenoiseJob
 from ditmesh.denoiser.parallel.processors import FluxParallelProcessor
 from ditmesh.denoiser.parallel.sequence import SequencePlan
@@ -30,22 +30,13 @@ FLUX_PLAN = SequencePlan(
 )
 
 
-class FluxAdapter:
+class FluxAdapter(TransformerAdapterBase):
     plan = FLUX_PLAN
 
     def __init__(self, model: ModelRef, device: torch.device, dtype: torch.dtype) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
-        self.model = model
-        self.device = device
-        self.dtype = dtype
-        self.transformer = FluxTransformer2DModel.from_pretrained(
-            model.source, subfolder="transformer", dtype=dtype
-        ).to(device)
-        self.transformer.eval()
-        # What `predict` calls: the transformer, or its CUDA-graphed replay (runner.py).
-        self.forward = self.transformer
-        self.heads = self.transformer.config.num_attention_heads
+        super().__init__(model, device, dtype, FluxTransformer2DModel)
         self.scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(
             model.source, subfolder="scheduler"
         )

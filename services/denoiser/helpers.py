@@ -94,3 +94,22 @@ def guide(cond: torch.Tensor, uncond: torch.Tensor | None, scale: float) -> torc
     if uncond is None:
         return cond
     return uncond + scale * (cond - uncond)
+
+
+class TransformerAdapterBase:
+    """What every family adapter holds: the model, its transformer in eval mode on the
+    device, the callable `predict` uses (the transformer, or its CUDA-graphed replay, see
+    runner.py) and the head count the mesh checks Ulysses against."""
+
+    def __init__(
+        self, model: ModelRef, device: torch.device, dtype: torch.dtype, transformer_cls
+    ) -> None:
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.transformer = transformer_cls.from_pretrained(
+            model.source, subfolder="transformer", dtype=dtype
+        ).to(device)
+        self.transformer.eval()
+        self.forward = self.transformer
+        self.heads = self.transformer.config.num_attention_heads

@@ -16,6 +16,7 @@ import torch
 from ditmesh.common.models import PIXART_ALPHA, ModelRef
 from ditmesh.denoiser.helpers import (
     SchedulerFactory,
+    TransformerAdapterBase,
     cond_tensor,
     do_cfg,
     guide,
@@ -38,22 +39,13 @@ PIXART_PLAN = SequencePlan(
 )
 
 
-class PixArtAdapter:
+class PixArtAdapter(TransformerAdapterBase):
     plan = PIXART_PLAN
 
     def __init__(self, model: ModelRef, device: torch.device, dtype: torch.dtype) -> None:
         from diffusers import PixArtTransformer2DModel
 
-        self.model = model
-        self.device = device
-        self.dtype = dtype
-        self.transformer = PixArtTransformer2DModel.from_pretrained(
-            model.source, subfolder="transformer", dtype=dtype
-        ).to(device)
-        self.transformer.eval()
-        # What `predict` calls: the transformer, or its CUDA-graphed replay (runner.py).
-        self.forward = self.transformer
-        self.heads = self.transformer.config.num_attention_heads
+        super().__init__(model, device, dtype, PixArtTransformer2DModel)
         self.schedulers = SchedulerFactory(model.source)
         if "sde" in str(self.schedulers.config.get("algorithm_type", "")):
             # The pipeline feeds its seeded generator to stochastic solvers step by

@@ -14,6 +14,7 @@ import torch
 from ditmesh.common.models import ModelRef
 from ditmesh.denoiser.helpers import (
     SchedulerFactory,
+    TransformerAdapterBase,
     cond_tensor,
     do_cfg,
     guide,
@@ -41,20 +42,11 @@ def sd3_plan(transformer: torch.nn.Module) -> SequencePlan:
     )
 
 
-class SD3Adapter:
+class SD3Adapter(TransformerAdapterBase):
     def __init__(self, model: ModelRef, device: torch.device, dtype: torch.dtype) -> None:
         from diffusers import SD3Transformer2DModel
 
-        self.model = model
-        self.device = device
-        self.dtype = dtype
-        self.transformer = SD3Transformer2DModel.from_pretrained(
-            model.source, subfolder="transformer", dtype=dtype
-        ).to(device)
-        self.transformer.eval()
-        # What `predict` calls: the transformer, or its CUDA-graphed replay (runner.py).
-        self.forward = self.transformer
-        self.heads = self.transformer.config.num_attention_heads
+        super().__init__(model, device, dtype, SD3Transformer2DModel)
         self.plan = sd3_plan(self.transformer)
         self.schedulers = SchedulerFactory(model.source)
 
