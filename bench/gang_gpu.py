@@ -1,5 +1,9 @@
 """Times the denoiser gang on GPUs and checks it against the single-GPU result.
 
+A layout is a base (single, u2, r2, u4, u2r2, r4, cfg2, dp2) with optional speedups:
+`+compile`, `+graphs` (CUDA graphs), `+fuse` (fused q/k/v), `+cudnn` / `+flash` (attention
+kernel first tried), e.g. `u2+fuse+compile+graphs`.
+
 For each layout: start a gang (GangRunner: NCCL, one process per GPU) on a
 diffusers-format Flux folder, run one warm-up request, then time whole denoise
 requests (job broadcast, the 28-step loop, gather of the latents to the host).
@@ -23,6 +27,7 @@ from ditmesh.denoiser.gang import GangRunner
 from ditmesh.denoiser.job import DenoiseJob
 from ditmesh.denoiser.parallel.mesh import ParallelConfig
 from ditmesh.denoiser.runner import LocalRunner
+from ditmesh.denoiser.speed import Speedups
 
 LAYOUTS = {
     "single": {},
@@ -69,6 +74,43 @@ def make_job(
     )
 
 
+OPTIONS = {
+    "compile": dict(compile=True),
+    "graphs": dict(cuda_graphs=True),
+    "fuse": dict(fuse_qkv=True),
+    "cudnn": dict(attention="cudnn"),
+    "flash": dict(attention="flash"),
+}
+
+
+def parse_layout(name: str) -> tuple[ParallelConfig, Speedups]:
+    """`u2+compile+graphs` -> (ulysses 2, compile and CUDA graphs)."""
+    base, *opts = name.split("+")
+    speed: dict = {}
+    for opt in opts:
+        speed.update(OPTIONS[opt])
+    return ParallelConfig(**LAYOUTS[base]), Speedups(**speed)
+
+
+def profile(runner, job: DenoiseJob, path: str) -> dict:
+    """One request under torch.profiler (rank 0): kernel table and how busy the GPU was."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        runner.run(job)
+        wall = time.perf_counter() - t
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.device_time for e in kernels) / 1e6
+    nccl = sum(e.device_time for e in kernels if "nccl" in e.name.lower()) / 1e6
+    with open(path, "w") as f:
+        f.write(f"wall {wall:.3f} s, kernel time {busy:.3f} s (nccl {nccl:.3f} s)\n")
+        f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+    return dict(profile_wall_s=round(wall, 3), kernel_s=round(busy, 3), nccl_s=round(nccl, 3))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -76,33 +118,22 @@ def main() -> None:
     ap.add_argument("--height", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--profile", action="store_true", help="also profile one 4-step request")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
 
     results = []
-    reference = None
+    ref_path = os.path.join(args.out, f"single-{args.height}.pt")
     for name in args.layouts.split(","):
-        base, *opts = name.split("+")
-        graphs, compiled = "graphs" in opts, "compile" in opts
-        degrees = LAYOUTS[base]
-        parallel = ParallelConfig(**degrees)
+        parallel, speed = parse_layout(name)
         true_cfg = 2.0 if parallel.cfg == 2 else 1.0
         job = make_job(args.model, args.height, args.steps, true_cfg, num_images=parallel.dp)
         warm = make_job(args.model, args.height, 3, true_cfg, num_images=parallel.dp)
         t0 = time.perf_counter()
         if parallel.world_size == 1:
-            runner = LocalRunner(
-                resolve_model(args.model), "cuda", "bfloat16", cuda_graphs=graphs, compile=compiled
-            )
+            runner = LocalRunner(resolve_model(args.model), "cuda", "bfloat16", speed=speed)
         else:
-            runner = GangRunner(
-                args.model,
-                parallel,
-                device="cuda",
-                dtype="bfloat16",
-                cuda_graphs=graphs,
-                compile=compiled,
-            )
+            runner = GangRunner(args.model, parallel, device="cuda", dtype="bfloat16", speed=speed)
         load_s = time.perf_counter() - t0
         runner.run(warm)
         times = []
@@ -112,9 +143,6 @@ def main() -> None:
             latents = runner.run(job)
             times.append(time.perf_counter() - t)
         peak = torch.cuda.max_memory_allocated() / 2**30
-        runner.close()
-        del runner
-        torch.cuda.empty_cache()
         row = dict(
             system="ditmesh",
             layout=name,
@@ -122,21 +150,33 @@ def main() -> None:
             H=args.height,
             steps=args.steps,
             sec=min(times),
+            all_sec=[round(x, 3) for x in times],
             load_s=round(load_s, 1),
             peak_gib_rank0=round(peak, 1),
             true_cfg=true_cfg,
+            speed=speed.describe(),
+            card=torch.cuda.get_device_name(),
         )
-        if name == "single":
-            reference = latents[:1]
-            torch.save(latents, os.path.join(args.out, "single.pt"))
-        elif reference is not None and true_cfg == 1.0:
+        if args.profile:
+            short = make_job(args.model, args.height, 4, true_cfg, num_images=parallel.dp)
+            safe = name.replace("+", "_")
+            row.update(profile(runner, short, os.path.join(args.out, f"profile-{safe}.txt")))
+        if name == "single" and true_cfg == 1.0:
+            torch.save(latents, ref_path)
+        elif os.path.exists(ref_path) and true_cfg == 1.0:
+            reference = torch.load(ref_path)[:1]
             got = latents[:1]
             row["rel_l2_vs_single"] = float((got - reference).norm() / reference.norm())
             row["max_abs_vs_single"] = float((got - reference).abs().max())
         print("RESULT", json.dumps(row), flush=True)
         results.append(row)
-    with open(os.path.join(args.out, "ours.json"), "w") as f:
-        json.dump(results, f, indent=1)
+        with open(os.path.join(args.out, "ours.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+        t = time.perf_counter()
+        runner.close()
+        print(f"closed in {time.perf_counter() - t:.1f} s", flush=True)
+        del runner
+        torch.cuda.empty_cache()
     print("\n| layout | GPUs | seconds | rel L2 vs 1 GPU |")
     print("|---|---|---|---|")
     for r in results:

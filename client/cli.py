@@ -46,7 +46,29 @@ def _add_gang_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--cuda-graphs",
         action="store_true",
-        help="replay the transformer from CUDA graphs (GPU, one-process denoiser only for now)",
+        help="replay the transformer forward (collectives included) from CUDA graphs (GPU)",
+    )
+    g.add_argument(
+        "--attention",
+        choices=["auto", "cudnn", "flash", "efficient", "math"],
+        default="auto",
+        help="attention kernel tried first (auto: PyTorch's own order)",
+    )
+    g.add_argument(
+        "--fuse-qkv",
+        action="store_true",
+        help="one projection GEMM for q, k and v (weights shared, no extra memory)",
+    )
+
+
+def _speedups(args: argparse.Namespace):
+    from ditmesh.denoiser.speed import Speedups
+
+    return Speedups(
+        compile=args.compile,
+        cuda_graphs=args.cuda_graphs,
+        attention=args.attention,
+        fuse_qkv=args.fuse_qkv,
     )
 
 
@@ -140,8 +162,7 @@ def _serve(args: argparse.Namespace) -> int:
                 kwargs.update(
                     parallel=_parallel_config(args),
                     collective_timeout_s=args.collective_timeout,
-                    cuda_graphs=args.cuda_graphs,
-                    compile=args.compile,
+                    speed=_speedups(args),
                 )
             elif args.stage == "vae":
                 kwargs.update(parallel=args.parallel, collective_timeout_s=args.collective_timeout)
@@ -202,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"--collective-timeout={args.collective_timeout}",
                     *(["--cuda-graphs"] if args.cuda_graphs else []),
                     *(["--compile"] if args.compile else []),
+                    *(["--fuse-qkv"] if args.fuse_qkv else []),
+                    f"--attention={args.attention}",
                 ],
                 vae_args=[
                     f"--parallel={args.vae_parallel}",

@@ -20,8 +20,10 @@ from ditmesh.common.models import resolve_model
 from ditmesh.denoiser.job import DenoiseJob
 from ditmesh.denoiser.parallel.mesh import ParallelConfig, build_mesh, single_process_mesh
 from ditmesh.denoiser.parallel.sequence import attach
-from ditmesh.denoiser.runner import compile_blocks, load_adapter
+from ditmesh.denoiser.runner import load_adapter
 from ditmesh.denoiser.sampler import sample
+from ditmesh.denoiser.speed import EAGER, Speedups
+from ditmesh.denoiser.speed import apply as apply_speedups
 
 REL_TOL = 1e-4
 
@@ -37,12 +39,12 @@ LAYOUTS = {
 
 
 def run_layouts(
-    model_dir: str, jobs: list[DenoiseJob], layouts: dict[str, dict], compile: bool = False
+    model_dir: str, jobs: list[DenoiseJob], layouts: dict[str, dict], speed: Speedups = EAGER
 ) -> dict[str, list[torch.Tensor]]:
     """Runs every layout in this (already initialised) process group; rank 0 gets results."""
     model = resolve_model(model_dir)
     adapter = load_adapter(model, torch.device("cpu"), "float32")
-    compile_blocks(adapter, compile)
+    apply_speedups(adapter, speed)
     rank, world = dist.get_rank(), dist.get_world_size()
     out = {}
     for name, degrees in layouts.items():
@@ -66,7 +68,7 @@ def _rank_main(
     jobs,
     layouts,
     out_path: str,
-    compile: bool = False,
+    speed: Speedups = EAGER,
 ) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -77,7 +79,7 @@ def _rank_main(
         timeout=timedelta(seconds=120),
     )
     try:
-        results = run_layouts(model_dir, jobs, layouts, compile)
+        results = run_layouts(model_dir, jobs, layouts, speed)
         if rank == 0:
             torch.save(results, out_path)
     finally:
@@ -90,7 +92,7 @@ def spawn_layouts(
     world: int,
     tmp_path,
     layouts: dict[str, dict] | None = None,
-    compile: bool = False,
+    speed: Speedups = EAGER,
 ) -> dict[str, list[torch.Tensor]]:
     from ditmesh.denoiser.gang import free_port
 
@@ -98,7 +100,7 @@ def spawn_layouts(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tmp.spawn(
         _rank_main,
-        args=(world, free_port(), model_dir, jobs, layouts or LAYOUTS[world], out_path, compile),
+        args=(world, free_port(), model_dir, jobs, layouts or LAYOUTS[world], out_path, speed),
         nprocs=world,
         join=True,
     )

@@ -11,8 +11,9 @@ import torch
 
 from ditmesh.common.models import resolve_model
 from ditmesh.denoiser.parallel.mesh import single_process_mesh
-from ditmesh.denoiser.runner import compile_blocks, load_adapter
+from ditmesh.denoiser.runner import load_adapter
 from ditmesh.denoiser.sampler import sample
+from ditmesh.denoiser.speed import Speedups, compile_blocks
 
 from .parallel_harness import REL_TOL, relative_error, single, spawn_layouts
 from .test_parallel_flux import flux_jobs
@@ -24,7 +25,7 @@ def test_compiled_blocks_match_eager_in_one_process(tiny_flux):
     job = flux_jobs(tiny_flux)[1]  # 15 image tokens, CFG, 3 images
     adapter = load_adapter(resolve_model(tiny_flux), torch.device("cpu"), "float32")
     eager = sample(adapter, job, single_process_mesh())
-    compile_blocks(adapter, True)
+    compile_blocks(adapter.transformer)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     compiled = sample(adapter, job, single_process_mesh())
@@ -35,5 +36,7 @@ def test_compiled_blocks_match_eager_in_one_process(tiny_flux):
 def test_compiled_blocks_in_a_ring_gang_match_the_single_process(tiny_flux, tmp_path):
     jobs = flux_jobs(tiny_flux)[1:2]
     want = single(tiny_flux, jobs)
-    got = spawn_layouts(tiny_flux, jobs, 2, tmp_path, layouts={"r2": dict(ring=2)}, compile=True)
+    got = spawn_layouts(
+        tiny_flux, jobs, 2, tmp_path, layouts={"r2": dict(ring=2)}, speed=Speedups(compile=True)
+    )
     assert relative_error(got["r2"][0], want[0]) <= REL_TOL

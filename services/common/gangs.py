@@ -6,8 +6,10 @@ denoiser (its sampler, mesh and adapters) just to pick a port.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import socket
+import threading
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -15,6 +17,8 @@ import torch
 import torch.distributed as dist
 
 from ditmesh.common.models import pick_device
+
+log = logging.getLogger(__name__)
 
 IDLE_TIMEOUT = timedelta(days=365)
 """Timeout of a gang's control group: workers wait there for the next job, which may be days."""
@@ -69,10 +73,27 @@ class WorkerProcesses:
                 p.join(timeout=5)
 
 
-def leave_process_group() -> None:
-    """Leaves the default group if any; a broken group may fail to close, which is fine here."""
-    if dist.is_initialized():
+def leave_process_group(timeout: float = 20.0) -> bool:
+    """Leaves the default group if any, waiting at most `timeout` seconds; True if it closed.
+
+    A broken group may fail to close, which is fine here. NCCL's communicator teardown
+    can also block for good once collectives were captured in CUDA graphs (seen with
+    torch 2.11 / NCCL 2.28), so the group is closed on a helper thread and a process
+    that could not close it says so and moves on; it is exiting anyway.
+    """
+    if not dist.is_initialized():
+        return True
+
+    def destroy() -> None:
         try:
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - exiting anyway
             pass
+
+    closer = threading.Thread(target=destroy, daemon=True, name="leave-process-group")
+    closer.start()
+    closer.join(timeout)
+    if closer.is_alive():
+        log.warning("the process group did not close within %.0f s; leaving it open", timeout)
+        return False
+    return True

@@ -32,12 +32,14 @@ from ditmesh.denoiser.job import DenoiseJob, StepCallback
 from ditmesh.denoiser.parallel.mesh import (
     DeviceMesh,
     ParallelConfig,
-    ParallelConfigError,
     build_mesh,
 )
 from ditmesh.denoiser.parallel.sequence import attach
-from ditmesh.denoiser.runner import compile_blocks, load_adapter, warmup_job
+from ditmesh.denoiser.runner import load_adapter, warmup_job
 from ditmesh.denoiser.sampler import sample
+from ditmesh.denoiser.speed import EAGER, Speedups
+from ditmesh.denoiser.speed import apply as apply_speedups
+from ditmesh.denoiser.speed import release as release_speedups
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ class GangSpec:
     device: str = "auto"
     dtype: str = "auto"
     collective_timeout_s: float = 120.0
-    compile: bool = False
+    speed: Speedups = EAGER
 
 
 class GangMember:
@@ -86,7 +88,7 @@ class GangMember:
         spec.parallel.check_model(heads=self.adapter.heads)
         self.mesh: DeviceMesh = build_mesh(spec.parallel, rank, world, timeout=timeout)
         self.attached = attach(self.adapter.transformer, self.adapter.plan, self.mesh)
-        compile_blocks(self.adapter, spec.compile)
+        apply_speedups(self.adapter, spec.speed)
 
     def broadcast_job(self, job: DenoiseJob | None) -> DenoiseJob | None:
         """Leader: sends `job` (None = stop). Workers: pass None, get the job."""
@@ -123,6 +125,11 @@ class GangMember:
     def run(self, job: DenoiseJob, on_step: StepCallback | None = None) -> torch.Tensor:
         return sample(self.adapter, job, self.mesh, on_step)
 
+    def leave(self) -> bool:
+        """Drops CUDA graphs, then the process group; False if the group would not close."""
+        release_speedups(self.adapter)
+        return leave_process_group()
+
 
 def worker_main(spec: GangSpec, rank: int, world: int) -> None:
     logging.basicConfig(
@@ -139,7 +146,8 @@ def worker_main(spec: GangSpec, rank: int, world: int) -> None:
         except Exception:
             log.exception("rank %d failed on request %s", rank, job.request_id)
             raise
-    dist.destroy_process_group()
+    if not member.leave():
+        os._exit(0)  # NCCL teardown is stuck; the work is done, so exit without it
 
 
 class GangRunner:
@@ -154,8 +162,7 @@ class GangRunner:
         device: str = "auto",
         dtype: str = "auto",
         collective_timeout_s: float = 120.0,
-        cuda_graphs: bool = False,
-        compile: bool = False,
+        speed: Speedups = EAGER,
     ) -> None:
         world = parallel.world_size
         spec = GangSpec(
@@ -167,14 +174,8 @@ class GangRunner:
             device=device,
             dtype=dtype,
             collective_timeout_s=collective_timeout_s,
-            compile=compile,
+            speed=speed,
         )
-        if cuda_graphs:
-            # Replaying torch.distributed NCCL collectives from a CUDA graph hung on
-            # 2x H200 (2026-11-27); until that is solved, graphs are for one process.
-            raise ParallelConfigError(
-                "--cuda-graphs works only with a one-process denoiser for now"
-            )
         # Checked before any process starts, so a bad layout is one clear error.
         parallel.check_model(heads=resolve_model(model_source, name).heads)
         self.parallel = parallel
@@ -194,14 +195,15 @@ class GangRunner:
             self.workers.kill()
             raise
         self.model = self.member.model
-        if compile:
-            # Every rank compiles at start, not in the first user's request.
+        if speed.needs_warmup:
+            # Every rank compiles and captures at start, not in the first user's request.
             self.run(warmup_job(self.member.adapter, self.model, cfg=parallel.cfg == 2))
         log.info(
-            "denoiser gang ready: %s on %d processes (%s)",
+            "denoiser gang ready: %s on %d processes (%s; %s)",
             parallel.describe(),
             world,
             self.member.device,
+            speed.describe(),
         )
 
     @property
@@ -241,13 +243,21 @@ class GangRunner:
                     log.warning("could not tell the workers to stop")
             self.workers.join()
             self.workers.kill()
-            leave_process_group()
+            self.member.leave()
 
 
 def run_torchrun_worker(
-    model_source: str, parallel: ParallelConfig, *, name, device, dtype, collective_timeout_s
+    model_source: str,
+    parallel: ParallelConfig,
+    *,
+    name,
+    device,
+    dtype,
+    collective_timeout_s,
+    speed: Speedups = EAGER,
 ) -> None:
-    """Ranks > 0 under torchrun: join the gang and follow the leader."""
+    """Ranks > 0 under torchrun: join the gang and follow the leader (with the same
+    speedups, so every rank issues the same collectives)."""
     spec = GangSpec(
         model_source=model_source,
         model_name=name,
@@ -257,6 +267,7 @@ def run_torchrun_worker(
         device=device,
         dtype=dtype,
         collective_timeout_s=collective_timeout_s,
+        speed=speed,
     )
     dist.init_process_group(
         "nccl" if pick_device(device).type == "cuda" else "gloo",

@@ -3,13 +3,15 @@
 A DiT step is thousands of small kernel launches; on a fast GPU the host cannot
 issue them as fast as the GPU runs them. Capturing the forward once per input
 signature and replaying it removes that host overhead. Requests of the same
-shape reuse the graph; a new shape is captured on first use. GPU only, and for
-now one process only: replaying torch.distributed's NCCL collectives from a
-captured graph hung in a 2-GPU gang (2026-11-27), so gangs run eagerly.
+shape reuse the graph; a new shape is captured on first use. GPU only. In a gang the
+graph holds the NCCL collectives too; every rank captures the same forward at
+the same point, so replays meet. Release the graphs before destroying the process
+group: NCCL's teardown blocks while captured collectives are alive.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 
@@ -63,14 +65,15 @@ class _Captured:
 
 
 class GraphedForward:
-    """Calls `module(**kwargs)` through a CUDA graph per signature; returns a fresh tensor.
+    """Calls `module(**kwargs)` (a module or any callable) through a CUDA graph per
+    signature; returns a fresh tensor.
 
     Keyword values may be tensors, dicts of tensors, or plain values (which are part
     of the signature); the module must return its output first in a tuple
     (diffusers' return_dict=False).
     """
 
-    def __init__(self, module: torch.nn.Module, *, warmup: int = 2, max_graphs: int = 8) -> None:
+    def __init__(self, module, *, warmup: int = 2, max_graphs: int = 8) -> None:
         self.module = module
         self.warmup = warmup
         self.max_graphs = max_graphs
@@ -88,11 +91,19 @@ class GraphedForward:
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             output = self.module(**static)[0]
         inputs = [(p, t) for k in sorted(static) for p, t in _tensors(static[k], (k,))]
         log.info("captured a CUDA graph for a new input signature (%d held)", len(self._graphs) + 1)
         return _Captured(graph=graph, inputs=inputs, output=output)
+
+    def release(self) -> None:
+        """Drops every captured graph (and its memory pool). Graphs that hold NCCL
+        kernels must be gone before the process group is destroyed."""
+        self._graphs.clear()
+        self._pool = None
+        gc.collect()
+        torch.cuda.synchronize()
 
     def __call__(self, **kwargs) -> tuple[torch.Tensor]:
         key = _signature(kwargs)

@@ -16,6 +16,8 @@ from ditmesh.common.models import ModelRef, load_class, pick_device, pick_dtype
 from ditmesh.denoiser.job import DenoiseJob, StepCallback
 from ditmesh.denoiser.parallel.mesh import single_process_mesh
 from ditmesh.denoiser.sampler import Adapter, sample
+from ditmesh.denoiser.speed import EAGER, Speedups
+from ditmesh.denoiser.speed import apply as apply_speedups
 
 
 class Runner(Protocol):
@@ -24,31 +26,6 @@ class Runner(Protocol):
     def run(self, job: DenoiseJob, on_step: StepCallback | None = None) -> torch.Tensor: ...
 
     def close(self) -> None: ...
-
-
-def compile_blocks(adapter: Adapter, enabled: bool) -> None:
-    """torch.compile of the transformer's repeated blocks (fused norms, rope, MLPs).
-
-    Compiled per block rather than whole: one block's graph serves all of them, and
-    the sequence-parallel attention (collectives) stays eager between graphs.
-    """
-    if not enabled:
-        return
-    compiled = 0
-    for name in ("transformer_blocks", "single_transformer_blocks"):
-        for block in getattr(adapter.transformer, name, ()):
-            block.compile(fullgraph=False, dynamic=False)
-            compiled += 1
-    if not compiled:
-        raise ValueError("--compile found no transformer blocks to compile in this model")
-
-
-def use_cuda_graphs(adapter: Adapter, enabled: bool) -> None:
-    """Routes the adapter's transformer calls through CUDA graphs (GPU only)."""
-    from ditmesh.denoiser.graphs import GraphedForward
-
-    if enabled and next(adapter.transformer.parameters()).device.type == "cuda":
-        adapter.forward = GraphedForward(adapter.transformer)
 
 
 def warmup_job(adapter: Adapter, model: ModelRef, *, cfg: bool, steps: int = 2) -> DenoiseJob:
@@ -86,16 +63,14 @@ class LocalRunner:
         model: ModelRef,
         device: str = "auto",
         dtype: str = "auto",
-        cuda_graphs: bool = False,
-        compile: bool = False,
+        speed: Speedups = EAGER,
     ) -> None:
         self.model = model
         self.adapter = load_adapter(model, device, dtype)
-        compile_blocks(self.adapter, compile)
-        use_cuda_graphs(self.adapter, cuda_graphs)
+        apply_speedups(self.adapter, speed)
         self.mesh = single_process_mesh()
         self._lock = threading.Lock()
-        if compile or cuda_graphs:
+        if speed.needs_warmup:
             self.run(warmup_job(self.adapter, model, cfg=False))
 
     def run(self, job: DenoiseJob, on_step: StepCallback | None = None) -> torch.Tensor:

@@ -24,6 +24,7 @@ from ditmesh.denoiser.gang import GangRunner, run_torchrun_worker
 from ditmesh.denoiser.job import DenoiseJob
 from ditmesh.denoiser.parallel.mesh import ParallelConfig
 from ditmesh.denoiser.runner import LocalRunner, Runner
+from ditmesh.denoiser.speed import EAGER, Speedups
 from ditmesh.v1 import denoiser_pb2, denoiser_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -127,8 +128,7 @@ def serve(
     dtype: str = "auto",
     parallel: ParallelConfig | None = None,
     collective_timeout_s: float = 120.0,
-    cuda_graphs: bool = False,
-    compile: bool = False,
+    speed: Speedups = EAGER,
 ):
     """Starts the denoiser; with more than one process, rank 0 spawns the gang and serves.
 
@@ -146,11 +146,12 @@ def serve(
                 device=device,
                 dtype=dtype,
                 collective_timeout_s=collective_timeout_s,
+                speed=speed,
             )
             return None
     if parallel.world_size == 1:
         model = resolve_model(model_source, name)
-        runner: Runner = LocalRunner(model, device, dtype, cuda_graphs=cuda_graphs, compile=compile)
+        runner: Runner = LocalRunner(model, device, dtype, speed=speed)
     else:
         runner = GangRunner(
             model_source,
@@ -159,8 +160,7 @@ def serve(
             device=device,
             dtype=dtype,
             collective_timeout_s=collective_timeout_s,
-            cuda_graphs=cuda_graphs,
-            compile=compile,
+            speed=speed,
         )
     holder: dict = {}
     service = DenoiserService(runner, on_fatal=lambda why: holder["server"].fail(why))

@@ -1,0 +1,155 @@
+"""What makes the transformer fast on a GPU, applied the same way on every rank.
+
+`Speedups` is plain values so it crosses processes (gang ranks, torchrun workers);
+`apply` changes an adapter in a fixed order:
+
+1. fused q/k/v projections (one GEMM instead of three, weights shared, no copy);
+2. torch.compile of the repeated blocks (fused norms, rope, MLP epilogues); the
+   sequence-parallel attention and its collectives stay eager between graphs;
+3. the attention kernel priority (cuDNN or flash attention first);
+4. CUDA graphs: the whole transformer forward, collectives included, captured per
+   input signature and replayed, which removes the host's launch overhead.
+
+Every rank of a gang must apply the same `Speedups`: capture runs the forward
+(and so its collectives) a different number of times than eager calls do.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+log = logging.getLogger(__name__)
+
+ATTENTION_CHOICES = ("auto", "cudnn", "flash", "efficient", "math")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Speedups:
+    compile: bool = False
+    cuda_graphs: bool = False
+    attention: str = "auto"
+    """SDPA kernel tried first: auto (PyTorch's own order), cudnn, flash, efficient, math."""
+    fuse_qkv: bool = False
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(
+                f"attention kernel must be one of {', '.join(ATTENTION_CHOICES)}, not {self.attention!r}"
+            )
+
+    @property
+    def needs_warmup(self) -> bool:
+        """Compiling and capturing are slow: done at start, not in a user's request."""
+        return self.compile or self.cuda_graphs
+
+    def describe(self) -> str:
+        on = [n for n in ("compile", "cuda_graphs", "fuse_qkv") if getattr(self, n)]
+        if self.attention != "auto":
+            on.append(f"attention={self.attention}")
+        return ", ".join(on) or "eager"
+
+
+EAGER = Speedups()
+"""No speedups: PyTorch eager, its own attention kernel order."""
+
+
+def fuse_qkv(transformer: nn.Module) -> int:
+    """Fuses q/k/v (and the text stream's) projections of every attention that supports it.
+
+    diffusers' fuse_projections copies the weights into a new layer and keeps the old
+    ones; here the old layers are made views of the fused weight, so memory is unchanged
+    and code reading `to_q` (the sequence-parallel processors) sees the same numbers.
+    """
+    fused = 0
+    for module in transformer.modules():
+        if not getattr(module, "_supports_qkv_fusion", False) or not hasattr(
+            module, "fuse_projections"
+        ):
+            continue
+        if getattr(module, "fused_projections", False) or not hasattr(module, "to_q"):
+            continue
+        module.fuse_projections()
+        _share(module, "to_qkv", ("to_q", "to_k", "to_v"))
+        _share(module, "to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj"))
+        fused += 1
+    return fused
+
+
+def _share(module: nn.Module, fused_name: str, parts: tuple[str, ...]) -> None:
+    fused = getattr(module, fused_name, None)
+    if fused is None:
+        return
+    start = 0
+    for name in parts:
+        layer = getattr(module, name)
+        n = layer.weight.shape[0]
+        layer.weight = nn.Parameter(fused.weight[start : start + n], requires_grad=False)
+        if layer.bias is not None and fused.bias is not None:
+            layer.bias = nn.Parameter(fused.bias[start : start + n], requires_grad=False)
+        start += n
+
+
+def compile_blocks(transformer: nn.Module) -> int:
+    """torch.compile of each repeated block; one block's graph serves all of them."""
+    compiled = 0
+    for name in ("transformer_blocks", "single_transformer_blocks"):
+        for block in getattr(transformer, name, ()):
+            block.compile(fullgraph=False, dynamic=False)
+            compiled += 1
+    if not compiled:
+        raise ValueError("--compile found no transformer blocks to compile in this model")
+    return compiled
+
+
+def _backends(choice: str) -> list:
+    from torch.nn.attention import SDPBackend
+
+    order = {
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
+    first = order.pop(choice)
+    # The rest stay as fallbacks (other devices, dtypes or shapes the first cannot take).
+    return [first, *order.values()]
+
+
+class WithAttentionKernel:
+    """Calls `fn` with an SDPA kernel priority in force (also while compiling/capturing)."""
+
+    def __init__(self, fn, choice: str) -> None:
+        self.fn = fn
+        self.backends = _backends(choice)
+
+    def __call__(self, *args, **kwargs):
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel(self.backends, set_priority=True):
+            return self.fn(*args, **kwargs)
+
+
+def apply(adapter, speed: Speedups) -> None:
+    """Applies `speed` to the adapter's transformer and its `forward` callable."""
+    transformer = adapter.transformer
+    if speed.fuse_qkv:
+        n = fuse_qkv(transformer)
+        log.info("fused q/k/v projections of %d attention modules", n)
+    if speed.compile:
+        compile_blocks(transformer)
+    if speed.attention != "auto":
+        adapter.forward = WithAttentionKernel(adapter.forward, speed.attention)
+    if speed.cuda_graphs and next(transformer.parameters()).device.type == "cuda":
+        from ditmesh.denoiser.graphs import GraphedForward
+
+        adapter.forward = GraphedForward(adapter.forward)
+
+
+def release(adapter) -> None:
+    """Drops captured CUDA graphs (before the process group is destroyed)."""
+    release_graphs = getattr(adapter.forward, "release", None)
+    if release_graphs is not None:
+        release_graphs()
