@@ -40,3 +40,16 @@ def test_compiled_blocks_in_a_ring_gang_match_the_single_process(tiny_flux, tmp_
         tiny_flux, jobs, 2, tmp_path, layouts={"r2": dict(ring=2)}, speed=Speedups(compile=True)
     )
     assert relative_error(got["r2"][0], want[0]) <= REL_TOL
+
+
+def test_compiled_blocks_with_the_ulysses_exchange_inside_match_the_single_process(
+    tiny_flux, tmp_path
+):
+    # Under --compile the Ulysses exchange is traced (functional collectives) into the
+    # blocks' graphs rather than run eagerly between them.
+    jobs = flux_jobs(tiny_flux)[1:2]
+    want = single(tiny_flux, jobs)
+    got = spawn_layouts(
+        tiny_flux, jobs, 2, tmp_path, layouts={"u2": dict(ulysses=2)}, speed=Speedups(compile=True)
+    )
+    assert relative_error(got["u2"][0], want[0]) <= REL_TOL

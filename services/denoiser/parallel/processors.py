@@ -36,27 +36,30 @@ class FluxParallelProcessor:
         q, k, v, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
         q, k, v = (x.unflatten(-1, (-1, attn.head_dim)) for x in (q, k, v))
         q, k = attn.norm_q(q), attn.norm_k(k)
+
+        def rotate(x, start, stop):
+            if image_rotary_emb is None:
+                return x
+            freqs = tuple(f[start:stop] for f in image_rotary_emb)
+            return apply_rotary_emb(x, freqs, sequence_dim=1)
+
         if encoder_hidden_states is not None:
+            # Double-stream: text and image kept apart (no concatenation to split again);
+            # the rotary table covers text positions, then this rank's image positions.
             text_len = encoder_hidden_states.shape[1]
             eq, ek, ev = (x.unflatten(-1, (-1, attn.head_dim)) for x in (eq, ek, ev))
             eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
-            q, k, v = (torch.cat(p, dim=1) for p in ((eq, q), (ek, k), (ev, v)))
-        else:
-            text_len = self.sp.shards.text_len
-        if image_rotary_emb is not None:
-            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
-            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+            text = (rotate(eq, 0, text_len), rotate(ek, 0, text_len), ev)
+            q, k = rotate(q, text_len, None), rotate(k, text_len, None)
+            out = self.sp.attention_joint(q, k, v, text).flatten(2, 3).to(q.dtype)
+            img_part = attn.to_out[1](attn.to_out[0](out[:, text_len:]))
+            return img_part, attn.to_add_out(out[:, :text_len])
+        # Single-stream: the text tokens lead the sequence.
+        text_len = self.sp.shards.text_len
+        q, k = rotate(q, 0, None), rotate(k, 0, None)
         text = (q[:, :text_len], k[:, :text_len], v[:, :text_len])
-        img_out, text_out = self.sp.attention(
-            q[:, text_len:], k[:, text_len:], v[:, text_len:], text
-        )
-        out = torch.cat([text_out, img_out], dim=1).flatten(2, 3).to(q.dtype)
-        if encoder_hidden_states is not None:
-            text_part, img_part = out[:, :text_len], out[:, text_len:]
-            img_part = attn.to_out[1](attn.to_out[0](img_part.contiguous()))
-            text_part = attn.to_add_out(text_part.contiguous())
-            return img_part, text_part
-        return out
+        out = self.sp.attention_joint(q[:, text_len:], k[:, text_len:], v[:, text_len:], text)
+        return out.flatten(2, 3).to(q.dtype)
 
 
 def _check_plain(attn) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 from ditmesh.denoiser.parallel.mesh import Group
 
@@ -55,3 +56,28 @@ def gather_heads(x: torch.Tensor, group: Group) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(group.size)]
     dist.all_gather(parts, x.contiguous(), group=group.pg)
     return torch.cat(parts, dim=2)
+
+
+def exchange(send: torch.Tensor, group: Group, out: torch.Tensor | None = None) -> torch.Tensor:
+    """all_to_all_single in equal chunks of dim 0; `out` (contiguous) receives in place.
+
+    Under torch.compile the functional collective is used instead, so the exchange is
+    part of the compiled graph (its layout copies fuse with their neighbours) rather
+    than a graph break.
+    """
+    if torch.compiler.is_compiling():
+        return funcol.all_to_all_single(send, None, None, group.pg)
+    if out is None:
+        out = torch.empty_like(send)
+    dist.all_to_all_single(out, send, group=group.pg)
+    return out
+
+
+def gather_dim0(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """[N, ...] on every rank -> [size * N, ...], rank order (traceable like `exchange`)."""
+    x = x.contiguous()
+    if torch.compiler.is_compiling():
+        return funcol.all_gather_tensor(x, 0, group.pg)
+    out = x.new_empty((group.size * x.shape[0], *x.shape[1:]))
+    dist.all_gather_into_tensor(out, x, group=group.pg)
+    return out

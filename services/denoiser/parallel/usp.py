@@ -43,9 +43,6 @@ class SequenceParallel:
         size = self.ulysses.size * self.shards.local
         return max(0, min(size, self.shards.total - block * size))
 
-    # Collectives stay outside compiled graphs: the blocks around attention are
-    # compiled (--compile), the gang's exchange runs eagerly between them.
-    @torch.compiler.disable
     def attention(
         self,
         q: torch.Tensor,
@@ -54,6 +51,75 @@ class SequenceParallel:
         text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns (image output [B, L, H, D], text output [B, T, H, D] or None)."""
+        joint = self.attention_joint(q, k, v, text)
+        if text is None:
+            return joint, None
+        t_len = text[0].shape[1]
+        return joint[:, t_len:], joint[:, :t_len]
+
+    def attention_joint(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Attention output of the text tokens, then this rank's image tokens: [B, T+L, H, D].
+
+        `q, k, v`: this rank's image tokens [B, L, H, D]; `text`: (q, k, v) of the text
+        tokens [B, T, H, D], whole on every rank, or None.
+        """
+        if self.ring.size > 1:
+            return self._ring_attention(q, k, v, text)
+        return self._ulysses_attention(q, k, v, text)
+
+    def _ulysses_attention(self, q, k, v, text) -> torch.Tensor:
+        """Ulysses alone. Traceable by torch.compile (functional collectives there), so
+        under --compile the exchange and its layout copies sit inside the block's graph.
+
+        Layout: each of q, k, v is received straight into [T + u*L, B, h, D] rows behind
+        its text rows (one copy on the way out, none on the way in); the kernels take the
+        [B, h, S, D] view of that.
+        """
+        ug = self.ulysses
+        u = ug.size
+        b, seq, heads, d = q.shape
+        h = heads // u
+        t_len = 0 if text is None else text[0].shape[1]
+        keys = t_len + self.block_valid(0)
+        compiling = torch.compiler.is_compiling()
+        rows = None if compiling else q.new_empty((3, t_len + u * seq, b, h, d))
+        joined = []
+        for i, x in enumerate((q, k, v)):
+            # [B, L, H, D] -> [u (destination), L, B, h, D]: rank j gets head slice j.
+            send = x.unflatten(2, (u, h)).permute(2, 1, 0, 3, 4).contiguous()
+            send = send.view(u * seq, b, h, d)
+            text_rows = None
+            if text is not None:
+                text_rows = U.head_slice(text[i], ug).transpose(0, 1)  # [T, B, h, D]
+            if compiling:
+                got = U.exchange(send, ug)
+                joined.append(got if text_rows is None else torch.cat([text_rows, got]))
+            else:
+                U.exchange(send, ug, out=rows[i, t_len:])
+                if text_rows is not None:
+                    rows[i, :t_len].copy_(text_rows)
+                joined.append(rows[i])
+        qh, kh, vh = (x.permute(1, 2, 0, 3) for x in joined)  # [B, h, S, D]
+        # Padded image tokens sit at the global tail: cut them from the keys.
+        out = attention(qh, kh[:, :, :keys], vh[:, :, :keys]).transpose(1, 2)  # [B, S, h, D]
+        # Image rows back to their ranks: [u (destination), B, L, h, D].
+        back = out[:, t_len:].unflatten(1, (u, seq)).transpose(0, 1).contiguous()
+        back = U.exchange(back, ug).view(u, b, seq, h, d)  # source j = head slice j
+        parts = [back.permute(1, 2, 0, 3, 4)]  # [B, L, u, h, D]
+        if text is not None:
+            text_heads = U.gather_dim0(out[:, :t_len], ug).view(u, b, t_len, h, d)
+            parts.insert(0, text_heads.permute(1, 2, 0, 3, 4))
+        return torch.cat(parts, dim=1).reshape(b, t_len + seq, heads, d)
+
+    # Ring attention's point-to-point exchange stays eager (outside compiled graphs).
+    @torch.compiler.disable
+    def _ring_attention(self, q, k, v, text) -> torch.Tensor:
         ug, rg = self.ulysses, self.ring
         if ug.size > 1:
             stacked = U.seq_to_heads(torch.cat([q, k, v], dim=0), ug)
@@ -66,27 +132,21 @@ class SequenceParallel:
         # Kernels take [B, H, S, D].
         qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
         th = None if text is None else (text[1].transpose(1, 2), text[2].transpose(1, 2))
-        if rg.size == 1:
-            keep = self.block_valid(rg.rank)
-            kh, vh = kh[:, :, :keep], vh[:, :, :keep]
-            if th is not None:
-                kh = torch.cat([th[0], kh], dim=2)
-                vh = torch.cat([th[1], vh], dim=2)
-            out = attention(qh, kh, vh)
-        else:
-            out = ring_attention(
-                qh,
-                kh,
-                vh,
-                group=rg,
-                valid_len=self.block_valid,
-                extra_k=None if th is None else th[0],
-                extra_v=None if th is None else th[1],
-            )
+        out = ring_attention(
+            qh,
+            kh,
+            vh,
+            group=rg,
+            valid_len=self.block_valid,
+            extra_k=None if th is None else th[0],
+            extra_v=None if th is None else th[1],
+        )
         out = out.transpose(1, 2)
         text_out, img_out = out[:, :t_len], out[:, t_len:]
         if ug.size > 1:
             img_out = U.heads_to_seq(img_out.contiguous(), ug)
             if text is not None:
                 text_out = U.gather_heads(text_out, ug)
-        return img_out, (text_out if text is not None else None)
+        if text is None:
+            return img_out
+        return torch.cat([text_out, img_out], dim=1)
