@@ -52,13 +52,34 @@ def _add_gang_args(p: argparse.ArgumentParser) -> None:
         "--attention",
         choices=["auto", "cudnn", "flash", "efficient", "math"],
         default="auto",
-        help="attention kernel tried first (auto: PyTorch's own order)",
+        help="attention kernel PyTorch tries first on a GPU (auto: its own order)",
     )
     g.add_argument(
         "--fuse-qkv",
         action="store_true",
         help="one projection GEMM for q, k and v (weights shared, no extra memory)",
     )
+    g.add_argument(
+        "--warmup-sizes",
+        type=_sizes,
+        default=(),
+        metavar="HxW,...",
+        help="with --compile/--cuda-graphs: sizes to compile and capture at start besides "
+        "the model's default, e.g. 1024x1024,768x1344",
+    )
+
+
+def _sizes(text: str) -> tuple[tuple[int, int], ...]:
+    sizes = []
+    for part in filter(None, text.split(",")):
+        try:
+            h, w = (int(v) for v in part.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{part!r} is not HEIGHTxWIDTH (e.g. 1024x768)"
+            ) from None
+        sizes.append((h, w))
+    return tuple(sizes)
 
 
 def _speedups(args: argparse.Namespace):
@@ -69,6 +90,7 @@ def _speedups(args: argparse.Namespace):
         cuda_graphs=args.cuda_graphs,
         attention=args.attention,
         fuse_qkv=args.fuse_qkv,
+        warmup_sizes=args.warmup_sizes,
     )
 
 
@@ -225,6 +247,11 @@ def main(argv: list[str] | None = None) -> int:
                     *(["--compile"] if args.compile else []),
                     *(["--fuse-qkv"] if args.fuse_qkv else []),
                     f"--attention={args.attention}",
+                    *(
+                        ["--warmup-sizes=" + ",".join(f"{h}x{w}" for h, w in args.warmup_sizes)]
+                        if args.warmup_sizes
+                        else []
+                    ),
                 ],
                 vae_args=[
                     f"--parallel={args.vae_parallel}",

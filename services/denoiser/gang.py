@@ -35,7 +35,7 @@ from ditmesh.denoiser.parallel.mesh import (
     build_mesh,
 )
 from ditmesh.denoiser.parallel.sequence import attach
-from ditmesh.denoiser.runner import load_adapter, warmup_job
+from ditmesh.denoiser.runner import load_adapter, warmup_job, warmup_sizes
 from ditmesh.denoiser.sampler import sample
 from ditmesh.denoiser.speed import EAGER, Speedups
 from ditmesh.denoiser.speed import apply as apply_speedups
@@ -88,7 +88,7 @@ class GangMember:
         spec.parallel.check_model(heads=self.adapter.heads)
         self.mesh: DeviceMesh = build_mesh(spec.parallel, rank, world, timeout=timeout)
         self.attached = attach(self.adapter.transformer, self.adapter.plan, self.mesh)
-        apply_speedups(self.adapter, spec.speed)
+        self.warm = apply_speedups(self.adapter, spec.speed)
 
     def broadcast_job(self, job: DenoiseJob | None) -> DenoiseJob | None:
         """Leader: sends `job` (None = stop). Workers: pass None, get the job."""
@@ -176,8 +176,10 @@ class GangRunner:
             collective_timeout_s=collective_timeout_s,
             speed=speed,
         )
-        # Checked before any process starts, so a bad layout is one clear error.
-        parallel.check_model(heads=resolve_model(model_source, name).heads)
+        # Checked before any process starts, so a bad layout or size is one clear error.
+        model = resolve_model(model_source, name)
+        parallel.check_model(heads=model.heads)
+        sizes = warmup_sizes(model, speed)
         self.parallel = parallel
         self.broken = threading.Event()
         self._lock = threading.Lock()
@@ -195,9 +197,19 @@ class GangRunner:
             self.workers.kill()
             raise
         self.model = self.member.model
-        if speed.needs_warmup:
-            # Every rank compiles and captures at start, not in the first user's request.
-            self.run(warmup_job(self.member.adapter, self.model, cfg=parallel.cfg == 2))
+        if self.member.warm:
+            # Every rank compiles and captures at start, not in the first user's request;
+            # one image per dp replica, so each replica sees the batch a request gives it.
+            for size in sizes:
+                self.run(
+                    warmup_job(
+                        self.member.adapter,
+                        self.model,
+                        cfg=parallel.cfg == 2,
+                        size=size,
+                        num_images=parallel.dp,
+                    )
+                )
         log.info(
             "denoiser gang ready: %s on %d processes (%s; %s)",
             parallel.describe(),

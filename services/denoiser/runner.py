@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 
+from ditmesh.common.limits import check_size
 from ditmesh.common.models import ModelRef, load_class, pick_device, pick_dtype
 from ditmesh.denoiser.job import DenoiseJob, StepCallback
 from ditmesh.denoiser.parallel.mesh import single_process_mesh
@@ -28,24 +29,44 @@ class Runner(Protocol):
     def close(self) -> None: ...
 
 
-def warmup_job(adapter: Adapter, model: ModelRef, *, cfg: bool, steps: int = 2) -> DenoiseJob:
-    """A request at the model's default size and guidance, so compiling or capturing
-    happens at start rather than in the first user's request. Negative conditioning is
-    always sent: families that guide by default use it; Flux only with `cfg` (true CFG)."""
+def warmup_job(
+    adapter: Adapter,
+    model: ModelRef,
+    *,
+    cfg: bool,
+    steps: int = 2,
+    size: tuple[int, int] | None = None,
+    num_images: int = 1,
+) -> DenoiseJob:
+    """A request at `size` (default: the model's default size) and the default guidance,
+    so compiling or capturing happens at start rather than in the first user's request.
+    Negative conditioning is always sent: families that guide by default use it; Flux
+    only with `cfg` (true CFG)."""
     cond = adapter.warmup_cond()
     cond.update({"negative_" + k: v.clone() for k, v in cond.items()})
-    size = model.family.default_size
+    height, width = size or (model.family.default_size, model.family.default_size)
     return DenoiseJob(
         request_id="warmup",
-        height=size,
-        width=size,
+        height=height,
+        width=width,
         steps=steps,
         guidance=model.default_guidance,
         true_cfg_scale=2.0 if cfg else 1.0,
         seed=0,
-        num_images=1,
+        num_images=num_images,
         cond=cond,
     )
+
+
+def warmup_sizes(model: ModelRef, speed: Speedups) -> list[tuple[int, int]]:
+    """The model's default size, then `speed.warmup_sizes`; each checked as a request's is."""
+    default = (model.family.default_size, model.family.default_size)
+    sizes = [default]
+    for h, w in speed.warmup_sizes:
+        check_size(model, h, w)
+        if (h, w) not in sizes:
+            sizes.append((h, w))
+    return sizes
 
 
 def load_adapter(
@@ -66,12 +87,14 @@ class LocalRunner:
         speed: Speedups = EAGER,
     ) -> None:
         self.model = model
+        sizes = warmup_sizes(model, speed)  # a bad size fails before the model loads
         self.adapter = load_adapter(model, device, dtype)
-        apply_speedups(self.adapter, speed)
+        warm = apply_speedups(self.adapter, speed)
         self.mesh = single_process_mesh()
         self._lock = threading.Lock()
-        if speed.needs_warmup:
-            self.run(warmup_job(self.adapter, model, cfg=False))
+        if warm:
+            for size in sizes:
+                self.run(warmup_job(self.adapter, model, cfg=False, size=size))
 
     def run(self, job: DenoiseJob, on_step: StepCallback | None = None) -> torch.Tensor:
         with self._lock:

@@ -33,17 +33,14 @@ class Speedups:
     attention: str = "auto"
     """SDPA kernel tried first: auto (PyTorch's own order), cudnn, flash, efficient, math."""
     fuse_qkv: bool = False
+    warmup_sizes: tuple[tuple[int, int], ...] = ()
+    """(height, width) warmed up at start besides the model's default size."""
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_CHOICES:
             raise ValueError(
                 f"attention kernel must be one of {', '.join(ATTENTION_CHOICES)}, not {self.attention!r}"
             )
-
-    @property
-    def needs_warmup(self) -> bool:
-        """Compiling and capturing are slow: done at start, not in a user's request."""
-        return self.compile or self.cuda_graphs
 
     def describe(self) -> str:
         on = [n for n in ("compile", "cuda_graphs", "fuse_qkv") if getattr(self, n)]
@@ -90,10 +87,24 @@ def _share(module: nn.Module, fused_name: str, parts: tuple[str, ...]) -> None:
         if layer.bias is not None and fused.bias is not None:
             layer.bias = nn.Parameter(fused.bias[start : start + n], requires_grad=False)
         start += n
+    fused.weight.requires_grad_(False)
+    if fused.bias is not None:
+        fused.bias.requires_grad_(False)
 
 
 def compile_blocks(transformer: nn.Module) -> int:
-    """torch.compile of each repeated block; one block's graph serves all of them."""
+    """torch.compile of each repeated block; one block's graph serves all of them.
+
+    Each request size is one more compiled graph (shapes are static); the recompile
+    limit is raised so a server seeing many sizes keeps compiling instead of quietly
+    falling back to eager after the default 8.
+    """
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+            break
     compiled = 0
     for name in ("transformer_blocks", "single_transformer_blocks"):
         for block in getattr(transformer, name, ()):
@@ -132,20 +143,31 @@ class WithAttentionKernel:
             return self.fn(*args, **kwargs)
 
 
-def apply(adapter, speed: Speedups) -> None:
-    """Applies `speed` to the adapter's transformer and its `forward` callable."""
+def apply(adapter, speed: Speedups) -> bool:
+    """Applies `speed` to the adapter's transformer and its `forward` callable.
+
+    Returns whether a warm-up request is worth running at start: something compiles
+    or captures on first use (CUDA graphs are GPU-only and skipped elsewhere).
+    """
     transformer = adapter.transformer
+    warm = False
     if speed.fuse_qkv:
         n = fuse_qkv(transformer)
-        log.info("fused q/k/v projections of %d attention modules", n)
+        if n:
+            log.info("fused q/k/v projections of %d attention modules", n)
+        else:
+            log.warning("--fuse-qkv: this model has no attention diffusers can fuse; unchanged")
     if speed.compile:
         compile_blocks(transformer)
+        warm = True
     if speed.attention != "auto":
         adapter.forward = WithAttentionKernel(adapter.forward, speed.attention)
     if speed.cuda_graphs and next(transformer.parameters()).device.type == "cuda":
         from ditmesh.denoiser.graphs import GraphedForward
 
         adapter.forward = GraphedForward(adapter.forward)
+        warm = True
+    return warm
 
 
 def release(adapter) -> None:

@@ -15,7 +15,13 @@ from ditmesh.denoiser.parallel.usp import SequenceParallel
 
 class FluxParallelProcessor:
     """For FluxAttention in both double-stream (text passed in) and single-stream
-    (text concatenated in front of the image tokens) blocks."""
+    (text concatenated in front of the image tokens) blocks.
+
+    Under Ulysses alone, v, then k, then q are computed and each starts its exchange at
+    once, so the exchange of one overlaps the projection, norm and rotary embedding of
+    the next. (The separate q/k/v projections are used even if fused ones exist: their
+    weights are the same numbers, see speed.fuse_qkv.)
+    """
 
     def __init__(self, sp: SequenceParallel, attn: torch.nn.Module) -> None:
         self.sp = sp
@@ -29,13 +35,13 @@ class FluxParallelProcessor:
         image_rotary_emb=None,
     ):
         from diffusers.models.embeddings import apply_rotary_emb
-        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
         if attention_mask is not None:
             raise ValueError("attention masks are not supported under sequence parallelism")
-        q, k, v, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-        q, k, v = (x.unflatten(-1, (-1, attn.head_dim)) for x in (q, k, v))
-        q, k = attn.norm_q(q), attn.norm_k(k)
+        d = attn.head_dim
+        double = encoder_hidden_states is not None
+        # Single-stream blocks carry the text tokens in front of the image tokens.
+        text_len = encoder_hidden_states.shape[1] if double else self.sp.shards.text_len
 
         def rotate(x, start, stop):
             if image_rotary_emb is None:
@@ -43,23 +49,52 @@ class FluxParallelProcessor:
             freqs = tuple(f[start:stop] for f in image_rotary_emb)
             return apply_rotary_emb(x, freqs, sequence_dim=1)
 
-        if encoder_hidden_states is not None:
-            # Double-stream: text and image kept apart (no concatenation to split again);
-            # the rotary table covers text positions, then this rank's image positions.
-            text_len = encoder_hidden_states.shape[1]
-            eq, ek, ev = (x.unflatten(-1, (-1, attn.head_dim)) for x in (eq, ek, ev))
-            eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
-            text = (rotate(eq, 0, text_len), rotate(ek, 0, text_len), ev)
-            q, k = rotate(q, text_len, None), rotate(k, text_len, None)
-            out = self.sp.attention_joint(q, k, v, text).flatten(2, 3).to(q.dtype)
+        img_layers = {
+            0: (attn.to_q, attn.norm_q),
+            1: (attn.to_k, attn.norm_k),
+            2: (attn.to_v, None),
+        }
+        text_layers = {}
+        if double:
+            text_layers = {
+                0: (attn.add_q_proj, attn.norm_added_q),
+                1: (attn.add_k_proj, attn.norm_added_k),
+                2: (attn.add_v_proj, None),
+            }
+
+        def project(i: int):
+            """(image part [B, L, H, D], text part [B, T, H, D]) of q (0), k (1) or v (2)."""
+            layer, norm = img_layers[i]
+            x = layer(hidden_states).unflatten(-1, (-1, d))
+            if norm is not None:
+                x = norm(x)
+            if not double:
+                if i < 2:
+                    x = rotate(x, 0, None)
+                return x[:, text_len:], x[:, :text_len]
+            layer, norm = text_layers[i]
+            t = layer(encoder_hidden_states).unflatten(-1, (-1, d))
+            if norm is not None:
+                t = norm(t)
+            if i < 2:
+                # The rotary table covers the text positions, then this rank's image ones.
+                x, t = rotate(x, text_len, None), rotate(t, 0, text_len)
+            return x, t
+
+        b, seq = hidden_states.shape[0], hidden_states.shape[1] - (0 if double else text_len)
+        ex = self.sp.head_exchange((b, seq, attn.heads, d), text_len, hidden_states)
+        if ex is not None:
+            for i in (2, 1, 0):
+                ex.send(i, *project(i))
+            out = ex.attend()
+        else:
+            parts = [project(i) for i in range(3)]
+            out = self.sp.attention_joint(*(p[0] for p in parts), tuple(p[1] for p in parts))
+        out = out.flatten(2, 3).to(hidden_states.dtype)
+        if double:
             img_part = attn.to_out[1](attn.to_out[0](out[:, text_len:]))
             return img_part, attn.to_add_out(out[:, :text_len])
-        # Single-stream: the text tokens lead the sequence.
-        text_len = self.sp.shards.text_len
-        q, k = rotate(q, 0, None), rotate(k, 0, None)
-        text = (q[:, :text_len], k[:, :text_len], v[:, :text_len])
-        out = self.sp.attention_joint(q[:, text_len:], k[:, text_len:], v[:, text_len:], text)
-        return out.flatten(2, 3).to(q.dtype)
+        return out
 
 
 def _check_plain(attn) -> None:

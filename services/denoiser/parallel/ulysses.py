@@ -58,19 +58,25 @@ def gather_heads(x: torch.Tensor, group: Group) -> torch.Tensor:
     return torch.cat(parts, dim=2)
 
 
-def exchange(send: torch.Tensor, group: Group, out: torch.Tensor | None = None) -> torch.Tensor:
+def exchange(
+    send: torch.Tensor,
+    group: Group,
+    out: torch.Tensor | None = None,
+    async_op: bool = False,
+):
     """all_to_all_single in equal chunks of dim 0; `out` (contiguous) receives in place.
 
-    Under torch.compile the functional collective is used instead, so the exchange is
-    part of the compiled graph (its layout copies fuse with their neighbours) rather
-    than a graph break.
+    Returns the received tensor, or with `async_op` (eager only) the work to wait on
+    before `out` is read. Under torch.compile the functional collective is used instead
+    (it returns the tensor; the wait lands before its first use), so the exchange is
+    part of the compiled graph rather than a graph break.
     """
     if torch.compiler.is_compiling():
         return funcol.all_to_all_single(send, None, None, group.pg)
     if out is None:
         out = torch.empty_like(send)
-    dist.all_to_all_single(out, send, group=group.pg)
-    return out
+    work = dist.all_to_all_single(out, send, group=group.pg, async_op=async_op)
+    return work if async_op else out
 
 
 def gather_dim0(x: torch.Tensor, group: Group) -> torch.Tensor:

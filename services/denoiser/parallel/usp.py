@@ -73,49 +73,18 @@ class SequenceParallel:
             return self._ring_attention(q, k, v, text)
         return self._ulysses_attention(q, k, v, text)
 
-    def _ulysses_attention(self, q, k, v, text) -> torch.Tensor:
-        """Ulysses alone. Traceable by torch.compile (functional collectives there), so
-        under --compile the exchange and its layout copies sit inside the block's graph.
+    def head_exchange(self, shape: tuple[int, ...], t_len: int, like: torch.Tensor):
+        """A `HeadExchange` for one attention of image tokens `shape` [B, L, H, D] and
+        `t_len` text tokens, or None where the attention is not Ulysses alone (ring > 1)."""
+        if self.ring.size > 1:
+            return None
+        return HeadExchange(self, shape, t_len, like)
 
-        Layout: each of q, k, v is received straight into [T + u*L, B, h, D] rows behind
-        its text rows (one copy on the way out, none on the way in); the kernels take the
-        [B, h, S, D] view of that.
-        """
-        ug = self.ulysses
-        u = ug.size
-        b, seq, heads, d = q.shape
-        h = heads // u
-        t_len = 0 if text is None else text[0].shape[1]
-        keys = t_len + self.block_valid(0)
-        compiling = torch.compiler.is_compiling()
-        rows = None if compiling else q.new_empty((3, t_len + u * seq, b, h, d))
-        joined = []
+    def _ulysses_attention(self, q, k, v, text) -> torch.Tensor:
+        ex = HeadExchange(self, q.shape, 0 if text is None else text[0].shape[1], q)
         for i, x in enumerate((q, k, v)):
-            # [B, L, H, D] -> [u (destination), L, B, h, D]: rank j gets head slice j.
-            send = x.unflatten(2, (u, h)).permute(2, 1, 0, 3, 4).contiguous()
-            send = send.view(u * seq, b, h, d)
-            text_rows = None
-            if text is not None:
-                text_rows = U.head_slice(text[i], ug).transpose(0, 1)  # [T, B, h, D]
-            if compiling:
-                got = U.exchange(send, ug)
-                joined.append(got if text_rows is None else torch.cat([text_rows, got]))
-            else:
-                U.exchange(send, ug, out=rows[i, t_len:])
-                if text_rows is not None:
-                    rows[i, :t_len].copy_(text_rows)
-                joined.append(rows[i])
-        qh, kh, vh = (x.permute(1, 2, 0, 3) for x in joined)  # [B, h, S, D]
-        # Padded image tokens sit at the global tail: cut them from the keys.
-        out = attention(qh, kh[:, :, :keys], vh[:, :, :keys]).transpose(1, 2)  # [B, S, h, D]
-        # Image rows back to their ranks: [u (destination), B, L, h, D].
-        back = out[:, t_len:].unflatten(1, (u, seq)).transpose(0, 1).contiguous()
-        back = U.exchange(back, ug).view(u, b, seq, h, d)  # source j = head slice j
-        parts = [back.permute(1, 2, 0, 3, 4)]  # [B, L, u, h, D]
-        if text is not None:
-            text_heads = U.gather_dim0(out[:, :t_len], ug).view(u, b, t_len, h, d)
-            parts.insert(0, text_heads.permute(1, 2, 0, 3, 4))
-        return torch.cat(parts, dim=1).reshape(b, t_len + seq, heads, d)
+            ex.send(i, x, None if text is None else text[i])
+        return ex.attend()
 
     # Ring attention's point-to-point exchange stays eager (outside compiled graphs).
     @torch.compiler.disable
@@ -150,3 +119,83 @@ class SequenceParallel:
         if text is None:
             return img_out
         return torch.cat([text_out, img_out], dim=1)
+
+
+class HeadExchange:
+    """One attention under Ulysses alone, in steps: `send` q, k and v (0, 1, 2), each as
+    soon as it is computed and in any order, then `attend`. Each exchange runs while the
+    caller computes the next tensor; nothing waits for it before `attend`.
+
+    Traceable by torch.compile (functional collectives there), so under --compile the
+    exchange and its layout copies sit inside the block's graph.
+
+    Eager layout: q, k and v are each received straight into [T + u*L, B, h, D] rows
+    behind their text rows (one copy on the way out, none on the way in); the kernels
+    take the [B, h, S, D] view of those rows.
+    """
+
+    def __init__(
+        self, sp: SequenceParallel, shape: tuple[int, ...], t_len: int, like: torch.Tensor
+    ) -> None:
+        self.sp = sp
+        self.u = sp.ulysses.size
+        self.b, self.seq, self.heads, self.d = shape
+        self.h = self.heads // self.u
+        self.t_len = t_len
+        self.compiling = torch.compiler.is_compiling()
+        self.rows = None
+        if not self.compiling:
+            self.rows = like.new_empty((3, t_len + self.u * self.seq, self.b, self.h, self.d))
+        self.received: list = [None, None, None]
+        self.pending: list = []
+
+    def send(self, i: int, x: torch.Tensor, text: torch.Tensor | None = None) -> None:
+        """Starts moving `x` [B, L, H, D] (q, k or v by `i`) and places this rank's heads
+        of `text` [B, T, H, D] in front of it."""
+        ug, u, h = self.sp.ulysses, self.u, self.h
+        if (text is None) != (self.t_len == 0):
+            raise ValueError("text tokens must be given for each of q, k, v, or for none")
+        # [B, L, H, D] -> [u (destination), L, B, h, D]: rank j gets head slice j.
+        send = x.unflatten(2, (u, h)).permute(2, 1, 0, 3, 4).contiguous()
+        send = send.view(u * self.seq, self.b, h, self.d)
+        text_rows = None if text is None else U.head_slice(text, ug).transpose(0, 1)
+        if self.compiling:
+            # Joined with the text rows in `attend`: using the result here would wait.
+            self.received[i] = (text_rows, U.exchange(send, ug))
+            return
+        rows = self.rows[i]
+        self.pending.append(U.exchange(send, ug, out=rows[self.t_len :], async_op=True))
+        if text_rows is not None:
+            rows[: self.t_len].copy_(text_rows)
+        self.received[i] = rows
+
+    def attend(self) -> torch.Tensor:
+        """Attention output of the text tokens, then this rank's image tokens: [B, T+L, H, D]."""
+        ug, u, b, seq, h, d, t_len = (
+            self.sp.ulysses,
+            self.u,
+            self.b,
+            self.seq,
+            self.h,
+            self.d,
+            self.t_len,
+        )
+        if any(r is None for r in self.received):
+            raise ValueError("q, k and v must all be sent before attending")
+        for work in self.pending:
+            work.wait()
+        joined = self.received
+        if self.compiling:
+            joined = [got if t is None else torch.cat([t, got]) for t, got in joined]
+        qh, kh, vh = (x.permute(1, 2, 0, 3) for x in joined)  # [B, h, S, D]
+        # Padded image tokens sit at the global tail: cut them from the keys.
+        keys = t_len + self.sp.block_valid(0)
+        out = attention(qh, kh[:, :, :keys], vh[:, :, :keys]).transpose(1, 2)  # [B, S, h, D]
+        # Image rows back to their ranks: [u (destination), B, L, h, D].
+        back = out[:, t_len:].unflatten(1, (u, seq)).transpose(0, 1).contiguous()
+        back = U.exchange(back, ug).view(u, b, seq, h, d)  # source j = head slice j
+        parts = [back.permute(1, 2, 0, 3, 4)]  # [B, L, u, h, D]
+        if t_len:
+            text_heads = U.gather_dim0(out[:, :t_len], ug).view(u, b, t_len, h, d)
+            parts.insert(0, text_heads.permute(1, 2, 0, 3, 4))
+        return torch.cat(parts, dim=1).reshape(b, t_len + seq, self.heads, d)
