@@ -27,9 +27,11 @@ cleanup() { pkill -9 -f multiprocessing.spawn 2>/dev/null; pkill -9 -f torchrun 
 [ -d $M ] || python3 .peers/make_flux.py $M full 2>&1 | tail -1
 
 if [ "${PROBE:-0}" = 1 ]; then
-  timeout -k 5 60 torchrun --nproc_per_node 2 bench/nccl_graph_probe.py --mode thread_local \
-    --subgroup > $L_DIR/probe.log 2>&1
-  echo "probe rc=$?"; grep RESULT $L_DIR/probe.log || tail -30 $L_DIR/probe.log; pack
+  for extra in "" --async-op; do
+    timeout -k 5 60 torchrun --nproc_per_node 2 bench/nccl_graph_probe.py --mode thread_local \
+      --subgroup $extra > $L_DIR/probe$extra.log 2>&1
+    echo "probe $extra rc=$?"; grep RESULT $L_DIR/probe$extra.log || tail -30 $L_DIR/probe$extra.log; pack
+  done
 fi
 
 # Peers print `RESULT {json}`; the label names the variant (xfuser's JSON does not say compiled).

@@ -21,10 +21,14 @@ import torch
 import torch.distributed as dist
 
 
-def layer(x: torch.Tensor, w: torch.Tensor, group) -> torch.Tensor:
+def layer(x: torch.Tensor, w: torch.Tensor, group, async_op: bool = False) -> torch.Tensor:
     y = x @ w
     recv = torch.empty_like(y)
-    dist.all_to_all_single(recv, y, group=group)
+    work = dist.all_to_all_single(recv, y, group=group, async_op=async_op)
+    if async_op:
+        other = x @ w  # computed while the exchange runs
+        work.wait()
+        recv = recv + other - other
     z = recv @ w
     parts = [torch.empty_like(z) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, z, group=group)
@@ -36,6 +40,7 @@ def main() -> None:
     ap.add_argument("--mode", default="global", choices=["global", "thread_local", "relaxed"])
     ap.add_argument("--subgroup", action="store_true", help="collectives on a new_group")
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--async-op", action="store_true", help="exchange with async_op + wait")
     ap.add_argument("--timeout", type=float, default=45)
     args = ap.parse_args()
     faulthandler.dump_traceback_later(args.timeout, exit=True)
@@ -51,7 +56,7 @@ def main() -> None:
 
     def forward(inp):
         for _ in range(args.layers):
-            inp = layer(inp, w, group)
+            inp = layer(inp, w, group, args.async_op)
         return inp
 
     eager = forward(x)
@@ -99,6 +104,7 @@ def main() -> None:
                     probe="nccl_graph",
                     mode=args.mode,
                     subgroup=args.subgroup,
+                    async_op=args.async_op,
                     ok=diff == 0.0,
                     max_abs_diff=diff,
                     capture_s=round(captured_s, 3),
