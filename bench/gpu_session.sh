@@ -9,6 +9,7 @@
 # LAYOUTS: bench/gang_gpu.py layouts, each run in its own process under LIMIT seconds
 #   (`single` first: it is the reference the others are compared with).
 # PEERS: diffusers (1 GPU), diffusers-cp-uN, xfuser-uN, xfuser-uN-compile (N GPUs).
+# VAE_RANKS / VAE_SIZES: also time the VAE decode gang (bench/vae_gpu.py).
 # PROBE=1 first checks that NCCL collectives replay from a CUDA graph; PROFILE=1 adds a
 # torch.profiler table per layout. Logs go to one tarball under $OUT (at most 8 files
 # come back from a call); ours.jsonl, peers.jsonl and table.md beside it.
@@ -68,4 +69,10 @@ for H in ${SIZES:-1024}; do
     esac
   done
 done
+# The VAE decode gang (issue 5): VAE_RANKS="1,2,4" VAE_SIZES="1024,2048,4096,6144".
+if [ -n "${VAE_RANKS:-}" ]; then
+  timeout -k 10 ${VAE_LIMIT:-300} python3 bench/vae_gpu.py --sizes ${VAE_SIZES:-1024,2048,4096} \
+    --ranks $VAE_RANKS --repeats 2 --out $L_DIR > $L_DIR/vae.log 2>&1
+  echo "vae rc=$?"; grep -E "^\|" $L_DIR/vae.log; cleanup; pack
+fi
 echo; python3 bench/session_table.py $L_DIR | tee $L_DIR/table.md; cp $L_DIR/table.md $OUT/; pack

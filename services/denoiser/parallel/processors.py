@@ -17,10 +17,9 @@ class FluxParallelProcessor:
     """For FluxAttention in both double-stream (text passed in) and single-stream
     (text concatenated in front of the image tokens) blocks.
 
-    Under Ulysses alone, v, then k, then q are computed and each starts its exchange at
-    once, so the exchange of one overlaps the projection, norm and rotary embedding of
-    the next. (The separate q/k/v projections are used even if fused ones exist: their
-    weights are the same numbers, see speed.fuse_qkv.)
+    Projections go through `attend` (the exchange of each overlaps the next projection,
+    norm and rotary embedding). The separate q/k/v projections are used even if fused
+    ones exist: their weights are the same numbers, see speed.fuse_qkv.
     """
 
     def __init__(self, sp: SequenceParallel, attn: torch.nn.Module) -> None:
@@ -82,14 +81,7 @@ class FluxParallelProcessor:
             return x, t
 
         b, seq = hidden_states.shape[0], hidden_states.shape[1] - (0 if double else text_len)
-        ex = self.sp.head_exchange((b, seq, attn.heads, d), text_len, hidden_states)
-        if ex is not None:
-            for i in (2, 1, 0):
-                ex.send(i, *project(i))
-            out = ex.attend()
-        else:
-            parts = [project(i) for i in range(3)]
-            out = self.sp.attention_joint(*(p[0] for p in parts), tuple(p[1] for p in parts))
+        out = attend(self.sp, (b, seq, attn.heads, d), text_len, hidden_states, project)
         out = out.flatten(2, 3).to(hidden_states.dtype)
         if double:
             img_part = attn.to_out[1](attn.to_out[0](out[:, text_len:]))
@@ -110,22 +102,31 @@ def _check_plain(attn) -> None:
         )
 
 
-def _projected(attn, x: torch.Tensor, to_q, to_k, to_v, norm_q, norm_k):
-    """q, k, v of `x` as [B, S, H, D], with the module's q/k norms applied.
+def _projection(attn, x: torch.Tensor, layer, norm) -> torch.Tensor:
+    """One of q, k, v of `x` as [B, S, H, D], with its norm (if any) applied.
 
     diffusers' norms act on the last dim, so [B, S, H, D] works as [B, H, S, D] does.
     """
-    b, heads = x.shape[0], attn.heads
+    t = layer(x)
+    t = t.view(x.shape[0], -1, attn.heads, t.shape[-1] // attn.heads)
+    return t if norm is None else norm(t)
 
-    def split(t):
-        return t.view(b, -1, heads, t.shape[-1] // heads)
 
-    q, k, v = split(to_q(x)), split(to_k(x)), split(to_v(x))
-    if norm_q is not None:
-        q = norm_q(q)
-    if norm_k is not None:
-        k = norm_k(k)
-    return q, k, v
+def attend(sp: SequenceParallel, shape, text_len: int, like: torch.Tensor, project):
+    """Joint attention output [B, T+L, H, D] (text first) of what `project(i)` gives:
+    (image part, text part or None) of q (0), k (1) or v (2).
+
+    Under Ulysses alone v, then k, then q are projected and each starts its exchange at
+    once, so the exchange of one overlaps the projection of the next.
+    """
+    ex = sp.head_exchange(shape, text_len, like)
+    if ex is not None:
+        for i in (2, 1, 0):
+            ex.send(i, *project(i))
+        return ex.attend()
+    parts = [project(i) for i in range(3)]
+    text = None if text_len == 0 else tuple(p[1] for p in parts)
+    return sp.attention_joint(*(p[0] for p in parts), text)
 
 
 def _no_extras(args: tuple, kwargs: dict) -> None:
@@ -148,26 +149,28 @@ class JointParallelProcessor:
         if attention_mask is not None:
             raise ValueError("attention masks are not supported under sequence parallelism")
         _no_extras(args, kwargs)
-        q, k, v = _projected(
-            attn, hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k
+        img_layers = ((attn.to_q, attn.norm_q), (attn.to_k, attn.norm_k), (attn.to_v, None))
+        text_layers = (
+            (attn.add_q_proj, attn.norm_added_q),
+            (attn.add_k_proj, attn.norm_added_k),
+            (attn.add_v_proj, None),
         )
-        text = None
-        if encoder_hidden_states is not None:
-            text = _projected(
-                attn,
-                encoder_hidden_states,
-                attn.add_q_proj,
-                attn.add_k_proj,
-                attn.add_v_proj,
-                attn.norm_added_q,
-                attn.norm_added_k,
-            )
-        img_out, text_out = self.sp.attention(q, k, v, text)
-        img_out = img_out.flatten(2, 3).to(q.dtype)
-        img_out = attn.to_out[1](attn.to_out[0](img_out))
-        if encoder_hidden_states is None:
+        has_text = encoder_hidden_states is not None
+        text_len = encoder_hidden_states.shape[1] if has_text else 0
+
+        def project(i: int):
+            img = _projection(attn, hidden_states, *img_layers[i])
+            if not has_text:
+                return img, None
+            return img, _projection(attn, encoder_hidden_states, *text_layers[i])
+
+        shape = (*hidden_states.shape[:2], attn.heads, attn.to_q.out_features // attn.heads)
+        out = attend(self.sp, shape, text_len, hidden_states, project)
+        out = out.flatten(2, 3).to(hidden_states.dtype)
+        img_out = attn.to_out[1](attn.to_out[0](out[:, text_len:]))
+        if not has_text:
             return img_out
-        text_out = text_out.flatten(2, 3).to(q.dtype)
+        text_out = out[:, :text_len]
         if not attn.context_pre_only:
             text_out = attn.to_add_out(text_out)
         return img_out, text_out
@@ -186,9 +189,12 @@ class SelfParallelProcessor:
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("SelfParallelProcessor is for self-attention without a mask")
         _no_extras(args, kwargs)
-        q, k, v = _projected(
-            attn, hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k
-        )
-        out, _ = self.sp.attention(q, k, v, None)
-        out = out.flatten(2, 3).to(q.dtype)
+        layers = ((attn.to_q, attn.norm_q), (attn.to_k, attn.norm_k), (attn.to_v, None))
+
+        def project(i: int):
+            return _projection(attn, hidden_states, *layers[i]), None
+
+        shape = (*hidden_states.shape[:2], attn.heads, attn.to_q.out_features // attn.heads)
+        out = attend(self.sp, shape, 0, hidden_states, project)
+        out = out.flatten(2, 3).to(hidden_states.dtype)
         return attn.to_out[1](attn.to_out[0](out))
