@@ -247,15 +247,22 @@ class GangRunner:
                 raise
 
     def close(self) -> None:
+        """Stops the workers and leaves the process group together with them (NCCL's
+        teardown waits for every rank), then reaps them."""
         with self._lock:
+            stopped = False
             if not self.broken.is_set():
                 try:
                     self.member.broadcast_job(None)
+                    stopped = True
                 except Exception:  # noqa: BLE001 - stopping anyway
                     log.warning("could not tell the workers to stop")
+            if stopped:
+                self.member.leave()
             self.workers.join()
             self.workers.kill()
-            self.member.leave()
+            if not stopped:
+                self.member.leave()
 
 
 def run_torchrun_worker(

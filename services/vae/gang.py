@@ -206,7 +206,8 @@ def worker_main(spec: VaeGangSpec, rank: int) -> None:
     except Exception:
         log.exception("VAE gang rank %d failed", rank)
         raise
-    dist.destroy_process_group()
+    if not leave_process_group():
+        os._exit(0)  # the teardown is stuck; the work is done, so exit without it
 
 
 class VaeGang:
@@ -297,14 +298,19 @@ class VaeGang:
         """Stops the workers (at once if the gang is broken) and leaves the process group."""
         self.closing.set()
         with self._lock:
+            stopped = False
             if not self.broken.is_set():
                 try:
                     self.member.broadcast(None)
+                    stopped = True
                 except Exception:  # noqa: BLE001 - stopping anyway
                     log.warning("could not tell the VAE workers to stop")
+            if stopped:
+                leave_process_group()  # with the workers: NCCL's teardown waits for every rank
                 self.workers.join()
             self.workers.kill()
-            leave_process_group()
+            if not stopped:
+                leave_process_group()
 
 
 __all__ = [
