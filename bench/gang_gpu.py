@@ -1,8 +1,9 @@
 """Times the denoiser gang on GPUs and checks it against the single-GPU result.
 
 A layout is a base (single, u2, r2, u4, u2r2, r4, cfg2, dp2) with optional speedups:
-`+compile`, `+graphs` (CUDA graphs), `+fuse` (fused q/k/v), `+cudnn` / `+flash` (attention
-kernel first tried), e.g. `u2+fuse+compile+graphs`.
+`+compile`, `+autotune` (compile in max-autotune-no-cudagraphs mode), `+graphs` (CUDA
+graphs), `+fuse` (fused q/k/v), `+cudnn` / `+flash` (attention kernel first tried),
+e.g. `u2+compile+graphs`.
 
 For each layout: start a gang (GangRunner: NCCL, one process per GPU) on a
 diffusers-format Flux folder, run one warm-up request, then time whole denoise
@@ -76,6 +77,7 @@ def make_job(
 
 OPTIONS = {
     "compile": dict(compile=True),
+    "autotune": dict(compile=True, compile_mode="max-autotune-no-cudagraphs"),
     "graphs": dict(cuda_graphs=True),
     "fuse": dict(fuse_qkv=True),
     "cudnn": dict(attention="cudnn"),

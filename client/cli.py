@@ -44,6 +44,13 @@ def _add_gang_args(p: argparse.ArgumentParser) -> None:
         help="torch.compile the transformer blocks (the first request of each size compiles)",
     )
     g.add_argument(
+        "--compile-mode",
+        choices=["default", "max-autotune-no-cudagraphs"],
+        default="default",
+        help="torch.compile mode for --compile (max-autotune-no-cudagraphs: slower start, "
+        "Triton GEMMs with fused epilogues where they beat cuBLAS)",
+    )
+    g.add_argument(
         "--cuda-graphs",
         action="store_true",
         help="replay the transformer forward (collectives included) from CUDA graphs (GPU)",
@@ -87,6 +94,7 @@ def _speedups(args: argparse.Namespace):
 
     return Speedups(
         compile=args.compile,
+        compile_mode=args.compile_mode,
         cuda_graphs=args.cuda_graphs,
         attention=args.attention,
         fuse_qkv=args.fuse_qkv,
@@ -245,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"--collective-timeout={args.collective_timeout}",
                     *(["--cuda-graphs"] if args.cuda_graphs else []),
                     *(["--compile"] if args.compile else []),
+                    f"--compile-mode={args.compile_mode}",
                     *(["--fuse-qkv"] if args.fuse_qkv else []),
                     f"--attention={args.attention}",
                     *(

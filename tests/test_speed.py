@@ -324,3 +324,10 @@ def test_cli_warmup_sizes():
     assert _speedups(args).warmup_sizes == ((512, 768), (1024, 1024))
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "denoiser", "--model", "m", "--warmup-sizes", "big"])
+
+
+def test_compile_mode_is_checked_and_described():
+    with pytest.raises(ValueError, match="max-autotune-no-cudagraphs"):
+        Speedups(compile=True, compile_mode="reduce-overhead")  # its own CUDA graphs
+    speed = Speedups(compile=True, compile_mode="max-autotune-no-cudagraphs", cuda_graphs=True)
+    assert speed.describe() == "compile=max-autotune-no-cudagraphs, cuda_graphs"

@@ -24,11 +24,17 @@ import torch.nn as nn
 log = logging.getLogger(__name__)
 
 ATTENTION_CHOICES = ("auto", "cudnn", "flash", "efficient", "math")
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+"""torch.compile modes; those that make CUDA graphs of their own are left out (the
+whole forward is captured by --cuda-graphs, collectives included)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Speedups:
     compile: bool = False
+    compile_mode: str = "default"
+    """torch.compile mode; max-autotune-no-cudagraphs also times Triton GEMMs with fused
+    epilogues against cuBLAS (minutes more at start)."""
     cuda_graphs: bool = False
     attention: str = "auto"
     """SDPA kernel tried first: auto (PyTorch's own order), cudnn, flash, efficient, math."""
@@ -41,9 +47,15 @@ class Speedups:
             raise ValueError(
                 f"attention kernel must be one of {', '.join(ATTENTION_CHOICES)}, not {self.attention!r}"
             )
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(
+                f"compile mode must be one of {', '.join(COMPILE_MODES)}, not {self.compile_mode!r}"
+            )
 
     def describe(self) -> str:
         on = [n for n in ("compile", "cuda_graphs", "fuse_qkv") if getattr(self, n)]
+        if self.compile and self.compile_mode != "default":
+            on[0] = f"compile={self.compile_mode}"
         if self.attention != "auto":
             on.append(f"attention={self.attention}")
         return ", ".join(on) or "eager"
@@ -92,7 +104,7 @@ def _share(module: nn.Module, fused_name: str, parts: tuple[str, ...]) -> None:
         fused.bias.requires_grad_(False)
 
 
-def compile_blocks(transformer: nn.Module) -> int:
+def compile_blocks(transformer: nn.Module, mode: str = "default") -> int:
     """torch.compile of each repeated block; one block's graph serves all of them.
 
     Each request size is one more compiled graph (shapes are static); the recompile
@@ -108,7 +120,7 @@ def compile_blocks(transformer: nn.Module) -> int:
     compiled = 0
     for name in ("transformer_blocks", "single_transformer_blocks"):
         for block in getattr(transformer, name, ()):
-            block.compile(fullgraph=False, dynamic=False)
+            block.compile(fullgraph=False, dynamic=False, mode=None if mode == "default" else mode)
             compiled += 1
     if not compiled:
         raise ValueError("--compile found no transformer blocks to compile in this model")
@@ -158,7 +170,7 @@ def apply(adapter, speed: Speedups) -> bool:
         else:
             log.warning("--fuse-qkv: this model has no attention diffusers can fuse; unchanged")
     if speed.compile:
-        compile_blocks(transformer)
+        compile_blocks(transformer, speed.compile_mode)
         warm = True
     if speed.attention != "auto":
         adapter.forward = WithAttentionKernel(adapter.forward, speed.attention)
