@@ -10,6 +10,7 @@
 #   (`single` first: it is the reference the others are compared with).
 # PEERS: diffusers (1 GPU), diffusers-cp-uN, xfuser-uN, xfuser-uN-compile (N GPUs).
 # VAE_RANKS / VAE_SIZES: also time the VAE decode gang (bench/vae_gpu.py).
+# FLUX=tiny uses a small random Flux (a smoke test of the GPU paths, not a benchmark).
 # PROBE=1 first checks that NCCL collectives replay from a CUDA graph; PROFILE=1 adds a
 # torch.profiler table per layout. Logs go to one tarball under $OUT (at most 8 files
 # come back from a call); ours.jsonl, peers.jsonl and table.md beside it.
@@ -21,11 +22,11 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site
 nvidia-smi -L
 python3 -c 'import torch, diffusers; print("torch", torch.__version__, "diffusers", diffusers.__version__, "gpus", torch.cuda.device_count(), "nccl", torch.cuda.nccl.version())'
-M=/tmp/flux-random; S=${S:-28}; LIMIT=${LIMIT:-240}
+FLUX=${FLUX:-full}; M=/tmp/flux-$FLUX; S=${S:-28}; LIMIT=${LIMIT:-240}
 L_DIR=/tmp/logs; mkdir -p $L_DIR
 pack() { cp $L_DIR/*.jsonl $OUT/ 2>/dev/null; tar czf $OUT/logs.tgz -C $L_DIR --exclude='*.pt' . ; }
 cleanup() { pkill -9 -f multiprocessing.spawn 2>/dev/null; pkill -9 -f torchrun 2>/dev/null; sleep 2; }
-[ -d $M ] || python3 .peers/make_flux.py $M full 2>&1 | tail -1
+[ -d $M ] || python3 .peers/make_flux.py $M $FLUX 2>&1 | tail -1
 
 if [ "${PROBE:-0}" = 1 ]; then
   for extra in "" --async-op; do
