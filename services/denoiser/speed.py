@@ -5,7 +5,8 @@
 
 1. fused q/k/v projections (one GEMM instead of three, weights shared, no copy);
 2. torch.compile of the repeated blocks (fused norms, rope, MLP epilogues); the
-   sequence-parallel attention and its collectives stay eager between graphs;
+   Ulysses exchange is traced into their graphs (functional collectives), ring
+   attention's point-to-point exchange stays eager between them;
 3. the attention kernel priority (cuDNN or flash attention first);
 4. CUDA graphs: the whole transformer forward, collectives included, captured per
    input signature and replayed, which removes the host's launch overhead.
