@@ -6,6 +6,7 @@ import logging
 import os
 import queue
 import threading
+import time
 
 import grpc
 
@@ -104,18 +105,56 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
         yield denoiser_pb2.DenoiseResponse(done=codec.done_message(tensors))
 
 
-def _watch_gang(runner: GangRunner, running) -> None:
-    """Fails the server when a worker dies while the gang is idle.
+STUCK_GRACE_S = 30.0
+"""How long past the collective timeout a request may stay stuck on a dead worker."""
 
-    During a request the request itself fails (its collective errors or times out)
-    and answers UNAVAILABLE before the server stops, so the watcher waits for it.
+
+class DeadWorkerWatch:
+    """What the gang watcher does about dead workers, decided from plain facts.
+
+    - dead while idle: fail the server (it exits non-zero; a supervisor restarts it);
+    - dead during a request: wait, the request fails by itself when its collective
+      times out and answers UNAVAILABLE;
+    - dead during a request for longer than the collective timeout plus a grace:
+      the request is stuck (collectives replayed from CUDA graphs have no timeout, and
+      the stuck thread holds the gang), so the process must exit at once.
     """
+
+    def __init__(self, collective_timeout_s: float, grace_s: float = STUCK_GRACE_S) -> None:
+        self.limit = collective_timeout_s + grace_s
+        self.dead_since: float | None = None
+
+    def check(self, dead: bool, busy: bool, now: float) -> str:
+        """ "ok", "fail" or "exit"."""
+        if not dead:
+            self.dead_since = None
+            return "ok"
+        if not busy:
+            return "fail"
+        if self.dead_since is None:
+            self.dead_since = now
+        return "exit" if now - self.dead_since > self.limit else "ok"
+
+
+def _watch_gang(runner: GangRunner, running, collective_timeout_s: float) -> None:
+    """Acts on dead gang workers as `DeadWorkerWatch` decides."""
+    watch = DeadWorkerWatch(collective_timeout_s)
     while not running._stopped.wait(1.0):
         dead = runner.dead_workers()
-        if dead and not runner.busy:
+        action = watch.check(bool(dead), runner.busy, time.monotonic())
+        if action == "fail":
             runner.broken.set()
             running.fail(f"gang process {', '.join(dead)} exited")
             return
+        if action == "exit":
+            log.error(
+                "gang process %s exited and a request has been stuck on it for over %.0f s; "
+                "exiting now",
+                ", ".join(dead),
+                watch.limit,
+            )
+            logging.shutdown()
+            os._exit(1)
 
 
 def serve(
@@ -172,6 +211,9 @@ def serve(
     running.on_stop.append(runner.close)
     if isinstance(runner, GangRunner):
         threading.Thread(
-            target=_watch_gang, args=(runner, running), daemon=True, name="gang-watch"
+            target=_watch_gang,
+            args=(runner, running, collective_timeout_s),
+            daemon=True,
+            name="gang-watch",
         ).start()
     return running
