@@ -29,8 +29,13 @@ def test_compiled_blocks_match_eager_in_one_process(tiny_flux):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     compiled = sample(adapter, job, single_process_mesh())
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # compile really ran
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs > 0  # compile really ran
     assert relative_error(compiled, eager) <= REL_TOL
+    # A second request of the same shape reuses what was compiled: nothing recompiles.
+    again = sample(adapter, job, single_process_mesh())
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert torch.equal(again, compiled)
 
 
 def test_compiled_blocks_in_a_ring_gang_match_the_single_process(tiny_flux, tmp_path):
