@@ -31,13 +31,14 @@ def flux_jobs(model_dir: str) -> list[DenoiseJob]:
     common = dict(steps=3, guidance=3.5, seed=5)
     return [
         # 64x64: 16 image tokens, divisible by 2 and 4; true CFG on; 2 images (dp2 splits them).
+        # 8 text tokens: Ulysses alone splits them across the ranks too (7 and 5 below: not).
         DenoiseJob(
             request_id="a",
             height=64,
             width=64,
             true_cfg_scale=2.0,
             num_images=2,
-            cond=both,
+            cond={**cond(8), **cond(8, "negative_")},
             **common,
         ),
         # 48x80: 15 image tokens, divisible by neither 2 nor 4; 3 images split 2 + 1 under dp2.

@@ -34,6 +34,10 @@ class SequencePlan:
     """Submodule whose output is gathered back to the whole sequence, and the dim."""
     text_len_input: tuple[str, int] | None = None
     """Forward keyword argument whose dim gives the text length (for blocks that concatenate)."""
+    split_text_inputs: dict[str, int] = field(default_factory=dict)
+    """Forward keyword argument -> sequence dim, for text tokens (Flux: encoder_hidden_states,
+    txt_ids). Split too under Ulysses alone when the text length divides by the degree, so
+    no rank computes the text stream's projections and MLPs for every text token."""
     processors: dict[str, Callable[[SequenceParallel, torch.nn.Module], object]] = field(
         default_factory=dict
     )
@@ -53,6 +57,12 @@ def shard(x: torch.Tensor, dim: int, sp: SequenceParallel) -> torch.Tensor:
     if pad:
         widths = [0, 0] * (x.dim() - dim - 1) + [0, pad]
         x = F.pad(x, widths)
+    return x.narrow(dim, sp.shard_index * local, local)
+
+
+def shard_even(x: torch.Tensor, dim: int, sp: SequenceParallel) -> torch.Tensor:
+    """This rank's slice along `dim` of a length that divides by the sp degree."""
+    local = x.shape[dim] // sp.sp.size
     return x.narrow(dim, sp.shard_index * local, local)
 
 
@@ -102,9 +112,18 @@ def attach(model: torch.nn.Module, plan: SequencePlan, mesh: DeviceMesh) -> Atta
 
     def pre_forward(module, args, kwargs):
         sp.shards.total = sp.shards.local = 0
+        sp.shards.text_sharded = False
         if plan.text_len_input is not None:
             name, dim = plan.text_len_input
-            sp.shards.text_len = kwargs[name].shape[dim]
+            text_len = kwargs[name].shape[dim]
+            sp.shards.text_len = text_len
+            if plan.split_text_inputs and sp.can_shard_text(text_len):
+                for name, dim in plan.split_text_inputs.items():
+                    if kwargs.get(name) is None:
+                        raise ValueError(f"sequence parallel needs the {name!r} keyword argument")
+                    kwargs[name] = shard_even(kwargs[name], dim, sp)
+                sp.shards.text_sharded = True
+                sp.shards.text_len = text_len // sp.sp.size
         for name, dim in plan.split_inputs.items():
             if kwargs.get(name) is None:
                 raise ValueError(f"sequence parallel needs the {name!r} keyword argument")

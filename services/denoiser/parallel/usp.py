@@ -27,7 +27,10 @@ class SequenceShards:
     local: int = 0
     """Tokens per shard (padded): total <= local * sp."""
     text_len: int = 0
-    """Text tokens in front of the image tokens (single-stream Flux blocks)."""
+    """Text tokens in front of the image tokens on this rank (single-stream Flux blocks)."""
+    text_sharded: bool = False
+    """The text tokens are split across the sp group like the image tokens (Ulysses
+    alone, text length divisible by the degree): they travel in the exchange too."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -37,6 +40,11 @@ class SequenceParallel:
     sp: Group
     shard_index: int
     shards: SequenceShards
+
+    def can_shard_text(self, text_len: int) -> bool:
+        """Whether text tokens can be split like image tokens: under Ulysses alone (ring
+        blocks take the text whole) and when they divide evenly (no padding among them)."""
+        return self.ring.size == 1 and self.sp.size > 1 and text_len % self.sp.size == 0
 
     def block_valid(self, block: int) -> int:
         """Real tokens in ring block `block` (u consecutive shards)."""
@@ -129,9 +137,14 @@ class HeadExchange:
     Traceable by torch.compile (functional collectives there), so under --compile the
     exchange and its layout copies sit inside the block's graph.
 
-    Eager layout: q, k and v are each received straight into [T + u*L, B, h, D] rows
-    behind their text rows (one copy on the way out, none on the way in); the kernels
-    take the [B, h, S, D] view of those rows.
+    Text tokens either travel with the image tokens (`shards.text_sharded`: each rank
+    holds a slice of them, sent as the front of its block, so the received sequence is
+    text_0, image_0, text_1, image_1, ...; attention does not depend on key order and the
+    outputs go back the same way), or are whole on every rank, and each rank places its
+    heads of them in front of the received image rows.
+
+    Eager layout: q, k and v are each received straight into [rows, B, h, D] (one copy on
+    the way out, none on the way in); the kernels take the [B, h, S, D] view.
     """
 
     def __init__(
@@ -142,44 +155,53 @@ class HeadExchange:
         self.b, self.seq, self.heads, self.d = shape
         self.h = self.heads // self.u
         self.t_len = t_len
+        """Text tokens given with each of q, k, v on this rank (its slice if sharded)."""
+        self.sharded = sp.shards.text_sharded and t_len > 0
+        self.block = self.seq + (t_len if self.sharded else 0)
+        """Tokens each rank sends per destination (text slice + image shard if sharded)."""
+        self.local_text = 0 if self.sharded else t_len
+        """Text rows placed locally in front of the received rows."""
+        self.rows_total = self.local_text + self.u * self.block
         self.compiling = torch.compiler.is_compiling()
         self.rows = None
         if not self.compiling:
-            self.rows = like.new_empty((3, t_len + self.u * self.seq, self.b, self.h, self.d))
+            self.rows = like.new_empty((3, self.rows_total, self.b, self.h, self.d))
         self.received: list = [None, None, None]
         self.pending: list = []
 
+    def _to_destinations(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, n, H, D] -> [u (destination), n, B, h, D] view (rank j gets head slice j)."""
+        return x.unflatten(2, (self.u, self.h)).permute(2, 1, 0, 3, 4)
+
     def send(self, i: int, x: torch.Tensor, text: torch.Tensor | None = None) -> None:
-        """Starts moving `x` [B, L, H, D] (q, k or v by `i`) and places this rank's heads
-        of `text` [B, T, H, D] in front of it."""
+        """Starts moving `x` [B, L, H, D] (q, k or v by `i`), with `text` [B, T, H, D]."""
         ug, u, h = self.sp.ulysses, self.u, self.h
         if (text is None) != (self.t_len == 0):
             raise ValueError("text tokens must be given for each of q, k, v, or for none")
-        # [B, L, H, D] -> [u (destination), L, B, h, D]: rank j gets head slice j.
-        send = x.unflatten(2, (u, h)).permute(2, 1, 0, 3, 4).contiguous()
-        send = send.view(u * self.seq, self.b, h, self.d)
-        text_rows = None if text is None else U.head_slice(text, ug).transpose(0, 1)
+        if self.sharded:
+            # One copy builds the block this rank sends: its text slice, then its image shard.
+            send = x.new_empty((u, self.block, self.b, h, self.d))
+            send[:, : self.t_len].copy_(self._to_destinations(text))
+            send[:, self.t_len :].copy_(self._to_destinations(x))
+        else:
+            send = self._to_destinations(x).contiguous()
+        send = send.view(u * self.block, self.b, h, self.d)
+        text_rows = None
+        if text is not None and not self.sharded:
+            text_rows = U.head_slice(text, ug).transpose(0, 1)  # [T, B, h, D]
         if self.compiling:
             # Joined with the text rows in `attend`: using the result here would wait.
             self.received[i] = (text_rows, U.exchange(send, ug))
             return
         rows = self.rows[i]
-        self.pending.append(U.exchange(send, ug, out=rows[self.t_len :], async_op=True))
+        self.pending.append(U.exchange(send, ug, out=rows[self.local_text :], async_op=True))
         if text_rows is not None:
-            rows[: self.t_len].copy_(text_rows)
+            rows[: self.local_text].copy_(text_rows)
         self.received[i] = rows
 
     def attend(self) -> torch.Tensor:
-        """Attention output of the text tokens, then this rank's image tokens: [B, T+L, H, D]."""
-        ug, u, b, seq, h, d, t_len = (
-            self.sp.ulysses,
-            self.u,
-            self.b,
-            self.seq,
-            self.h,
-            self.d,
-            self.t_len,
-        )
+        """Attention output of this rank's text tokens, then its image tokens: [B, T+L, H, D]."""
+        ug, u, b, h, d = self.sp.ulysses, self.u, self.b, self.h, self.d
         if any(r is None for r in self.received):
             raise ValueError("q, k and v must all be sent before attending")
         for work in self.pending:
@@ -188,14 +210,16 @@ class HeadExchange:
         if self.compiling:
             joined = [got if t is None else torch.cat([t, got]) for t, got in joined]
         qh, kh, vh = (x.permute(1, 2, 0, 3) for x in joined)  # [B, h, S, D]
-        # Padded image tokens sit at the global tail: cut them from the keys.
-        keys = t_len + self.sp.block_valid(0)
+        # Padded image tokens sit at the global tail, the very end of the received rows
+        # (the last rank's block ends with them): cut them from the keys.
+        keys = self.rows_total - (u * self.seq - self.sp.block_valid(0))
         out = attention(qh, kh[:, :, :keys], vh[:, :, :keys]).transpose(1, 2)  # [B, S, h, D]
-        # Image rows back to their ranks: [u (destination), B, L, h, D].
-        back = out[:, t_len:].unflatten(1, (u, seq)).transpose(0, 1).contiguous()
-        back = U.exchange(back, ug).view(u, b, seq, h, d)  # source j = head slice j
-        parts = [back.permute(1, 2, 0, 3, 4)]  # [B, L, u, h, D]
-        if t_len:
-            text_heads = U.gather_dim0(out[:, :t_len], ug).view(u, b, t_len, h, d)
+        lt = self.local_text
+        # Rows back to the ranks they came from: [u (destination), B, block, h, D].
+        back = out[:, lt:].unflatten(1, (u, self.block)).transpose(0, 1).contiguous()
+        back = U.exchange(back, ug).view(u, b, self.block, h, d)  # source j = head slice j
+        parts = [back.permute(1, 2, 0, 3, 4)]  # [B, block, u, h, D]
+        if lt:
+            text_heads = U.gather_dim0(out[:, :lt], ug).view(u, b, lt, h, d)
             parts.insert(0, text_heads.permute(1, 2, 0, 3, 4))
-        return torch.cat(parts, dim=1).reshape(b, t_len + seq, self.heads, d)
+        return torch.cat(parts, dim=1).reshape(b, self.t_len + self.seq, self.heads, d)
