@@ -113,3 +113,20 @@ class TransformerAdapterBase:
         self.transformer.eval()
         self.forward = self.transformer
         self.heads = self.transformer.config.num_attention_heads
+
+
+def fix_first_step(scheduler, timesteps: torch.Tensor) -> None:
+    """Sets the scheduler's begin index to what its first `step` would look up itself.
+
+    Without a begin index, a scheduler finds its place in the schedule at the first step
+    with a search over the timesteps that reads the result on the host (a GPU sync
+    inside the loop). Doing that search here, before the loop, on a host copy and with
+    the scheduler's own rule (`index_for_timestep`), gives the very same index.
+    """
+    if getattr(scheduler, "begin_index", 0) is not None:
+        return  # already set (or the scheduler has none)
+    find = getattr(scheduler, "index_for_timestep", None)
+    if find is None or not hasattr(scheduler, "set_begin_index"):
+        return
+    schedule = scheduler.timesteps.detach().cpu()
+    scheduler.set_begin_index(int(find(timesteps[0].detach().cpu(), schedule)))

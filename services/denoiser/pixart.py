@@ -19,6 +19,7 @@ from ditmesh.denoiser.helpers import (
     TransformerAdapterBase,
     cond_tensor,
     do_cfg,
+    fix_first_step,
     guide,
     initial_noise,
     stack_branches,
@@ -100,7 +101,8 @@ class PixArtAdapter(TransformerAdapterBase):
         shape = (n, channels, job.height // vsf, job.width // vsf)
         latents = initial_noise(job, shape, dt, dev) * scheduler.init_noise_sigma
         if self.model.family is PIXART_ALPHA and hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(0)  # as PixArtAlphaPipeline does (Sigma's does not)
+            scheduler.set_begin_index(0)  # as PixArtAlphaPipeline does
+        fix_first_step(scheduler, timesteps)  # Sigma's pipeline leaves it to the first step
         return Prepared(
             latents=latents,
             timesteps=timesteps,

@@ -17,6 +17,7 @@ from ditmesh.denoiser.helpers import (
     TransformerAdapterBase,
     cond_tensor,
     do_cfg,
+    fix_first_step,
     guide,
     initial_noise,
     stack_branches,
@@ -98,6 +99,7 @@ class SD3Adapter(TransformerAdapterBase):
                 c.get("max_shift", 1.16),
             )
         timesteps, _ = retrieve_timesteps(scheduler, job.steps, dev, sigmas=None, **kwargs)
+        fix_first_step(scheduler, timesteps)  # the pipeline leaves it to the first step
         return Prepared(
             latents=latents,
             timesteps=timesteps,

@@ -1,0 +1,88 @@
+"""The sampling loop never reads a tensor's value on the host.
+
+On a GPU, `.item()`, `bool(t)`, `float(t)`, `.tolist()`, `.cpu()` and friends wait for
+every kernel queued before them, so one such call per step would stall the GPU between
+steps (and break the queueing ahead that CUDA graphs rely on). On CPU the same calls are
+visible: they are counted here from the first transformer call to the end of the loop,
+for every family. The count must be zero.
+"""
+
+from __future__ import annotations
+
+import collections
+import traceback
+
+import pytest
+import torch
+
+from ditmesh.common.models import resolve_model
+from ditmesh.common.tiny import make_tiny
+from ditmesh.denoiser.parallel.mesh import single_process_mesh
+from ditmesh.denoiser.runner import load_adapter, warmup_job
+from ditmesh.denoiser.sampler import sample
+
+READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__")
+
+
+class HostReads:
+    """Counts the listed Tensor methods while `active`, with where they were called."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.active = False
+        self.calls: collections.Counter = collections.Counter()
+        for name in READS:
+            orig = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._wrap(name, orig))
+
+    def _wrap(self, name, orig):
+        def counted(tensor, *args, **kwargs):
+            if self.active:
+                frame = traceback.extract_stack(limit=3)[0]
+                self.calls[f"{name} at {frame.filename}:{frame.lineno}"] += 1
+            return orig(tensor, *args, **kwargs)
+
+        return counted
+
+
+def watch_loop(adapter, reads: HostReads) -> None:
+    """Counting starts with the first prediction and stops when the loop hands over."""
+    predict, finish = adapter.predict, adapter.finish
+
+    def first_predict(*args, **kwargs):
+        reads.active = True
+        return predict(*args, **kwargs)
+
+    def stop_then_finish(*args, **kwargs):
+        reads.active = False
+        return finish(*args, **kwargs)
+
+    adapter.predict, adapter.finish = first_predict, stop_then_finish
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3", "pixart-sigma"])
+def test_the_loop_reads_no_tensor_on_the_host(family, tmp_path, monkeypatch):
+    model = resolve_model(str(make_tiny(family, tmp_path / family)))
+    adapter = load_adapter(model, torch.device("cpu"), "float32")
+    job = warmup_job(adapter, model, cfg=True, steps=3, size=(64, 64))
+    reads = HostReads(monkeypatch)
+    watch_loop(adapter, reads)
+    sample(adapter, job, single_process_mesh())
+    assert not reads.active  # the loop ran to the end
+    assert sum(reads.calls.values()) == 0, dict(reads.calls)
+
+
+def test_a_host_read_in_the_loop_is_caught(tiny_flux, monkeypatch):
+    model = resolve_model(tiny_flux)
+    adapter = load_adapter(model, torch.device("cpu"), "float32")
+    job = warmup_job(adapter, model, cfg=False, steps=2, size=(64, 64))
+    reads = HostReads(monkeypatch)
+    predict = adapter.predict
+
+    def predict_with_a_read(prep, latents, t, *args, **kwargs):
+        float(t)  # what a per-step sync looks like
+        return predict(prep, latents, t, *args, **kwargs)
+
+    adapter.predict = predict_with_a_read
+    watch_loop(adapter, reads)
+    sample(adapter, job, single_process_mesh())
+    assert sum(reads.calls.values()) >= 2  # once a step
