@@ -4,20 +4,26 @@ On a GPU, `.item()`, `bool(t)`, `float(t)`, `.tolist()`, `.cpu()` and friends wa
 every kernel queued before them, so one such call per step would stall the GPU between
 steps (and break the queueing ahead that CUDA graphs rely on). On CPU the same calls are
 visible: they are counted here from the first transformer call to the end of the loop,
-for every family. The count must be zero.
+for every family in one process and for Flux on each rank of ulysses, ring and CFG gangs
+(gloo). The count must be zero.
 """
 
 from __future__ import annotations
 
 import collections
+import os
 import traceback
+from datetime import timedelta
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as tmp
 
 from ditmesh.common.models import resolve_model
 from ditmesh.common.tiny import make_tiny
-from ditmesh.denoiser.parallel.mesh import single_process_mesh
+from ditmesh.denoiser.parallel.mesh import ParallelConfig, build_mesh, single_process_mesh
+from ditmesh.denoiser.parallel.sequence import attach
 from ditmesh.denoiser.runner import load_adapter, warmup_job
 from ditmesh.denoiser.sampler import sample
 
@@ -27,12 +33,15 @@ READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "
 class HostReads:
     """Counts the listed Tensor methods while `active`, with where they were called."""
 
-    def __init__(self, monkeypatch) -> None:
+    def __init__(self, monkeypatch=None) -> None:
         self.active = False
         self.calls: collections.Counter = collections.Counter()
         for name in READS:
             orig = getattr(torch.Tensor, name)
-            monkeypatch.setattr(torch.Tensor, name, self._wrap(name, orig))
+            if monkeypatch is None:  # a spawned rank: patched for its short life
+                setattr(torch.Tensor, name, self._wrap(name, orig))
+            else:
+                monkeypatch.setattr(torch.Tensor, name, self._wrap(name, orig))
 
     def _wrap(self, name, orig):
         def counted(tensor, *args, **kwargs):
@@ -86,3 +95,50 @@ def test_a_host_read_in_the_loop_is_caught(tiny_flux, monkeypatch):
     watch_loop(adapter, reads)
     sample(adapter, job, single_process_mesh())
     assert sum(reads.calls.values()) >= 2  # once a step
+
+
+def _gang_rank(rank: int, port: int, model_dir: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=2,
+        timeout=timedelta(seconds=120),
+    )
+    try:
+        model = resolve_model(model_dir)
+        adapter = load_adapter(model, torch.device("cpu"), "float32")
+        job = warmup_job(adapter, model, cfg=True, steps=2, size=(64, 64))
+        reads = HostReads()
+        found = {}
+        for name, degrees in GANG_LAYOUTS.items():
+            mesh = build_mesh(ParallelConfig(**degrees), rank, 2, timeout=timedelta(seconds=60))
+            attached = attach(adapter.transformer, adapter.plan, mesh)
+            predict, finish = adapter.predict, adapter.finish
+            watch_loop(adapter, reads)
+            try:
+                sample(adapter, job, mesh)
+            finally:
+                adapter.predict, adapter.finish = predict, finish
+                if attached is not None:
+                    attached.detach(adapter.transformer)
+            found[name] = dict(reads.calls)
+            reads.calls.clear()
+        torch.save(found, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+GANG_LAYOUTS = {"u2": dict(ulysses=2), "r2": dict(ring=2), "cfg2": dict(cfg=2)}
+
+
+def test_gang_ranks_read_no_tensor_on_the_host_in_the_loop(tiny_flux, tmp_path):
+    from ditmesh.common.gangs import free_port
+
+    tmp.spawn(_gang_rank, args=(free_port(), tiny_flux, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        found = torch.load(tmp_path / f"rank{rank}.pt")
+        assert set(found) == set(GANG_LAYOUTS)
+        for name, calls in found.items():
+            assert not calls, f"rank {rank}, {name}: {calls}"
