@@ -82,6 +82,10 @@ def _rank_main(
         results = run_layouts(model_dir, jobs, layouts, speed)
         if rank == 0:
             torch.save(results, out_path)
+            if speed.compile:  # what fell out of the compiled graphs, for the compile tests
+                counters = torch._dynamo.utils.counters
+                breaks = {k: dict(counters[k]) for k in ("graph_break", "unimplemented")}
+                torch.save(breaks, out_path + ".graph_breaks")
     finally:
         dist.destroy_process_group()
 

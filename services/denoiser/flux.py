@@ -19,8 +19,7 @@ from ditmesh.denoiser.sampler import Prepared
 
 # Image tokens enter as `hidden_states` with their positions `img_ids`; splitting
 # both splits the rotary embedding with them. Text tokens (`encoder_hidden_states`,
-# `txt_ids`) are split too where the plan allows it (Ulysses alone, even split), else
-# stay whole on every rank.
+# `txt_ids`) are split too under Ulysses alone, else stay whole on every rank.
 FLUX_PLAN = SequencePlan(
     split_inputs={"hidden_states": 1, "img_ids": 0},
     gather_output=("proj_out", 1),

@@ -39,7 +39,12 @@ def sd3_plan(transformer: torch.nn.Module) -> SequencePlan:
     if any(getattr(b, "attn2", None) is not None for b in transformer.transformer_blocks):
         processors["transformer_blocks.*.attn2"] = SelfParallelProcessor
     return SequencePlan(
-        split_outputs={"pos_embed": 1}, gather_output=("proj_out", 1), processors=processors
+        split_outputs={"pos_embed": 1},
+        gather_output=("proj_out", 1),
+        text_len_input=("encoder_hidden_states", 1),
+        # Under Ulysses alone the context tokens are split across the ranks too.
+        split_text_inputs={"encoder_hidden_states": 1},
+        processors=processors,
     )
 
 

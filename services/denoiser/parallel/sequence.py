@@ -60,10 +60,10 @@ def shard(x: torch.Tensor, dim: int, sp: SequenceParallel) -> torch.Tensor:
     return x.narrow(dim, sp.shard_index * local, local)
 
 
-def shard_even(x: torch.Tensor, dim: int, sp: SequenceParallel) -> torch.Tensor:
-    """This rank's slice along `dim` of a length that divides by the sp degree."""
-    local = x.shape[dim] // sp.sp.size
-    return x.narrow(dim, sp.shard_index * local, local)
+def split_text(text_len: int, parts: int) -> list[int]:
+    """Text tokens per rank: as even as possible, the first ranks taking one more."""
+    base, rest = divmod(text_len, parts)
+    return [base + (1 if i < rest else 0) for i in range(parts)]
 
 
 def gather(x: torch.Tensor, dim: int, sp: SequenceParallel, order: list[int]) -> torch.Tensor:
@@ -113,17 +113,21 @@ def attach(model: torch.nn.Module, plan: SequencePlan, mesh: DeviceMesh) -> Atta
     def pre_forward(module, args, kwargs):
         sp.shards.total = sp.shards.local = 0
         sp.shards.text_sharded = False
+        sp.shards.text_counts = ()
         if plan.text_len_input is not None:
             name, dim = plan.text_len_input
             text_len = kwargs[name].shape[dim]
             sp.shards.text_len = text_len
             if plan.split_text_inputs and sp.can_shard_text(text_len):
+                counts = split_text(text_len, sp.sp.size)
+                start = sum(counts[: sp.shard_index])
                 for name, dim in plan.split_text_inputs.items():
                     if kwargs.get(name) is None:
                         raise ValueError(f"sequence parallel needs the {name!r} keyword argument")
-                    kwargs[name] = shard_even(kwargs[name], dim, sp)
+                    kwargs[name] = kwargs[name].narrow(dim, start, counts[sp.shard_index])
                 sp.shards.text_sharded = True
-                sp.shards.text_len = text_len // sp.sp.size
+                sp.shards.text_counts = tuple(counts)
+                sp.shards.text_len = counts[sp.shard_index]
         for name, dim in plan.split_inputs.items():
             if kwargs.get(name) is None:
                 raise ValueError(f"sequence parallel needs the {name!r} keyword argument")

@@ -63,19 +63,35 @@ def exchange(
     group: Group,
     out: torch.Tensor | None = None,
     async_op: bool = False,
+    output_splits: list[int] | None = None,
+    input_splits: list[int] | None = None,
 ):
-    """all_to_all_single in equal chunks of dim 0; `out` (contiguous) receives in place.
+    """all_to_all_single over dim 0: equal chunks, or the given split sizes (rows of dim 0
+    per peer); `out` (contiguous) receives in place.
 
     Returns the received tensor, or with `async_op` (eager only) the work to wait on
     before `out` is read. Under torch.compile the functional collective is used instead
     (it returns the tensor; the wait lands before its first use), so the exchange is
     part of the compiled graph rather than a graph break.
     """
+    if input_splits is not None and output_splits is None:
+        raise ValueError("uneven input splits need the output splits too")
+    if output_splits is not None and input_splits is None:
+        # The functional collective wants both: this side is even.
+        input_splits = [send.shape[0] // group.size] * group.size
     if torch.compiler.is_compiling():
-        return funcol.all_to_all_single(send, None, None, group.pg)
+        return funcol.all_to_all_single(send, output_splits, input_splits, group.pg)
     if out is None:
-        out = torch.empty_like(send)
-    work = dist.all_to_all_single(out, send, group=group.pg, async_op=async_op)
+        rows = send.shape[0] if output_splits is None else sum(output_splits)
+        out = send.new_empty((rows, *send.shape[1:]))
+    work = dist.all_to_all_single(
+        out,
+        send,
+        output_split_sizes=output_splits,
+        input_split_sizes=input_splits,
+        group=group.pg,
+        async_op=async_op,
+    )
     return work if async_op else out
 
 

@@ -30,7 +30,10 @@ class SequenceShards:
     """Text tokens in front of the image tokens on this rank (single-stream Flux blocks)."""
     text_sharded: bool = False
     """The text tokens are split across the sp group like the image tokens (Ulysses
-    alone, text length divisible by the degree): they travel in the exchange too."""
+    alone): they travel in the exchange too."""
+    text_counts: tuple[int, ...] = ()
+    """Text tokens on each rank of the sp group when split (the first ranks take one
+    more where the length does not divide)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -43,8 +46,8 @@ class SequenceParallel:
 
     def can_shard_text(self, text_len: int) -> bool:
         """Whether text tokens can be split like image tokens: under Ulysses alone (ring
-        blocks take the text whole) and when they divide evenly (no padding among them)."""
-        return self.ring.size == 1 and self.sp.size > 1 and text_len % self.sp.size == 0
+        blocks take the text whole) and with at least one text token a rank."""
+        return self.ring.size == 1 and 1 < self.sp.size <= text_len
 
     def block_valid(self, block: int) -> int:
         """Real tokens in ring block `block` (u consecutive shards)."""
@@ -158,10 +161,15 @@ class HeadExchange:
         """Text tokens given with each of q, k, v on this rank (its slice if sharded)."""
         self.sharded = sp.shards.text_sharded and t_len > 0
         self.block = self.seq + (t_len if self.sharded else 0)
-        """Tokens each rank sends per destination (text slice + image shard if sharded)."""
+        """Tokens this rank sends each destination (text slice + image shard if sharded)."""
+        self.blocks = [self.seq + (c if self.sharded else 0) for c in sp.shards.text_counts]
+        if not self.sharded:
+            self.blocks = [self.seq] * self.u
+        """Tokens each rank sends, in rank order (uneven where the text split is)."""
+        self.splits = None if len(set(self.blocks)) == 1 else self.blocks
         self.local_text = 0 if self.sharded else t_len
         """Text rows placed locally in front of the received rows."""
-        self.rows_total = self.local_text + self.u * self.block
+        self.rows_total = self.local_text + sum(self.blocks)
         self.compiling = torch.compiler.is_compiling()
         self.rows = None
         if not self.compiling:
@@ -191,10 +199,14 @@ class HeadExchange:
             text_rows = U.head_slice(text, ug).transpose(0, 1)  # [T, B, h, D]
         if self.compiling:
             # Joined with the text rows in `attend`: using the result here would wait.
-            self.received[i] = (text_rows, U.exchange(send, ug))
+            self.received[i] = (text_rows, U.exchange(send, ug, output_splits=self.splits))
             return
         rows = self.rows[i]
-        self.pending.append(U.exchange(send, ug, out=rows[self.local_text :], async_op=True))
+        self.pending.append(
+            U.exchange(
+                send, ug, out=rows[self.local_text :], async_op=True, output_splits=self.splits
+            )
+        )
         if text_rows is not None:
             rows[: self.local_text].copy_(text_rows)
         self.received[i] = rows
@@ -215,9 +227,26 @@ class HeadExchange:
         keys = self.rows_total - (u * self.seq - self.sp.block_valid(0))
         out = attention(qh, kh[:, :, :keys], vh[:, :, :keys]).transpose(1, 2)  # [B, S, h, D]
         lt = self.local_text
-        # Rows back to the ranks they came from: [u (destination), B, block, h, D].
-        back = out[:, lt:].unflatten(1, (u, self.block)).transpose(0, 1).contiguous()
-        back = U.exchange(back, ug).view(u, b, self.block, h, d)  # source j = head slice j
+        # Rows back to the ranks they came from, each rank's block as [B, block, h, D].
+        if self.splits is None:
+            back = out[:, lt:].unflatten(1, (u, self.block)).transpose(0, 1).contiguous()
+            back = back.view(u * b * self.block, h, d)
+            back = U.exchange(back, ug)
+        else:
+            starts = [lt + sum(self.blocks[:j]) for j in range(u)]
+            back = torch.cat(
+                [
+                    out[:, s : s + n].reshape(b * n, h, d)
+                    for s, n in zip(starts, self.blocks, strict=True)
+                ]
+            )
+            back = U.exchange(
+                back,
+                ug,
+                output_splits=[b * self.block] * u,
+                input_splits=[b * n for n in self.blocks],
+            )
+        back = back.view(u, b, self.block, h, d)  # source j = head slice j
         parts = [back.permute(1, 2, 0, 3, 4)]  # [B, block, u, h, D]
         if lt:
             text_heads = U.gather_dim0(out[:, :lt], ug).view(u, b, lt, h, d)
