@@ -331,3 +331,16 @@ def test_compile_mode_is_checked_and_described():
         Speedups(compile=True, compile_mode="reduce-overhead")  # its own CUDA graphs
     speed = Speedups(compile=True, compile_mode="max-autotune-no-cudagraphs", cuda_graphs=True)
     assert speed.describe() == "compile=max-autotune-no-cudagraphs, cuda_graphs"
+
+
+def test_warm_up_runs_each_job_and_says_so(model, caplog):
+    from ditmesh.denoiser.runner import warm_up, warmup_job
+
+    adapter = load_adapter(model, torch.device("cpu"), "float32")
+    jobs = [warmup_job(adapter, model, cfg=False, size=s) for s in ((64, 64), (64, 128))]
+    ran = []
+    with caplog.at_level("INFO", logger="ditmesh.denoiser.runner"):
+        warm_up(ran.append, jobs)
+    assert ran == jobs
+    text = caplog.text
+    assert "warming up at 64x64" in text and "warm at 64x128 in" in text

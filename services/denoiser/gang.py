@@ -35,7 +35,7 @@ from ditmesh.denoiser.parallel.mesh import (
     build_mesh,
 )
 from ditmesh.denoiser.parallel.sequence import attach
-from ditmesh.denoiser.runner import load_adapter, warmup_job, warmup_sizes
+from ditmesh.denoiser.runner import load_adapter, warm_up, warmup_job, warmup_sizes
 from ditmesh.denoiser.sampler import sample
 from ditmesh.denoiser.speed import EAGER, Speedups
 from ditmesh.denoiser.speed import apply as apply_speedups
@@ -200,16 +200,12 @@ class GangRunner:
         if self.member.warm:
             # Every rank compiles and captures at start, not in the first user's request;
             # one image per dp replica, so each replica sees the batch a request gives it.
-            for size in sizes:
-                self.run(
-                    warmup_job(
-                        self.member.adapter,
-                        self.model,
-                        cfg=parallel.cfg == 2,
-                        size=size,
-                        num_images=parallel.dp,
-                    )
-                )
+            adapter, cfg = self.member.adapter, parallel.cfg == 2
+            jobs = [
+                warmup_job(adapter, self.model, cfg=cfg, size=size, num_images=parallel.dp)
+                for size in sizes
+            ]
+            warm_up(self.run, jobs)
         log.info(
             "denoiser gang ready: %s on %d processes (%s; %s)",
             parallel.describe(),

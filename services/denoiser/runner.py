@@ -7,7 +7,9 @@ runners keep the same interface, with the leader handing each job to its workers
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from typing import Protocol
 
 import torch
@@ -19,6 +21,8 @@ from ditmesh.denoiser.parallel.mesh import single_process_mesh
 from ditmesh.denoiser.sampler import Adapter, sample
 from ditmesh.denoiser.speed import EAGER, Speedups
 from ditmesh.denoiser.speed import apply as apply_speedups
+
+log = logging.getLogger(__name__)
 
 
 class Runner(Protocol):
@@ -69,6 +73,16 @@ def warmup_sizes(model: ModelRef, speed: Speedups) -> list[tuple[int, int]]:
     return sizes
 
 
+def warm_up(run, jobs: list[DenoiseJob]) -> None:
+    """Runs the warm-up jobs, saying what it is doing: compiling and capturing can take
+    a minute or more per size on a large model, before the stage reports ready."""
+    for job in jobs:
+        start = time.perf_counter()
+        log.info("warming up at %dx%d (compile / CUDA graph capture)...", job.height, job.width)
+        run(job)
+        log.info("warm at %dx%d in %.1f s", job.height, job.width, time.perf_counter() - start)
+
+
 def load_adapter(
     model: ModelRef, device: str | torch.device = "auto", dtype: str = "auto"
 ) -> Adapter:
@@ -93,8 +107,7 @@ class LocalRunner:
         self.mesh = single_process_mesh()
         self._lock = threading.Lock()
         if warm:
-            for size in sizes:
-                self.run(warmup_job(self.adapter, model, cfg=False, size=size))
+            warm_up(self.run, [warmup_job(self.adapter, model, cfg=False, size=s) for s in sizes])
 
     def run(self, job: DenoiseJob, on_step: StepCallback | None = None) -> torch.Tensor:
         with self._lock:
