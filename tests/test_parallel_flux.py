@@ -61,6 +61,17 @@ def flux_jobs(model_dir: str) -> list[DenoiseJob]:
             cond=cond(5),
             **common,
         ),
+        # 16x80: 5 image tokens. At 4 ranks each holds 2, and the padding (3) runs over more
+        # than the last rank's shard; 8 text tokens, split across the ranks under Ulysses.
+        DenoiseJob(
+            request_id="d",
+            height=16,
+            width=80,
+            true_cfg_scale=1.0,
+            num_images=1,
+            cond=cond(8),
+            **common,
+        ),
     ]
 
 

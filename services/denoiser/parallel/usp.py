@@ -211,6 +211,28 @@ class HeadExchange:
             rows[: self.local_text].copy_(text_rows)
         self.received[i] = rows
 
+    def _real_keys(self, kh: torch.Tensor, vh: torch.Tensor):
+        """Keys and values without the padded image tokens.
+
+        Padding sits at the global tail of the image sequence, so it is the end of the
+        last rank's shard, and of the received rows when the text is local. With the text
+        travelling, each rank's block is its text slice then its image shard: where the
+        padding fills more than the last shard (tiny images, many ranks), padded rows sit
+        between real ones and the real rows are gathered instead.
+        """
+        pad = self.u * self.seq - self.sp.block_valid(0)
+        if not self.sharded or pad <= self.seq:
+            keys = self.rows_total - pad
+            return kh[:, :, :keys], vh[:, :, :keys]
+        real, start = [], 0
+        for j, block in enumerate(self.blocks):
+            text = block - self.seq
+            image = max(0, min(self.seq, self.sp.shards.total - j * self.seq))
+            real.append(torch.arange(start, start + text + image, device=kh.device))
+            start += block
+        index = torch.cat(real)
+        return kh.index_select(2, index), vh.index_select(2, index)
+
     def attend(self) -> torch.Tensor:
         """Attention output of this rank's text tokens, then its image tokens: [B, T+L, H, D]."""
         ug, u, b, h, d = self.sp.ulysses, self.u, self.b, self.h, self.d
@@ -222,10 +244,8 @@ class HeadExchange:
         if self.compiling:
             joined = [got if t is None else torch.cat([t, got]) for t, got in joined]
         qh, kh, vh = (x.permute(1, 2, 0, 3) for x in joined)  # [B, h, S, D]
-        # Padded image tokens sit at the global tail, the very end of the received rows
-        # (the last rank's block ends with them): cut them from the keys.
-        keys = self.rows_total - (u * self.seq - self.sp.block_valid(0))
-        out = attention(qh, kh[:, :, :keys], vh[:, :, :keys]).transpose(1, 2)  # [B, S, h, D]
+        kh, vh = self._real_keys(kh, vh)
+        out = attention(qh, kh, vh).transpose(1, 2)  # [B, S, h, D]
         lt = self.local_text
         # Rows back to the ranks they came from, each rank's block as [B, block, h, D].
         if self.splits is None:
