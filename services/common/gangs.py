@@ -72,6 +72,25 @@ class WorkerProcesses:
                 p.kill()
                 p.join(timeout=5)
 
+    def shut_down(self, tell_stop: Callable[[], None] | None, leave: Callable[[], object]) -> None:
+        """Stops the gang: `tell_stop` (None for a broken gang) asks the workers to stop;
+        then this process leaves the process group at the same time as they do (NCCL's
+        teardown waits for every rank) and reaps them. Workers that could not be told
+        are killed first, then the group is left."""
+        stopped = False
+        if tell_stop is not None:
+            try:
+                tell_stop()
+                stopped = True
+            except Exception:  # noqa: BLE001 - stopping anyway
+                log.warning("could not tell the gang's workers to stop")
+        if stopped:
+            leave()
+            self.join()
+        self.kill()
+        if not stopped:
+            leave()
+
 
 def leave_process_group(timeout: float = 20.0) -> bool:
     """Leaves the default group if any, waiting at most `timeout` seconds; True if it closed.

@@ -246,19 +246,8 @@ class GangRunner:
         """Stops the workers and leaves the process group together with them (NCCL's
         teardown waits for every rank), then reaps them."""
         with self._lock:
-            stopped = False
-            if not self.broken.is_set():
-                try:
-                    self.member.broadcast_job(None)
-                    stopped = True
-                except Exception:  # noqa: BLE001 - stopping anyway
-                    log.warning("could not tell the workers to stop")
-            if stopped:
-                self.member.leave()
-            self.workers.join()
-            self.workers.kill()
-            if not stopped:
-                self.member.leave()
+            tell_stop = None if self.broken.is_set() else lambda: self.member.broadcast_job(None)
+            self.workers.shut_down(tell_stop, self.member.leave)
 
 
 def run_torchrun_worker(

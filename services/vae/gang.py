@@ -298,19 +298,8 @@ class VaeGang:
         """Stops the workers (at once if the gang is broken) and leaves the process group."""
         self.closing.set()
         with self._lock:
-            stopped = False
-            if not self.broken.is_set():
-                try:
-                    self.member.broadcast(None)
-                    stopped = True
-                except Exception:  # noqa: BLE001 - stopping anyway
-                    log.warning("could not tell the VAE workers to stop")
-            if stopped:
-                leave_process_group()  # with the workers: NCCL's teardown waits for every rank
-                self.workers.join()
-            self.workers.kill()
-            if not stopped:
-                leave_process_group()
+            tell_stop = None if self.broken.is_set() else lambda: self.member.broadcast(None)
+            self.workers.shut_down(tell_stop, leave_process_group)
 
 
 __all__ = [

@@ -48,33 +48,23 @@ class FluxParallelProcessor:
             freqs = tuple(f[start:stop] for f in image_rotary_emb)
             return apply_rotary_emb(x, freqs, sequence_dim=1)
 
-        img_layers = {
-            0: (attn.to_q, attn.norm_q),
-            1: (attn.to_k, attn.norm_k),
-            2: (attn.to_v, None),
-        }
-        text_layers = {}
+        img_layers = ((attn.to_q, attn.norm_q), (attn.to_k, attn.norm_k), (attn.to_v, None))
+        text_layers = ()
         if double:
-            text_layers = {
-                0: (attn.add_q_proj, attn.norm_added_q),
-                1: (attn.add_k_proj, attn.norm_added_k),
-                2: (attn.add_v_proj, None),
-            }
+            text_layers = (
+                (attn.add_q_proj, attn.norm_added_q),
+                (attn.add_k_proj, attn.norm_added_k),
+                (attn.add_v_proj, None),
+            )
 
         def project(i: int):
             """(image part [B, L, H, D], text part [B, T, H, D]) of q (0), k (1) or v (2)."""
-            layer, norm = img_layers[i]
-            x = layer(hidden_states).unflatten(-1, (-1, d))
-            if norm is not None:
-                x = norm(x)
+            x = _projection(attn, hidden_states, *img_layers[i])
             if not double:
                 if i < 2:
                     x = rotate(x, 0, None)
                 return x[:, text_len:], x[:, :text_len]
-            layer, norm = text_layers[i]
-            t = layer(encoder_hidden_states).unflatten(-1, (-1, d))
-            if norm is not None:
-                t = norm(t)
+            t = _projection(attn, encoder_hidden_states, *text_layers[i])
             if i < 2:
                 # The rotary table covers the text positions, then this rank's image ones.
                 x, t = rotate(x, text_len, None), rotate(t, 0, text_len)

@@ -22,8 +22,7 @@ def seq_to_heads(x: torch.Tensor, group: Group) -> torch.Tensor:
         return x
     b, seq, h, d = x.shape
     send = x.reshape(b, seq, u, h // u, d).permute(2, 0, 1, 3, 4).contiguous()
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group.pg)
+    recv = exchange(send, group)
     # recv[j] is rank j's sequence slice of this rank's heads.
     return recv.permute(1, 0, 2, 3, 4).reshape(b, u * seq, h // u, d)
 
@@ -35,8 +34,7 @@ def heads_to_seq(x: torch.Tensor, group: Group) -> torch.Tensor:
         return x
     b, seq, h, d = x.shape
     send = x.reshape(b, u, seq // u, h, d).permute(1, 0, 2, 3, 4).contiguous()
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group.pg)
+    recv = exchange(send, group)
     # recv[j] holds head slice j of this rank's sequence slice.
     return recv.permute(1, 2, 0, 3, 4).reshape(b, seq // u, u * h, d)
 
@@ -53,9 +51,9 @@ def gather_heads(x: torch.Tensor, group: Group) -> torch.Tensor:
     """[B, T, H/u, D] -> [B, T, H, D]: every rank's head slice, in rank order."""
     if group.size == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(group.size)]
-    dist.all_gather(parts, x.contiguous(), group=group.pg)
-    return torch.cat(parts, dim=2)
+    b, t, h, d = x.shape
+    parts = gather_dim0(x, group).view(group.size, b, t, h, d)
+    return parts.permute(1, 2, 0, 3, 4).reshape(b, t, group.size * h, d)
 
 
 def exchange(

@@ -54,20 +54,6 @@ class SequenceParallel:
         size = self.ulysses.size * self.shards.local
         return max(0, min(size, self.shards.total - block * size))
 
-    def attention(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns (image output [B, L, H, D], text output [B, T, H, D] or None)."""
-        joint = self.attention_joint(q, k, v, text)
-        if text is None:
-            return joint, None
-        t_len = text[0].shape[1]
-        return joint[:, t_len:], joint[:, :t_len]
-
     def attention_joint(
         self,
         q: torch.Tensor,
@@ -82,7 +68,10 @@ class SequenceParallel:
         """
         if self.ring.size > 1:
             return self._ring_attention(q, k, v, text)
-        return self._ulysses_attention(q, k, v, text)
+        ex = HeadExchange(self, q.shape, 0 if text is None else text[0].shape[1], q)
+        for i, x in enumerate((q, k, v)):
+            ex.send(i, x, None if text is None else text[i])
+        return ex.attend()
 
     def head_exchange(self, shape: tuple[int, ...], t_len: int, like: torch.Tensor):
         """A `HeadExchange` for one attention of image tokens `shape` [B, L, H, D] and
@@ -90,12 +79,6 @@ class SequenceParallel:
         if self.ring.size > 1:
             return None
         return HeadExchange(self, shape, t_len, like)
-
-    def _ulysses_attention(self, q, k, v, text) -> torch.Tensor:
-        ex = HeadExchange(self, q.shape, 0 if text is None else text[0].shape[1], q)
-        for i, x in enumerate((q, k, v)):
-            ex.send(i, x, None if text is None else text[i])
-        return ex.attend()
 
     # Ring attention's point-to-point exchange stays eager (outside compiled graphs).
     @torch.compiler.disable
@@ -162,9 +145,8 @@ class HeadExchange:
         self.sharded = sp.shards.text_sharded and t_len > 0
         self.block = self.seq + (t_len if self.sharded else 0)
         """Tokens this rank sends each destination (text slice + image shard if sharded)."""
-        self.blocks = [self.seq + (c if self.sharded else 0) for c in sp.shards.text_counts]
-        if not self.sharded:
-            self.blocks = [self.seq] * self.u
+        counts = sp.shards.text_counts if self.sharded else (0,) * self.u
+        self.blocks = [self.seq + c for c in counts]
         """Tokens each rank sends, in rank order (uneven where the text split is)."""
         self.splits = None if len(set(self.blocks)) == 1 else self.blocks
         self.local_text = 0 if self.sharded else t_len
