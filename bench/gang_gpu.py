@@ -7,7 +7,10 @@ e.g. `u2+compile+graphs`.
 
 For each layout: start a gang (GangRunner: NCCL, one process per GPU) on a
 diffusers-format Flux folder, run one warm-up request, then time whole denoise
-requests (job broadcast, the 28-step loop, gather of the latents to the host).
+requests (job broadcast, the 28-step loop, gather of the latents to the host), then,
+unless `--no-decode`, the VAE decode of those latents to uint8 pixels on GPU 0 (what the
+VAE stage does for a request; the peer scripts also time their VAE decode and PIL
+conversion). `sec` is the whole; `denoise_sec` and `decode_sec` its parts.
 Conditioning is random tensors of the real shapes (T5 512 x 4096, CLIP pooled
 768), like the peer scripts. Prints `RESULT {json}` per layout and a table.
 
@@ -136,7 +139,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="also profile one 4-step request")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument(
+        "--no-decode", dest="decode", action="store_false", help="time the denoiser alone"
+    )
     args = ap.parse_args()
+
+    vae = None
+    if args.decode:
+        from ditmesh.vae.decoder import VaeDecoder
+
+        vae = VaeDecoder(resolve_model(args.model), torch.device("cuda", 0), torch.bfloat16)
 
     results = []
     ref_path = os.path.join(args.out, f"single-{args.height}.pt")
@@ -151,13 +163,20 @@ def main() -> None:
         else:
             runner = GangRunner(args.model, parallel, device="cuda", dtype="bfloat16", speed=speed)
         load_s = time.perf_counter() - t0
-        runner.run(warm)
-        times = []
+        latents = runner.run(warm)
+        if vae is not None:
+            vae.decode(latents)
+        times, parts = [], []
         for _ in range(args.repeats):
             torch.cuda.synchronize()
             t = time.perf_counter()
             latents = runner.run(job)
+            t_denoise = time.perf_counter() - t
+            if vae is not None:
+                vae.decode(latents)  # returns host uint8 pixels: synchronised
             times.append(time.perf_counter() - t)
+            parts.append((t_denoise, times[-1] - t_denoise))
+        best = min(range(len(times)), key=times.__getitem__)
         peak = torch.cuda.max_memory_allocated() / 2**30
         row = dict(
             system="ditmesh",
@@ -165,7 +184,9 @@ def main() -> None:
             gpus=parallel.world_size,
             H=args.height,
             steps=args.steps,
-            sec=min(times),
+            sec=times[best],
+            denoise_sec=round(parts[best][0], 3),
+            decode_sec=round(parts[best][1], 3) if vae is not None else None,
             all_sec=[round(x, 3) for x in times],
             load_s=round(load_s, 1),
             peak_gib_rank0=round(peak, 1),

@@ -17,13 +17,15 @@
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
+if [ -z "${SKIP_INSTALL:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+fi
 export PYTHONPATH=/tmp/site
 nvidia-smi -L
 python3 -c 'import torch, diffusers; print("torch", torch.__version__, "diffusers", diffusers.__version__, "gpus", torch.cuda.device_count(), "nccl", torch.cuda.nccl.version())'
 FLUX=${FLUX:-full}; M=/tmp/flux-$FLUX; S=${S:-28}; LIMIT=${LIMIT:-240}
-L_DIR=/tmp/logs; mkdir -p $L_DIR
+L_DIR=${L_DIR:-/tmp/logs}; mkdir -p $L_DIR
 pack() { cp $L_DIR/*.jsonl $OUT/ 2>/dev/null; tar czf $OUT/logs.tgz -C $L_DIR --exclude='*.pt' . ; }
 cleanup() { pkill -9 -f multiprocessing.spawn 2>/dev/null; pkill -9 -f torchrun 2>/dev/null; sleep 2; }
 [ -d $M ] || python3 .peers/make_flux.py $M $FLUX 2>&1 | tail -1
@@ -48,7 +50,7 @@ peer() {
   cleanup; pack
 }
 
-for H in ${SIZES:-1024}; do
+for H in ${SIZES-1024}; do  # SIZES="" runs no denoiser sizes (e.g. the VAE alone)
   for L in ${LAYOUTS:-single}; do
     log=$L_DIR/ours-${L//+/_}-$H.log
     timeout -k 10 $LIMIT python3 bench/gang_gpu.py --model $M --layouts $L --height $H \

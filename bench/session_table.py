@@ -13,14 +13,19 @@ def rows(path: str):
 
 
 def main(folder: str) -> None:
-    print("| system | variant | GPUs | H | seconds | rel L2 vs 1 GPU eager |")
-    print("|---|---|---|---|---|---|")
+    print("| system | variant | GPUs | H | seconds | of which denoise / VAE decode | rel L2 vs 1 GPU eager |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows(os.path.join(folder, "ours.jsonl")):
         rel = r.get("rel_l2_vs_single")
         rel = "-" if rel is None else f"{rel:.1e}"
-        print(f"| ditmesh | {r['layout']} | {r['gpus']} | {r['H']} | {r['sec']:.2f} | {rel} |")
+        parts = "-"
+        if r.get("decode_sec") is not None:
+            parts = f"{r['denoise_sec']:.2f} / {r['decode_sec']:.2f}"
+        print(
+            f"| ditmesh | {r['layout']} | {r['gpus']} | {r['H']} | {r['sec']:.2f} | {parts} | {rel} |"
+        )
     for r in rows(os.path.join(folder, "peers.jsonl")):
-        print(f"| {r['system']} | {r['label']} | {r['gpus']} | {r['H']} | {r['sec']:.2f} | - |")
+        print(f"| {r['system']} | {r['label']} | {r['gpus']} | {r['H']} | {r['sec']:.2f} | - | - |")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,73 @@
+#!/bin/bash
+# A GPU plan longer than one call's limit: its phases (each a gpu_session.sh run) go on
+# detached on the warm machine, and short calls wait for them and bring the logs back.
+#
+#   bash bench/gpu_plan.sh start 540   # copies what it needs, starts the plan, waits 540 s
+#   bash bench/gpu_plan.sh poll 580    # waits up to 580 s more (returns early when done)
+#
+# Each call prints the RESULT lines so far and leaves in $OUT: plan.log, ours.jsonl,
+# peers.jsonl, vae.jsonl, table.md and logs.tgz. One machine, so every figure of a plan
+# compares with the others (the peers run in the same plan).
+set -u
+P=/tmp/plan; L=/tmp/logs
+
+phases() {
+  cd $P
+  export SKIP_INSTALL=1 L_DIR=$L OUT=$P/out LIMIT=${LIMIT:-240}
+  mkdir -p $OUT
+  # 1024: ours, then the peers.
+  SIZES=1024 PROFILE=1 \
+    LAYOUTS="single single+compile+graphs u2+compile+graphs u4+compile+graphs" \
+    PEERS="diffusers xfuser-u1-compile xfuser-u2-compile xfuser-u4 xfuser-u4-compile" \
+    bash bench/gpu_session.sh
+  # If the compiled 4-GPU layout failed, at least time it eager with graphs.
+  grep -q '"layout": "u4+compile+graphs"' $L/ours.jsonl ||
+    SIZES=1024 LAYOUTS="u4+graphs" PEERS="" bash bench/gpu_session.sh
+  # The VAE decode gang (issue 5): sizes until each M runs out of memory.
+  SIZES="" VAE_RANKS=1,2,4 VAE_SIZES=1024,2048,4096,6144,8192 VAE_LIMIT=300 \
+    bash bench/gpu_session.sh
+  # 2048: one GPU (the reference), four GPUs, and the 4-GPU peers.
+  SIZES=2048 LIMIT=300 LAYOUTS="single u4+compile+graphs" \
+    PEERS="xfuser-u4 xfuser-u4-compile diffusers-cp-u4" PEER_LIMIT=300 \
+    bash bench/gpu_session.sh
+  # Last (first to go if time runs out): compile with max-autotune GEMM/epilogue choices.
+  SIZES=1024 LAYOUTS="single+autotune+graphs u4+autotune+graphs" PEERS="" \
+    bash bench/gpu_session.sh
+  touch $L/plan.done
+}
+
+report() {
+  grep -hE "^RESULT|^closed|rc=|^\| " $L/plan.log 2>/dev/null | grep -v "^| system\|^|---" | tail -60
+  cp $L/*.jsonl $L/plan.log $OUT/ 2>/dev/null
+  python3 $P/bench/session_table.py $L > $OUT/table.md 2>/dev/null
+  tar czf $OUT/logs.tgz -C $L --exclude='*.pt' . 2>/dev/null
+  [ -f $L/plan.done ] && echo "PLAN DONE" || echo "plan still running"
+}
+
+wait_for() {
+  local end=$((SECONDS + $1))
+  local last=$SECONDS
+  while [ $SECONDS -lt $end ] && [ ! -f $L/plan.done ]; do
+    sleep 5
+    # What is here so far also comes back if this call is cut off.
+    if [ $((SECONDS - last)) -ge 60 ]; then cp $L/*.jsonl $L/plan.log $OUT/ 2>/dev/null; last=$SECONDS; fi
+  done
+}
+
+case ${1:-} in
+  start)
+    rm -rf $P $L && mkdir -p $P $L
+    cp -r bench .peers $P/ || exit 1
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl || exit 1
+    setsid nohup bash $P/bench/gpu_plan.sh run > $L/plan.log 2>&1 < /dev/null &
+    wait_for ${2:-540}
+    report
+    ;;
+  run) phases ;;
+  poll)
+    wait_for ${2:-540}
+    report
+    ;;
+  *) echo "usage: gpu_plan.sh start|poll SECONDS" ;;
+esac
