@@ -13,7 +13,9 @@ def rows(path: str):
 
 
 def main(folder: str) -> None:
-    print("| system | variant | GPUs | H | seconds | of which denoise / VAE decode | rel L2 vs 1 GPU eager |")
+    print(
+        "| system | variant | GPUs | H | seconds | of which denoise / VAE decode | rel L2 vs 1 GPU eager |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows(os.path.join(folder, "ours.jsonl")):
         rel = r.get("rel_l2_vs_single")

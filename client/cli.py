@@ -28,7 +28,20 @@ def _add_gang_args(p: argparse.ArgumentParser) -> None:
         "--cfg", type=int, default=1, help="2 runs the CFG branches on two halves of the gang"
     )
     g.add_argument(
-        "--pipefusion", type=int, default=1, help="PipeFusion stages (not supported yet)"
+        "--pipefusion",
+        type=int,
+        default=1,
+        help="PipeFusion stages: the blocks split into stages, the image into patches that "
+        "reuse the other patches' keys and values of the step before (Flux; eager)",
+    )
+    g.add_argument(
+        "--patches", type=int, default=0, help="PipeFusion patches per step (0: one per stage)"
+    )
+    g.add_argument(
+        "--pipefusion-warmup",
+        type=int,
+        default=1,
+        help="PipeFusion: first steps run on the whole image, exact, before patches start",
     )
     g.add_argument("--ulysses", type=int, default=1, help="Ulysses sequence parallel degree")
     g.add_argument("--ring", type=int, default=1, help="Ring sequence parallel degree")
@@ -116,7 +129,13 @@ def _parallel_config(args: argparse.Namespace):
     from ditmesh.denoiser.parallel.mesh import ParallelConfig
 
     return ParallelConfig(
-        dp=args.dp, cfg=args.cfg, pipefusion=args.pipefusion, ulysses=args.ulysses, ring=args.ring
+        dp=args.dp,
+        cfg=args.cfg,
+        pipefusion=args.pipefusion,
+        ulysses=args.ulysses,
+        ring=args.ring,
+        patches=args.patches,
+        pipefusion_warmup=args.pipefusion_warmup,
     )
 
 
@@ -239,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         gang = [
             f"--{d}={getattr(parallel, d)}" for d in ("dp", "cfg", "pipefusion", "ulysses", "ring")
-        ]
+        ] + [f"--patches={parallel.patches}", f"--pipefusion-warmup={parallel.pipefusion_warmup}"]
         return run_up(
             UpConfig(
                 model=args.model,

@@ -28,7 +28,11 @@ def pipe(tiny_flux):
     return p
 
 
-@pytest.mark.parametrize("gang", [["--ulysses", "2"], ["--cfg", "2"]], ids=["u2", "cfg2"])
+@pytest.mark.parametrize(
+    "gang",
+    [["--ulysses", "2"], ["--cfg", "2"], ["--pipefusion", "2", "--pipefusion-warmup", "3"]],
+    ids=["u2", "cfg2", "pf2-exact"],
+)
 def test_mesh_with_a_two_process_gang_matches_diffusers(tiny_flux, pipe, gang):
     mesh = UpProcess(tiny_flux, *gang)
     try:

@@ -34,6 +34,8 @@ from ditmesh.denoiser.parallel.mesh import (
     ParallelConfig,
     build_mesh,
 )
+from ditmesh.denoiser.parallel.pipefusion import attach_pipefusion
+from ditmesh.denoiser.parallel.pipefusion import check_speed as check_pipefusion_speed
 from ditmesh.denoiser.parallel.sequence import attach
 from ditmesh.denoiser.runner import load_adapter, warm_up, warmup_job, warmup_sizes
 from ditmesh.denoiser.sampler import sample
@@ -85,9 +87,10 @@ class GangMember:
         self.control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
         self.model: ModelRef = resolve_model(spec.model_source, spec.model_name)
         self.adapter = load_adapter(self.model, self.device, spec.dtype)
-        spec.parallel.check_model(heads=self.adapter.heads)
+        spec.parallel.check_model(heads=self.adapter.heads, family=self.model.family.name)
         self.mesh: DeviceMesh = build_mesh(spec.parallel, rank, world, timeout=timeout)
         self.attached = attach(self.adapter.transformer, self.adapter.plan, self.mesh)
+        self.adapter.pipefusion_stage = attach_pipefusion(self.adapter.transformer, self.mesh)
         self.warm = apply_speedups(self.adapter, spec.speed)
 
     def broadcast_job(self, job: DenoiseJob | None) -> DenoiseJob | None:
@@ -178,7 +181,9 @@ class GangRunner:
         )
         # Checked before any process starts, so a bad layout or size is one clear error.
         model = resolve_model(model_source, name)
-        parallel.check_model(heads=model.heads)
+        parallel.check_model(heads=model.heads, family=model.family.name)
+        if parallel.pipefusion > 1:
+            check_pipefusion_speed(speed.compile, speed.cuda_graphs)
         sizes = warmup_sizes(model, speed)
         self.parallel = parallel
         self.broken = threading.Event()

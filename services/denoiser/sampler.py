@@ -83,6 +83,10 @@ def gather_images(latents: torch.Tensor, counts: list[int], group: Group) -> tor
 def sample(
     adapter: Adapter, job: DenoiseJob, mesh: DeviceMesh, on_step: StepCallback | None = None
 ) -> torch.Tensor:
+    if mesh.config.pipefusion > 1:
+        from ditmesh.denoiser.parallel.pipefusion import sample_pipefusion
+
+        return sample_pipefusion(adapter, job, mesh, on_step)
     prep = adapter.prepare(job)
     dp = mesh["dp"]
     counts = split_counts(job.num_images, dp.size)

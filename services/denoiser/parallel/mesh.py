@@ -43,11 +43,17 @@ class ParallelConfig:
     cfg: int = 1
     """CFG parallel: 2 runs the conditional and unconditional branches on two halves."""
     pipefusion: int = 1
-    """PipeFusion stages (reserved; must be 1 until PipeFusion lands)."""
+    """PipeFusion stages: the transformer's blocks split into this many consecutive stages,
+    the image into patches that flow through them (see parallel/pipefusion.py)."""
     ulysses: int = 1
     """Ulysses sequence parallel: all-to-all between sequence and heads."""
     ring: int = 1
     """Ring sequence parallel: KV blocks passed around the ring, merged by log-sum-exp."""
+    patches: int = 0
+    """PipeFusion: image patches per step (0: as many as stages)."""
+    pipefusion_warmup: int = 1
+    """PipeFusion: first steps run on the whole image, in sync, before patches use stale
+    keys and values (at least 1: it fills them)."""
 
     def __post_init__(self) -> None:
         for name in DIMS:
@@ -58,8 +64,25 @@ class ParallelConfig:
             raise ParallelConfigError(
                 f"--cfg must be 1 or 2 (conditional and unconditional branch); got {self.cfg}"
             )
-        if self.pipefusion != 1:
-            raise ParallelConfigError("--pipefusion is not supported yet; it must be 1")
+        if not isinstance(self.patches, int) or self.patches < 0:
+            raise ParallelConfigError(
+                f"--patches must be 0 (as many as stages) or a positive integer; got {self.patches!r}"
+            )
+        if not isinstance(self.pipefusion_warmup, int) or self.pipefusion_warmup < 1:
+            raise ParallelConfigError(
+                "--pipefusion-warmup must be at least 1 (the first step fills the keys and "
+                f"values the patches reuse); got {self.pipefusion_warmup!r}"
+            )
+        if self.pipefusion > 1 and self.sp > 1:
+            raise ParallelConfigError(
+                "--pipefusion does not combine with --ulysses or --ring yet; use one of them "
+                "(each composes with --cfg and --dp)"
+            )
+
+    @property
+    def num_patches(self) -> int:
+        """Image patches per PipeFusion step."""
+        return self.patches or self.pipefusion
 
     @property
     def world_size(self) -> int:
@@ -82,8 +105,13 @@ class ParallelConfig:
                 f"but the gang has {world_size} processes"
             )
 
-    def check_model(self, *, heads: int) -> None:
-        """Rules that depend on the model: heads must split evenly across Ulysses ranks."""
+    def check_model(self, *, heads: int, family: str = "flux") -> None:
+        """Rules that depend on the model: heads must split evenly across Ulysses ranks;
+        PipeFusion runs Flux models only so far."""
+        if self.pipefusion > 1 and family != "flux":
+            raise ParallelConfigError(
+                f"--pipefusion supports Flux models only so far; this model is {family}"
+            )
         if heads % self.ulysses:
             raise ParallelConfigError(
                 f"--ulysses {self.ulysses} does not divide the model's {heads} attention heads "

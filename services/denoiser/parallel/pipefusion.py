@@ -1,0 +1,404 @@
+"""PipeFusion: the transformer's blocks split into stages, the image into patches.
+
+Each of P ranks (one PipeFusion group) keeps a consecutive run of the blocks and drops the
+rest. A step's image tokens are cut into M patches of consecutive rows; patch p goes
+through stage 0, then stage 1 while stage 0 starts patch p+1, and so on, so all stages are
+busy once the pipeline is full. Attention in a patch needs the keys and values of the
+whole image: the patch's own are fresh, the others' are the ones each attention module kept
+from the last time it saw them (this step for earlier patches, the previous step for later
+ones). Neighbouring steps of a diffusion sampler change the activations little, which is
+what makes these stale keys and values good enough.
+
+- The first `pipefusion_warmup` steps run the whole image as one unit (in sync, exact),
+  which also fills every module's keys and values.
+- The text tokens (Flux's T5 stream) travel with patch 0; the other patches attend to the
+  text keys and values that patch 0 left this step.
+- The last stage steps the scheduler per patch (flow-matching Euler updates each token
+  on its own) and sends the patch's new latents back to stage 0 for the next step; at the
+  end it broadcasts the final latents to its group.
+- With P = 1 this is the same computation on one rank (patches one after another), which
+  is what the tests compare a gang with.
+
+Attached from outside like the sequence plan: the stage's blocks are kept in the model's
+own ModuleLists, hooks swap in the activations received from the previous stage and stop
+the forward after the stage's last block; attention gets `StaleKVProcessor`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ditmesh.common.errors import InvalidArgument
+from ditmesh.denoiser.parallel.mesh import DeviceMesh, Group, ParallelConfigError
+from ditmesh.denoiser.parallel.processors import _projection
+
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
+
+
+def patch_bounds(tokens: int, patches: int) -> list[tuple[int, int]]:
+    """Consecutive token ranges, as even as possible, the first patches taking one more."""
+    base, rest = divmod(tokens, patches)
+    bounds, start = [], 0
+    for i in range(patches):
+        stop = start + base + (1 if i < rest else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def stage_blocks(total: int, stages: int) -> list[tuple[int, int]]:
+    """Which of the model's `total` blocks (double then single, in order) each stage runs."""
+    return patch_bounds(total, stages)
+
+
+@dataclass
+class PatchContext:
+    """What the current forward pass is; shared by the processors of one model."""
+
+    full: bool = True
+    """The whole image (warm-up): keys and values are replaced, not patched."""
+    text_total: int = 0
+    """Text tokens of the request (their rows come first in the kept keys and values)."""
+    text_len: int = 0
+    """Text tokens in this pass: all of them with patch 0 (or the whole image), else 0."""
+    start: int = 0
+    stop: int = 0
+    """Image token rows of this pass."""
+    branch: str = "cond"
+    """CFG branch of this pass: each keeps its own keys and values."""
+
+
+class StaleKVProcessor:
+    """Flux attention (double- and single-stream blocks) over kept keys and values.
+
+    Same projections, norms and rotary embedding as diffusers' Flux processor; the
+    keys and values of this pass are written into the module's kept ones, and the pass's
+    queries attend to all of them.
+    """
+
+    def __init__(self, ctx: PatchContext) -> None:
+        self.ctx = ctx
+        self.kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        image_rotary_emb=None,
+    ):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        if attention_mask is not None:
+            raise ValueError("attention masks are not supported under PipeFusion")
+        ctx = self.ctx
+        double = encoder_hidden_states is not None
+        text_len = encoder_hidden_states.shape[1] if double else ctx.text_len
+        q = _projection(attn, hidden_states, attn.to_q, attn.norm_q)
+        k = _projection(attn, hidden_states, attn.to_k, attn.norm_k)
+        v = _projection(attn, hidden_states, attn.to_v, None)
+        if double:
+            e = encoder_hidden_states
+            q = torch.cat([_projection(attn, e, attn.add_q_proj, attn.norm_added_q), q], dim=1)
+            k = torch.cat([_projection(attn, e, attn.add_k_proj, attn.norm_added_k), k], dim=1)
+            v = torch.cat([_projection(attn, e, attn.add_v_proj, None), v], dim=1)
+        if image_rotary_emb is not None:
+            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        if ctx.full:
+            self.kv[ctx.branch] = keys, values = k, v
+        else:
+            if ctx.branch not in self.kv:
+                raise RuntimeError("PipeFusion patch before a whole-image step")
+            keys, values = self.kv[ctx.branch]
+            t = ctx.text_total
+            if text_len:
+                keys[:, :t] = k[:, :text_len]
+                values[:, :t] = v[:, :text_len]
+            keys[:, t + ctx.start : t + ctx.stop] = k[:, text_len:]
+            values[:, t + ctx.start : t + ctx.stop] = v[:, text_len:]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
+        ).transpose(1, 2)
+        out = out.flatten(2, 3).to(q.dtype)
+        if double:
+            img = attn.to_out[1](attn.to_out[0](out[:, text_len:]))
+            return img, attn.to_add_out(out[:, :text_len])
+        return out
+
+
+class StageDone(Exception):
+    """Raised by the hook after a non-last stage's last block: carries its outputs."""
+
+    def __init__(self, encoder_hidden_states: torch.Tensor, hidden_states: torch.Tensor) -> None:
+        super().__init__("stage done")
+        self.encoder_hidden_states = encoder_hidden_states
+        self.hidden_states = hidden_states
+
+
+@dataclass
+class Stage:
+    """This rank's part of a PipeFusion gang, attached to the transformer."""
+
+    ctx: PatchContext
+    group: Group
+    first: bool
+    last: bool
+    blocks: tuple[int, int]
+    inbound: dict = field(default_factory=dict)
+    """Activations received from the previous stage for the current pass."""
+    handles: list = field(default_factory=list)
+
+
+def attach_pipefusion(model: torch.nn.Module, mesh: DeviceMesh) -> Stage | None:
+    """Keeps this stage's blocks, hooks its ends, installs StaleKVProcessor; None if P = 1."""
+    group = mesh["pipefusion"]
+    if mesh.config.pipefusion == 1:
+        return None
+    lists = [getattr(model, name, None) for name in BLOCK_LISTS]
+    if any(lst is None for lst in lists):
+        raise ParallelConfigError(
+            "--pipefusion needs a Flux transformer (double and single blocks)"
+        )
+    everything = [(name, blk) for name, lst in zip(BLOCK_LISTS, lists, strict=True) for blk in lst]
+    if group.size > len(everything):
+        raise ParallelConfigError(
+            f"--pipefusion {group.size} is more stages than the model's {len(everything)} blocks"
+        )
+    lo, hi = stage_blocks(len(everything), group.size)[group.rank]
+    mine = everything[lo:hi]
+    for name in BLOCK_LISTS:
+        setattr(model, name, torch.nn.ModuleList([blk for n, blk in mine if n == name]))
+    ctx = PatchContext()
+    stage = Stage(
+        ctx=ctx,
+        group=group,
+        first=group.rank == 0,
+        last=group.rank == group.size - 1,
+        blocks=(lo, hi),
+    )
+    first_block, last_block = mine[0][1], mine[-1][1]
+    if not stage.first:
+
+        def take_inbound(module, args, kwargs):
+            kwargs["hidden_states"] = stage.inbound["hidden_states"]
+            kwargs["encoder_hidden_states"] = stage.inbound["encoder_hidden_states"]
+            return args, kwargs
+
+        stage.handles.append(first_block.register_forward_pre_hook(take_inbound, with_kwargs=True))
+    if not stage.last:
+
+        def stop(module, args, output):
+            raise StageDone(*output)
+
+        stage.handles.append(last_block.register_forward_hook(stop))
+    for _, blk in mine:
+        blk.attn.set_processor(StaleKVProcessor(ctx))
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return stage
+
+
+def check_speed(compile: bool, cuda_graphs: bool) -> None:
+    if compile or cuda_graphs:
+        raise ParallelConfigError(
+            "--pipefusion runs eager so far: leave out --compile and --cuda-graphs"
+        )
+
+
+class _Sent:
+    """An isend and the tensor it reads (kept alive until the send is done)."""
+
+    def __init__(self, t: torch.Tensor, dst: int, group: Group) -> None:
+        self.tensor = t.contiguous().clone()
+        self.work = dist.isend(self.tensor, group.global_rank(dst), group=group.pg)
+
+    def wait(self) -> None:
+        self.work.wait()
+
+
+def _send(t: torch.Tensor, dst: int, group: Group) -> _Sent:
+    return _Sent(t, dst, group)
+
+
+def _recv(shape, like: torch.Tensor, src: int, group: Group) -> torch.Tensor:
+    t = torch.empty(shape, dtype=like.dtype, device=like.device)
+    dist.recv(t, group.global_rank(src), group=group.pg)
+    return t
+
+
+def _patch_step(scheduler, noise, t, sample, last_patch: bool) -> torch.Tensor:
+    """The scheduler's step on some of the tokens; the step counter moves on after the last.
+
+    Only schedulers whose step treats every token on its own (flow-matching Euler, as Flux
+    uses) can be stepped a patch at a time.
+    """
+    index = scheduler._step_index
+    out = scheduler.step(noise, t, sample, return_dict=False)[0]
+    if not last_patch:
+        scheduler._step_index = index
+    return out
+
+
+PATCH_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+
+
+@torch.inference_mode()
+def sample_pipefusion(adapter, job, mesh: DeviceMesh, on_step=None, stage: Stage | None = None):
+    """The sampling loop of one PipeFusion stage (Flux). Returns the whole latents on every
+    rank of the group, unpacked like `sampler.sample`.
+
+    `stage` None runs all blocks on this rank with `mesh.config`'s patches: the
+    single-process form of the same computation.
+    """
+    from ditmesh.denoiser.sampler import gather_images, split_counts
+
+    cfgp = mesh.config
+    prep = adapter.prepare(job)
+    scheduler = prep.scheduler
+    if type(scheduler).__name__ not in PATCH_SCHEDULERS:
+        raise InvalidArgument(
+            f"PipeFusion steps the scheduler a patch at a time; {type(scheduler).__name__} "
+            "cannot be"
+        )
+    cfg = mesh["cfg"]
+    if stage is None:
+        stage = getattr(adapter, "pipefusion_stage", None)
+    if stage is None:
+        stage = _local_stage(adapter)
+    ctx, group = stage.ctx, stage.group
+    dp = mesh["dp"]
+    counts = split_counts(job.num_images, dp.size)
+    begin = sum(counts[: dp.rank])
+    images = slice(begin, begin + counts[dp.rank])
+    latents = prep.latents[images].clone()
+    n = latents.shape[0]
+    # The branches this rank runs: CFG parallel gives each half one.
+    if prep.do_cfg and cfg.size == 2:
+        branches = [("cond", "uncond")[cfg.rank]]
+    elif prep.do_cfg:
+        branches = ["cond", "uncond"]
+    else:
+        branches = ["cond"]
+    inputs = {
+        name: {
+            "text": prep.branches[name]["encoder_hidden_states"][images],
+            "pooled": prep.branches[name]["pooled_projections"][images],
+            "txt_ids": prep.branches[name]["txt_ids"],
+        }
+        for name in branches
+    }
+    img_ids = prep.extra["img_ids"]
+    guidance = prep.extra["guidance"]
+    guidance = None if guidance is None else guidance[images]
+    tokens = latents.shape[1]
+    patches = patch_bounds(tokens, min(cfgp.num_patches, tokens))
+    width = adapter.transformer.config.num_attention_heads * (
+        adapter.transformer.config.attention_head_dim
+    )
+    # Sends stay in flight for a step: each step waits for the sends of the one before.
+    sent: list[list] = [[], []]
+    # Stage 0 receives the last stage's new latents of step i-1, unit by unit, as step i
+    # needs their rows: `incoming` are those units, `have` how many rows arrived.
+    incoming: list[tuple[int, int]] = []
+    have = tokens
+    total = len(prep.timesteps)
+    relay = group.size > 1
+    if n > 0:
+        for i, t in enumerate(prep.timesteps):
+            full = i < cfgp.pipefusion_warmup
+            units = [(0, tokens)] if full else patches
+            timestep = t.expand(n).to(latents.dtype) / 1000
+            now: list = []
+            for p, (a, z) in enumerate(units):
+                with_text = p == 0
+                ctx.full, ctx.start, ctx.stop = full, a, z
+                if stage.first and relay:
+                    while have < z:
+                        ea, ez = incoming.pop(0)
+                        latents[:, ea:ez] = _recv(
+                            (n, ez - ea, latents.shape[2]), latents, -1, group
+                        )
+                        have = ez
+                preds = {}
+                for name in branches:
+                    x = inputs[name]
+                    ctx.branch = name
+                    ctx.text_total = x["text"].shape[1]
+                    ctx.text_len = ctx.text_total if with_text else 0
+                    if not stage.first:
+                        prev = group.rank - 1
+                        stage.inbound["hidden_states"] = _recv(
+                            (n, z - a, width), latents, prev, group
+                        )
+                        stage.inbound["encoder_hidden_states"] = (
+                            _recv((n, ctx.text_total, width), latents, prev, group)
+                            if with_text
+                            else latents.new_empty((n, 0, width))
+                        )
+                    try:
+                        preds[name] = adapter.forward(
+                            hidden_states=latents[:, a:z],
+                            timestep=timestep,
+                            guidance=guidance,
+                            pooled_projections=x["pooled"],
+                            encoder_hidden_states=x["text"] if with_text else x["text"][:, :0],
+                            txt_ids=x["txt_ids"] if with_text else x["txt_ids"][:0],
+                            img_ids=img_ids[a:z],
+                            return_dict=False,
+                        )[0]
+                    except StageDone as done:
+                        now.append(_send(done.hidden_states, group.rank + 1, group))
+                        if with_text:
+                            now.append(_send(done.encoder_hidden_states, group.rank + 1, group))
+                if not stage.last:
+                    continue
+                # Last stage: the prediction for these rows, then the scheduler's step on them.
+                if prep.do_cfg and cfg.size == 2:
+                    mine = preds[branches[0]].contiguous()
+                    both = [torch.empty_like(mine) for _ in range(2)]
+                    dist.all_gather(both, mine, group=cfg.pg)
+                    out = adapter.combine(both[0], both[1], prep, job)
+                elif prep.do_cfg:
+                    out = adapter.combine(preds["cond"], preds["uncond"], prep, job)
+                else:
+                    out = preds["cond"]
+                last_unit = p == len(units) - 1
+                latents[:, a:z] = _patch_step(scheduler, out, t, latents[:, a:z], last_unit)
+                if relay and i < total - 1:
+                    now.append(_send(latents[:, a:z], 0, group))
+            if stage.first and relay:
+                incoming, have = list(units), 0
+            for work in sent.pop(0):
+                work.wait()
+            sent.append(now)
+            if on_step is not None:
+                on_step(i + 1, total)
+        for works in sent:
+            for work in works:
+                work.wait()
+        if group.size > 1:
+            dist.broadcast(latents, group.global_rank(group.size - 1), group=group.pg)
+    latents = gather_images(latents, counts, dp)
+    return adapter.finish(prep, latents, job)
+
+
+def _local_stage(adapter) -> Stage:
+    """All blocks on this one rank, with StaleKVProcessor: PipeFusion's patches without stages."""
+    from ditmesh.denoiser.parallel.mesh import single_process_mesh
+
+    model = adapter.transformer
+    ctx = PatchContext()
+    for name in BLOCK_LISTS:
+        for blk in getattr(model, name):
+            blk.attn.set_processor(StaleKVProcessor(ctx))
+    stage = Stage(
+        ctx=ctx, group=single_process_mesh()["pipefusion"], first=True, last=True, blocks=(0, 0)
+    )
+    adapter.pipefusion_stage = stage
+    return stage
