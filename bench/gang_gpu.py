@@ -1,6 +1,7 @@
 """Times the denoiser gang on GPUs and checks it against the single-GPU result.
 
-A layout is a base (single, u2, r2, u4, u2r2, r4, cfg2, dp2) with optional speedups:
+A layout is a base (single, u2, r2, u4, u2r2, r4, cfg2, dp2, pf2, pf4, cfg2pf2) with
+optional speedups (PipeFusion runs eager only so far):
 `+compile`, `+autotune` (compile in max-autotune-no-cudagraphs mode), `+graphs` (CUDA
 graphs), `+fuse` (fused q/k/v), `+cudnn` / `+flash` (attention kernel first tried),
 e.g. `u2+compile+graphs`.
@@ -42,6 +43,9 @@ LAYOUTS = {
     "r4": dict(ring=4),
     "cfg2": dict(cfg=2),
     "dp2": dict(dp=2),
+    "pf2": dict(pipefusion=2),
+    "pf4": dict(pipefusion=4),
+    "cfg2pf2": dict(cfg=2, pipefusion=2),
 }
 
 

@@ -33,6 +33,7 @@ from ditmesh.denoiser.parallel.pipefusion import (
     patch_bounds,
     sample_pipefusion,
 )
+from ditmesh.denoiser.parallel.sequence import attach
 from ditmesh.denoiser.runner import load_adapter
 from ditmesh.denoiser.sampler import sample
 
@@ -85,7 +86,8 @@ def _rank_main(rank, world, port, model_dir, jobs, layouts, out_path):
             blocks = len(adapter.transformer.transformer_blocks) + len(
                 adapter.transformer.single_transformer_blocks
             )
-            stage = attach_pipefusion(adapter.transformer, mesh)
+            attached = attach(adapter.transformer, adapter.plan, mesh)
+            stage = attach_pipefusion(adapter.transformer, mesh, attached.sp if attached else None)
             adapter.pipefusion_stage = stage
             kept = len(adapter.transformer.transformer_blocks) + len(
                 adapter.transformer.single_transformer_blocks
@@ -160,6 +162,7 @@ def test_four_stages_and_cfg_and_dp(model_dir, jobs, tmp_path):
         "pf4": (dict(pipefusion=4), no_cfg),
         "cfg2pf2": (dict(cfg=2, pipefusion=2), with_cfg),
         "dp2pf2": (dict(dp=2, pipefusion=2), with_cfg),
+        "pf2u2": (dict(pipefusion=2, ulysses=2), list(range(len(jobs)))),
     }
     got = spawn(model_dir, jobs, 4, layouts, tmp_path)
     checks = (
@@ -168,6 +171,8 @@ def test_four_stages_and_cfg_and_dp(model_dir, jobs, tmp_path):
         # for the branches split over the cfg halves and for images split over dp replicas.
         ("cfg2pf2", with_cfg, dict(patches=2)),
         ("dp2pf2", with_cfg, dict(patches=2)),
+        # Ulysses inside each stage: every job (odd token counts, padding, CFG).
+        ("pf2u2", list(range(len(jobs))), dict(patches=2)),
     )
     for name, picked, kw in checks:
         want = one_rank(model_dir, [jobs[i] for i in picked], **kw)

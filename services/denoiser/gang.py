@@ -90,7 +90,9 @@ class GangMember:
         spec.parallel.check_model(heads=self.adapter.heads, family=self.model.family.name)
         self.mesh: DeviceMesh = build_mesh(spec.parallel, rank, world, timeout=timeout)
         self.attached = attach(self.adapter.transformer, self.adapter.plan, self.mesh)
-        self.adapter.pipefusion_stage = attach_pipefusion(self.adapter.transformer, self.mesh)
+        self.adapter.pipefusion_stage = attach_pipefusion(
+            self.adapter.transformer, self.mesh, self.attached.sp if self.attached else None
+        )
         self.warm = apply_speedups(self.adapter, spec.speed)
 
     def broadcast_job(self, job: DenoiseJob | None) -> DenoiseJob | None:

@@ -73,10 +73,10 @@ class ParallelConfig:
                 "--pipefusion-warmup must be at least 1 (the first step fills the keys and "
                 f"values the patches reuse); got {self.pipefusion_warmup!r}"
             )
-        if self.pipefusion > 1 and self.sp > 1:
+        if self.pipefusion > 1 and self.ring > 1:
             raise ParallelConfigError(
-                "--pipefusion does not combine with --ulysses or --ring yet; use one of them "
-                "(each composes with --cfg and --dp)"
+                "--pipefusion does not combine with --ring yet; use --ulysses with it "
+                "(it composes with --ulysses, --cfg and --dp)"
             )
 
     @property

@@ -19,6 +19,10 @@ what makes these stale keys and values good enough.
 - With P = 1 this is the same computation on one rank (patches one after another), which
   is what the tests compare a gang with.
 
+Under Ulysses each stage is a Ulysses group: the sequence plan splits each patch's rows
+across it, attention exchanges them for heads, and the kept keys and values hold the
+rank's heads of every row. The text tokens stay whole on every rank.
+
 Attached from outside like the sequence plan: the stage's blocks are kept in the model's
 own ModuleLists, hooks swap in the activations received from the previous stage and stop
 the forward after the stage's last block; attention gets `StaleKVProcessor`.
@@ -33,8 +37,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ditmesh.common.errors import InvalidArgument
+from ditmesh.denoiser.parallel import ulysses as U
 from ditmesh.denoiser.parallel.mesh import DeviceMesh, Group, ParallelConfigError
 from ditmesh.denoiser.parallel.processors import _projection
+from ditmesh.denoiser.parallel.usp import SequenceParallel
 
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
 
@@ -80,8 +86,10 @@ class StaleKVProcessor:
     queries attend to all of them.
     """
 
-    def __init__(self, ctx: PatchContext) -> None:
+    def __init__(self, ctx: PatchContext, sp: SequenceParallel | None = None) -> None:
         self.ctx = ctx
+        self.ulysses = None if sp is None or sp.ulysses.size == 1 else sp.ulysses
+        self.sp = sp
         self.kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(
@@ -110,6 +118,18 @@ class StaleKVProcessor:
         if image_rotary_emb is not None:
             q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
             k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        ug = self.ulysses
+        local = q.shape[1] - text_len
+        if ug is not None:
+            # This rank's image rows -> the patch's rows (padding dropped) for this rank's
+            # heads; the text (whole on every rank) -> its heads.
+            real = self.sp.shards.total
+            img = U.seq_to_heads(torch.cat([x[:, text_len:] for x in (q, k, v)]), ug)
+            img = img[:, :real].chunk(3)
+            q, k, v = (
+                torch.cat([U.head_slice(x[:, :text_len], ug), i], dim=1)
+                for x, i in zip((q, k, v), img, strict=True)
+            )
         if ctx.full:
             self.kv[ctx.branch] = keys, values = k, v
         else:
@@ -125,6 +145,13 @@ class StaleKVProcessor:
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
         ).transpose(1, 2)
+        if ug is not None:
+            text_out = U.gather_heads(out[:, :text_len].contiguous(), ug)
+            img_out = out[:, text_len:]
+            pad = local * ug.size - img_out.shape[1]
+            if pad:
+                img_out = F.pad(img_out, (0, 0, 0, 0, 0, pad))
+            out = torch.cat([text_out, U.heads_to_seq(img_out.contiguous(), ug)], dim=1)
         out = out.flatten(2, 3).to(q.dtype)
         if double:
             img = attn.to_out[1](attn.to_out[0](out[:, text_len:]))
@@ -150,13 +177,17 @@ class Stage:
     first: bool
     last: bool
     blocks: tuple[int, int]
-    inbound: dict = field(default_factory=dict)
-    """Activations received from the previous stage for the current pass."""
     handles: list = field(default_factory=list)
 
 
-def attach_pipefusion(model: torch.nn.Module, mesh: DeviceMesh) -> Stage | None:
-    """Keeps this stage's blocks, hooks its ends, installs StaleKVProcessor; None if P = 1."""
+def attach_pipefusion(
+    model: torch.nn.Module, mesh: DeviceMesh, sp: SequenceParallel | None = None
+) -> Stage | None:
+    """Keeps this stage's blocks, hooks its ends, installs StaleKVProcessor; None if P = 1.
+
+    `sp`: the sequence plan's handle when Ulysses splits each patch further (attach the
+    plan first); the text tokens then stay whole on every rank.
+    """
     group = mesh["pipefusion"]
     if mesh.config.pipefusion == 1:
         return None
@@ -186,8 +217,14 @@ def attach_pipefusion(model: torch.nn.Module, mesh: DeviceMesh) -> Stage | None:
     if not stage.first:
 
         def take_inbound(module, args, kwargs):
-            kwargs["hidden_states"] = stage.inbound["hidden_states"]
-            kwargs["encoder_hidden_states"] = stage.inbound["encoder_hidden_states"]
+            # The previous stage's activations have the shapes this rank's own embedding
+            # of the (placeholder) inputs has: same rows, same split.
+            for name in ("hidden_states", "encoder_hidden_states"):
+                like = kwargs[name]
+                if like.shape[1]:
+                    got = torch.empty_like(like)
+                    dist.recv(got, group.global_rank(group.rank - 1), group=group.pg)
+                    kwargs[name] = got
             return args, kwargs
 
         stage.handles.append(first_block.register_forward_pre_hook(take_inbound, with_kwargs=True))
@@ -197,8 +234,10 @@ def attach_pipefusion(model: torch.nn.Module, mesh: DeviceMesh) -> Stage | None:
             raise StageDone(*output)
 
         stage.handles.append(last_block.register_forward_hook(stop))
+    if sp is not None:
+        sp.text_whole = True
     for _, blk in mine:
-        blk.attn.set_processor(StaleKVProcessor(ctx))
+        blk.attn.set_processor(StaleKVProcessor(ctx, sp))
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return stage
@@ -298,9 +337,6 @@ def sample_pipefusion(adapter, job, mesh: DeviceMesh, on_step=None, stage: Stage
     guidance = None if guidance is None else guidance[images]
     tokens = latents.shape[1]
     patches = patch_bounds(tokens, min(cfgp.num_patches, tokens))
-    width = adapter.transformer.config.num_attention_heads * (
-        adapter.transformer.config.attention_head_dim
-    )
     # Sends stay in flight for a step: each step waits for the sends of the one before.
     sent: list[list] = [[], []]
     # Stage 0 receives the last stage's new latents of step i-1, unit by unit, as step i
@@ -331,16 +367,6 @@ def sample_pipefusion(adapter, job, mesh: DeviceMesh, on_step=None, stage: Stage
                     ctx.branch = name
                     ctx.text_total = x["text"].shape[1]
                     ctx.text_len = ctx.text_total if with_text else 0
-                    if not stage.first:
-                        prev = group.rank - 1
-                        stage.inbound["hidden_states"] = _recv(
-                            (n, z - a, width), latents, prev, group
-                        )
-                        stage.inbound["encoder_hidden_states"] = (
-                            _recv((n, ctx.text_total, width), latents, prev, group)
-                            if with_text
-                            else latents.new_empty((n, 0, width))
-                        )
                     try:
                         preds[name] = adapter.forward(
                             hidden_states=latents[:, a:z],
@@ -353,9 +379,9 @@ def sample_pipefusion(adapter, job, mesh: DeviceMesh, on_step=None, stage: Stage
                             return_dict=False,
                         )[0]
                     except StageDone as done:
-                        now.append(_send(done.hidden_states, group.rank + 1, group))
-                        if with_text:
-                            now.append(_send(done.encoder_hidden_states, group.rank + 1, group))
+                        for x in (done.hidden_states, done.encoder_hidden_states):
+                            if x.shape[1]:
+                                now.append(_send(x, group.rank + 1, group))
                 if not stage.last:
                     continue
                 # Last stage: the prediction for these rows, then the scheduler's step on them.

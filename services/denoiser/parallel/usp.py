@@ -43,11 +43,14 @@ class SequenceParallel:
     sp: Group
     shard_index: int
     shards: SequenceShards
+    text_whole: bool = False
+    """Keep the text tokens whole on every rank even under Ulysses alone (PipeFusion:
+    the text travels with one patch only)."""
 
     def can_shard_text(self, text_len: int) -> bool:
         """Whether text tokens can be split like image tokens: under Ulysses alone (ring
         blocks take the text whole) and with at least one text token a rank."""
-        return self.ring.size == 1 and 1 < self.sp.size <= text_len
+        return not self.text_whole and self.ring.size == 1 and 1 < self.sp.size <= text_len
 
     def block_valid(self, block: int) -> int:
         """Real tokens in ring block `block` (u consecutive shards)."""
