@@ -1,6 +1,6 @@
 """Times the denoiser gang on GPUs and checks it against the single-GPU result.
 
-A layout is a base (single, u2, r2, u4, u2r2, r4, cfg2, dp2, pf2, pf4, cfg2pf2) with
+A layout is a base (single, u2, r2, u4, u2r2, r4, cfg2, dp2, pf2, pf4, cfg2pf2, pf2u2) with
 optional speedups (PipeFusion runs eager only so far):
 `+compile`, `+autotune` (compile in max-autotune-no-cudagraphs mode), `+graphs` (CUDA
 graphs), `+fuse` (fused q/k/v), `+cudnn` / `+flash` (attention kernel first tried),
@@ -46,6 +46,7 @@ LAYOUTS = {
     "pf2": dict(pipefusion=2),
     "pf4": dict(pipefusion=4),
     "cfg2pf2": dict(cfg=2, pipefusion=2),
+    "pf2u2": dict(pipefusion=2, ulysses=2),
 }
 
 

@@ -2,7 +2,7 @@
 # A GPU plan longer than one call's limit: its phases (each a gpu_session.sh run) go on
 # detached on the warm machine, and short calls wait for them and bring the logs back.
 #
-#   bash bench/gpu_plan.sh start 540   # copies what it needs, starts the plan, waits 540 s
+#   PHASES="vae4 pf" bash bench/gpu_plan.sh start 540   # starts the plan, waits 540 s
 #   bash bench/gpu_plan.sh poll 580    # waits up to 580 s more (returns early when done)
 #
 # Each call prints the RESULT lines so far and leaves in $OUT: plan.log, ours.jsonl,
@@ -11,28 +11,56 @@
 set -u
 P=/tmp/plan; L=/tmp/logs
 
+# Phases (PHASES="vae4 pf" picks some; the default runs all, in this order):
+#   p1024    ours at 1, 2, 4 GPUs and the peers, 1024x1024 (with profiles)
+#   vae      the VAE decode at M = 1, 2, 4 up to 8192x8192
+#   vae4     the VAE decode at M = 4 (all sizes), then M = 2 at 8192 (what `vae` ran out of)
+#   p2048    one GPU (the reference), four GPUs and the 4-GPU peers, 2048x2048
+#   pf       PipeFusion (eager) at 2 and 4 stages and PipeFusion x Ulysses, 1024x1024
+#   p4096    four GPUs and xfuser's compiled Ulysses-4, 4096x4096 (no 1-GPU reference)
+#   autotune compile with max-autotune (1 and 4 GPUs, 1024x1024)
+phase() {
+  case $1 in
+    p1024)
+      SIZES=1024 PROFILE=1 \
+        LAYOUTS="single single+compile+graphs u2+compile+graphs u4+compile+graphs" \
+        PEERS="diffusers xfuser-u1-compile xfuser-u2-compile xfuser-u4 xfuser-u4-compile" \
+        bash bench/gpu_session.sh
+      # If the compiled 4-GPU layout failed, at least time it eager with graphs.
+      grep -q '"layout": "u4+compile+graphs"' $L/ours.jsonl ||
+        SIZES=1024 LAYOUTS="u4+graphs" PEERS="" bash bench/gpu_session.sh ;;
+    vae)
+      SIZES="" VAE_RANKS=1,2,4 VAE_SIZES=1024,2048,4096,6144,8192 VAE_LIMIT=300 \
+        bash bench/gpu_session.sh ;;
+    vae4)
+      SIZES="" VAE_RANKS=4 VAE_SIZES=1024,2048,4096,6144,8192 VAE_LIMIT=300 \
+        bash bench/gpu_session.sh
+      SIZES="" VAE_RANKS=2 VAE_SIZES=8192 VAE_LIMIT=200 bash bench/gpu_session.sh ;;
+    p2048)
+      SIZES=2048 LIMIT=300 LAYOUTS="single u4+compile+graphs" \
+        PEERS="xfuser-u4 xfuser-u4-compile diffusers-cp-u4" PEER_LIMIT=300 \
+        bash bench/gpu_session.sh ;;
+    pf)
+      SIZES=1024 LAYOUTS="single pf2 pf4 cfg2pf2 pf2u2" PEERS="xfuser-pf4" PEER_LIMIT=200 \
+        bash bench/gpu_session.sh ;;
+    p4096)
+      SIZES=4096 LIMIT=400 LAYOUTS="u4+compile+graphs" PEERS="xfuser-u4-compile" \
+        PEER_LIMIT=400 bash bench/gpu_session.sh ;;
+    autotune)
+      SIZES=1024 LAYOUTS="single+autotune+graphs u4+autotune+graphs" PEERS="" \
+        bash bench/gpu_session.sh ;;
+    *) echo "unknown phase $1" ;;
+  esac
+}
+
 phases() {
   cd $P
   export SKIP_INSTALL=1 L_DIR=$L OUT=$P/out LIMIT=${LIMIT:-240}
   mkdir -p $OUT
-  # 1024: ours, then the peers.
-  SIZES=1024 PROFILE=1 \
-    LAYOUTS="single single+compile+graphs u2+compile+graphs u4+compile+graphs" \
-    PEERS="diffusers xfuser-u1-compile xfuser-u2-compile xfuser-u4 xfuser-u4-compile" \
-    bash bench/gpu_session.sh
-  # If the compiled 4-GPU layout failed, at least time it eager with graphs.
-  grep -q '"layout": "u4+compile+graphs"' $L/ours.jsonl ||
-    SIZES=1024 LAYOUTS="u4+graphs" PEERS="" bash bench/gpu_session.sh
-  # The VAE decode gang (issue 5): sizes until each M runs out of memory.
-  SIZES="" VAE_RANKS=1,2,4 VAE_SIZES=1024,2048,4096,6144,8192 VAE_LIMIT=300 \
-    bash bench/gpu_session.sh
-  # 2048: one GPU (the reference), four GPUs, and the 4-GPU peers.
-  SIZES=2048 LIMIT=300 LAYOUTS="single u4+compile+graphs" \
-    PEERS="xfuser-u4 xfuser-u4-compile diffusers-cp-u4" PEER_LIMIT=300 \
-    bash bench/gpu_session.sh
-  # Last (first to go if time runs out): compile with max-autotune GEMM/epilogue choices.
-  SIZES=1024 LAYOUTS="single+autotune+graphs u4+autotune+graphs" PEERS="" \
-    bash bench/gpu_session.sh
+  for ph in ${PHASES:-p1024 vae p2048 autotune}; do
+    echo "== phase $ph"
+    phase $ph
+  done
   touch $L/plan.done
 }
 
@@ -60,7 +88,7 @@ case ${1:-} in
     cp -r bench .peers $P/ || exit 1
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/*.whl || exit 1
-    setsid nohup bash $P/bench/gpu_plan.sh run > $L/plan.log 2>&1 < /dev/null &
+    PHASES="${PHASES:-}" setsid nohup bash $P/bench/gpu_plan.sh run > $L/plan.log 2>&1 < /dev/null &
     wait_for ${2:-540}
     report
     ;;

@@ -8,7 +8,8 @@
 #
 # LAYOUTS: bench/gang_gpu.py layouts, each run in its own process under LIMIT seconds
 #   (`single` first: it is the reference the others are compared with).
-# PEERS: diffusers (1 GPU), diffusers-cp-uN, xfuser-uN, xfuser-uN-compile (N GPUs).
+# PEERS: diffusers (1 GPU), diffusers-cp-uN, xfuser-uN, xfuser-uN-compile, xfuser-pfN
+#   (PipeFusion) on N GPUs.
 # VAE_RANKS / VAE_SIZES: also time the VAE decode gang (bench/vae_gpu.py).
 # FLUX=tiny uses a small random Flux (a smoke test of the GPU paths, not a benchmark).
 # PROBE=1 first checks that NCCL collectives replay from a CUDA graph; PROFILE=1 adds a
@@ -64,6 +65,8 @@ for H in ${SIZES-1024}; do  # SIZES="" runs no denoiser sizes (e.g. the VAE alon
       diffusers) peer $P python3 .peers/bench_diffusers.py $M $H $S ;;
       diffusers-cp-u*) n=${P#diffusers-cp-u}
         peer $P torchrun --nproc_per_node $n .peers/bench_diffusers_cp.py $M $H $S $n 1 ;;
+      xfuser-pf*) n=${P#xfuser-pf}
+        peer $P torchrun --nproc_per_node $n .peers/bench_xfuser.py $X --pipefusion_parallel_degree $n ;;
       xfuser-u*-compile) n=${P#xfuser-u}; n=${n%-compile}
         peer $P torchrun --nproc_per_node $n .peers/bench_xfuser.py $X --ulysses_degree $n --use_torch_compile ;;
       xfuser-u*) n=${P#xfuser-u}

@@ -184,6 +184,11 @@ GROUP_DIMS: dict[str, tuple[str, ...]] = {
     "dp": ("dp",),
     "cfg": ("cfg",),
     "pipefusion": ("pipefusion",),
+    # The same ranks again: PipeFusion's latents go back from the last stage to the first
+    # on their own communicator. On one NCCL communicator a rank's sends and receives
+    # queue on one stream, so the first stage's next send would wait behind its receive
+    # of latents the last stage sends only after receiving that very send.
+    "pipefusion_back": ("pipefusion",),
     "ulysses": ("ulysses",),
     "ring": ("ring",),
     "sp": ("ulysses", "ring"),

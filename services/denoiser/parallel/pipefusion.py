@@ -174,6 +174,8 @@ class Stage:
 
     ctx: PatchContext
     group: Group
+    back: Group
+    """The same ranks on a second communicator: latents from the last stage to the first."""
     first: bool
     last: bool
     blocks: tuple[int, int]
@@ -209,6 +211,7 @@ def attach_pipefusion(
     stage = Stage(
         ctx=ctx,
         group=group,
+        back=mesh["pipefusion_back"],
         first=group.rank == 0,
         last=group.rank == group.size - 1,
         blocks=(lo, hi),
@@ -358,7 +361,7 @@ def sample_pipefusion(adapter, job, mesh: DeviceMesh, on_step=None, stage: Stage
                     while have < z:
                         ea, ez = incoming.pop(0)
                         latents[:, ea:ez] = _recv(
-                            (n, ez - ea, latents.shape[2]), latents, -1, group
+                            (n, ez - ea, latents.shape[2]), latents, -1, stage.back
                         )
                         have = ez
                 preds = {}
@@ -397,7 +400,7 @@ def sample_pipefusion(adapter, job, mesh: DeviceMesh, on_step=None, stage: Stage
                 last_unit = p == len(units) - 1
                 latents[:, a:z] = _patch_step(scheduler, out, t, latents[:, a:z], last_unit)
                 if relay and i < total - 1:
-                    now.append(_send(latents[:, a:z], 0, group))
+                    now.append(_send(latents[:, a:z], 0, stage.back))
             if stage.first and relay:
                 incoming, have = list(units), 0
             for work in sent.pop(0):
@@ -423,8 +426,14 @@ def _local_stage(adapter) -> Stage:
     for name in BLOCK_LISTS:
         for blk in getattr(model, name):
             blk.attn.set_processor(StaleKVProcessor(ctx))
+    one = single_process_mesh()
     stage = Stage(
-        ctx=ctx, group=single_process_mesh()["pipefusion"], first=True, last=True, blocks=(0, 0)
+        ctx=ctx,
+        group=one["pipefusion"],
+        back=one["pipefusion_back"],
+        first=True,
+        last=True,
+        blocks=(0, 0),
     )
     adapter.pipefusion_stage = stage
     return stage
