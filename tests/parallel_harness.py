@@ -60,6 +60,18 @@ def run_layouts(
     return out
 
 
+def join_gloo(rank: int, world: int, port: int) -> None:
+    """A spawned test rank: one thread, gloo on loopback."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=120),
+    )
+
+
 def _rank_main(
     rank: int,
     world: int,
@@ -70,14 +82,7 @@ def _rank_main(
     out_path: str,
     speed: Speedups = EAGER,
 ) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=120),
-    )
+    join_gloo(rank, world, port)
     try:
         results = run_layouts(model_dir, jobs, layouts, speed)
         if rank == 0:

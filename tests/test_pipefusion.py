@@ -37,7 +37,7 @@ from ditmesh.denoiser.parallel.sequence import attach
 from ditmesh.denoiser.runner import load_adapter
 from ditmesh.denoiser.sampler import sample
 
-from .parallel_harness import REL_TOL, relative_error, single
+from .parallel_harness import REL_TOL, join_gloo, relative_error, single
 from .test_parallel_flux import flux_jobs
 
 
@@ -68,14 +68,7 @@ def one_rank(model_dir: str, jobs, **degrees) -> list[torch.Tensor]:
 
 
 def _rank_main(rank, world, port, model_dir, jobs, layouts, out_path):
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=120),
-    )
+    join_gloo(rank, world, port)
     try:
         out = {}
         for name, (degrees, picked) in layouts.items():
