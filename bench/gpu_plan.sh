@@ -19,6 +19,8 @@ P=/tmp/plan; L=/tmp/logs
 #   pf       PipeFusion (eager) at 2 and 4 stages and PipeFusion x Ulysses, 1024x1024
 #   p4096    four GPUs and xfuser's compiled Ulysses-4, 4096x4096 (no 1-GPU reference)
 #   autotune compile with max-autotune (1 and 4 GPUs, 1024x1024)
+#   mesh     whole-mesh throughput on 4 GPUs (text encoders added to the random Flux):
+#            stages split across the GPUs vs 4 whole-pipeline replicas vs one u4 gang
 phase() {
   case $1 in
     p1024)
@@ -49,6 +51,18 @@ phase() {
     autotune)
       SIZES=1024 LAYOUTS="single+autotune+graphs u4+autotune+graphs" PEERS="" \
         bash bench/gpu_session.sh ;;
+    mesh)
+      export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1
+      [ -d /tmp/flux-full ] || python3 .peers/make_flux.py /tmp/flux-full full 2>&1 | tail -1
+      [ -d /tmp/flux-mesh ] || python3 bench/make_mesh_model.py /tmp/flux-full /tmp/flux-mesh
+      for layout in "encoder@0;denoiser@1,2:--ulysses=2;vae@3" replicas:4 \
+        "encoder@0;denoiser@0,1,2,3:--ulysses=4;vae@0"; do
+        timeout -k 10 ${MESH_LIMIT:-420} python3 bench/mesh_throughput.py --model /tmp/flux-mesh \
+          --layout "$layout" --denoiser-flags "--compile --cuda-graphs" --requests 16 \
+          --concurrency 8 --out $L > $L/mesh.log.tmp 2>&1
+        echo "mesh $layout rc=$?"; grep -E "^RESULT|^\| " $L/mesh.log.tmp || tail -20 $L/mesh.log.tmp
+        cat $L/mesh.log.tmp >> $L/mesh.log; pkill -9 -f "ditmesh.client.cli" 2>/dev/null; sleep 2
+      done ;;
     *) echo "unknown phase $1" ;;
   esac
 }

@@ -1,0 +1,101 @@
+"""A whole FLUX.1-dev-shaped pipeline folder for the mesh benchmarks: text encoders added.
+
+The peers' random Flux folder (`make_flux.py`) has no text encoders (their benchmarks
+pass prompt embeddings). The mesh's encoder stage needs them, so this writes a folder
+that links that folder's transformer, VAE and scheduler and adds random-weight text
+encoders of the real sizes (CLIP-L text tower: 12 layers, width 768; T5 v1.1 XXL
+encoder: 24 layers, width 4096, FFN 10240, 64 heads) with the project's offline
+tokenizers (`ditmesh.common.tiny`: smaller vocabularies than the real ones, the same
+sequence lengths, so the encoders do the same work per token).
+
+    python bench/make_mesh_model.py /tmp/flux-full /tmp/flux-mesh          # on a GPU
+    python bench/make_mesh_model.py /tmp/tiny /tmp/tiny-mesh --size small   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import time
+
+import torch
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+from ditmesh.common import tiny
+
+SIZES = {
+    # (CLIP width, layers, heads, FFN), (T5 width, layers, heads, d_kv, FFN)
+    "full": ((768, 12, 12, 3072), (4096, 24, 64, 64, 10240)),
+    "small": ((16, 2, 4, 32), (32, 2, 4, 8, 64)),  # fits make_flux.py tiny
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("source", help="a Flux folder with transformer/, vae/, scheduler/")
+    ap.add_argument("out")
+    ap.add_argument("--size", choices=sorted(SIZES), default="full")
+    args = ap.parse_args()
+    t0 = time.time()
+    src, out = pathlib.Path(args.source).resolve(), pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for part in ("transformer", "vae", "scheduler"):
+        if not (out / part).exists():
+            os.symlink(src / part, out / part)
+    (clip_w, clip_l, clip_h, clip_ff), (t5_w, t5_l, t5_h, t5_kv, t5_ff) = SIZES[args.size]
+    clip_tok, t5_tok = tiny.clip_tokenizer(), tiny.t5_tokenizer(512)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    with torch.device(device):
+        clip = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(clip_tok),
+                hidden_size=clip_w,
+                intermediate_size=clip_ff,
+                num_hidden_layers=clip_l,
+                num_attention_heads=clip_h,
+                max_position_embeddings=clip_tok.model_max_length,
+                hidden_act="quick_gelu",
+                bos_token_id=clip_tok.bos_token_id,
+                eos_token_id=clip_tok.eos_token_id,
+                pad_token_id=clip_tok.pad_token_id,
+            )
+        ).to(torch.bfloat16)
+        t5 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(t5_tok),
+                d_model=t5_w,
+                d_kv=t5_kv,
+                d_ff=t5_ff,
+                num_layers=t5_l,
+                num_heads=t5_h,
+                feed_forward_proj="gated-gelu",
+                dropout_rate=0.0,
+                tie_word_embeddings=False,
+                pad_token_id=t5_tok.pad_token_id,
+                eos_token_id=t5_tok.eos_token_id,
+                decoder_start_token_id=t5_tok.pad_token_id,
+            )
+        ).to(torch.bfloat16)
+    clip.save_pretrained(out / "text_encoder")
+    t5.save_pretrained(out / "text_encoder_2", max_shard_size="10GB")
+    clip_tok.save_pretrained(out / "tokenizer")
+    t5_tok.save_pretrained(out / "tokenizer_2")
+    tiny._write_clip_vocab_files(clip_tok, out / "tokenizer")
+    tiny._write_spiece_model(out / "tokenizer_2")
+    index = json.loads((src / "model_index.json").read_text())
+    index.update(
+        text_encoder=["transformers", "CLIPTextModel"],
+        tokenizer=["transformers", "CLIPTokenizer"],
+        text_encoder_2=["transformers", "T5EncoderModel"],
+        tokenizer_2=["transformers", "T5Tokenizer"],
+    )
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    n = sum(p.numel() for p in t5.parameters()) + sum(p.numel() for p in clip.parameters())
+    print(f"wrote {out}: text encoders {n / 1e9:.2f}B params in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
