@@ -173,6 +173,17 @@ def test_four_stages_and_cfg_and_dp(model_dir, jobs, tmp_path):
             _close(g, w, f"{name} job {picked[i]} vs the same patches on one rank")
 
 
+def test_cfg_x_pipefusion_x_ulysses_on_eight_ranks(model_dir, jobs, tmp_path):
+    """The hybrid of the 8-GPU runs (cfg 2 x pipefusion 2 x ulysses 2), gloo on 8 processes."""
+    picked = [0, 1, 2]  # true CFG (two sizes, several images) and no CFG
+    got = spawn(
+        model_dir, jobs, 8, {"cfg2pf2u2": (dict(cfg=2, pipefusion=2, ulysses=2), picked)}, tmp_path
+    )
+    want = one_rank(model_dir, [jobs[i] for i in picked], patches=2)
+    for i, (w, g) in enumerate(zip(want, got["cfg2pf2u2"], strict=True)):
+        _close(g, w, f"cfg2 x pf2 x u2 job {picked[i]} vs the same patches on one rank")
+
+
 def test_pipefusion_refuses_what_it_cannot_run():
     with pytest.raises(ParallelConfigError, match="Flux models only"):
         ParallelConfig(pipefusion=2).check_model(heads=4, family="sd3")
