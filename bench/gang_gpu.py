@@ -4,6 +4,7 @@ A layout is a base (single, u2, r2, u4, u2r2, r4, cfg2, dp2, pf2, pf4, cfg2pf2, 
 optional speedups (PipeFusion runs eager only so far):
 `+compile`, `+autotune` (compile in max-autotune-no-cudagraphs mode), `+graphs` (CUDA
 graphs), `+fuse` (fused q/k/v), `+cudnn` / `+flash` (attention kernel first tried),
+`+reorder` / `+schedule` (with compile: inductor's compute/communication overlap),
 e.g. `u2+compile+graphs`.
 
 For each layout: start a gang (GangRunner: NCCL, one process per GPU) on a
@@ -90,6 +91,8 @@ OPTIONS = {
     "fuse": dict(fuse_qkv=True),
     "cudnn": dict(attention="cudnn"),
     "flash": dict(attention="flash"),
+    "reorder": dict(comm_overlap="reorder"),
+    "schedule": dict(comm_overlap="schedule"),
 }
 
 

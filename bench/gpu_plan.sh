@@ -19,6 +19,7 @@ P=/tmp/plan; L=/tmp/logs
 #   pf       PipeFusion (eager) at 2 and 4 stages and PipeFusion x Ulysses, 1024x1024
 #   p4096    four GPUs and xfuser's compiled Ulysses-4, 4096x4096 (no 1-GPU reference)
 #   autotune compile with max-autotune (1 and 4 GPUs, 1024x1024)
+#   overlap  --comm-overlap reorder / schedule against plain compile + graphs (2 and 4 GPUs)
 #   mesh     whole-mesh throughput on 4 GPUs (text encoders added to the random Flux):
 #            stages split across the GPUs vs 4 whole-pipeline replicas vs one u4 gang
 phase() {
@@ -48,6 +49,10 @@ phase() {
     p4096)
       SIZES=4096 LIMIT=400 LAYOUTS="u4+compile+graphs" PEERS="xfuser-u4-compile" \
         PEER_LIMIT=400 bash bench/gpu_session.sh ;;
+    overlap)
+      SIZES=1024 PROFILE=1 LAYOUTS="u4+compile+graphs u4+compile+graphs+reorder \
+        u4+compile+graphs+schedule u2+compile+graphs u2+compile+graphs+reorder" PEERS="" \
+        bash bench/gpu_session.sh ;;
     autotune)
       SIZES=1024 LAYOUTS="single+autotune+graphs u4+autotune+graphs" PEERS="" \
         bash bench/gpu_session.sh ;;

@@ -64,6 +64,14 @@ def _add_gang_args(p: argparse.ArgumentParser) -> None:
         "Triton GEMMs with fused epilogues where they beat cuBLAS)",
     )
     g.add_argument(
+        "--comm-overlap",
+        choices=["off", "reorder", "schedule"],
+        default="off",
+        help="with --compile: let inductor reorder the Ulysses exchange's collectives to "
+        "overlap compute (reorder: its reordering passes; schedule: its overlap scheduler). "
+        "Not yet measured; off by default",
+    )
+    g.add_argument(
         "--cuda-graphs",
         action="store_true",
         help="replay the transformer forward (collectives included) from CUDA graphs (GPU)",
@@ -111,6 +119,7 @@ def _speedups(args: argparse.Namespace):
         cuda_graphs=args.cuda_graphs,
         attention=args.attention,
         fuse_qkv=args.fuse_qkv,
+        comm_overlap=args.comm_overlap,
         warmup_sizes=args.warmup_sizes,
     )
 
@@ -273,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                     *(["--cuda-graphs"] if args.cuda_graphs else []),
                     *(["--compile"] if args.compile else []),
                     f"--compile-mode={args.compile_mode}",
+                    f"--comm-overlap={args.comm_overlap}",
                     *(["--fuse-qkv"] if args.fuse_qkv else []),
                     f"--attention={args.attention}",
                     *(

@@ -333,6 +333,25 @@ def test_compile_mode_is_checked_and_described():
     assert speed.describe() == "compile=max-autotune-no-cudagraphs, cuda_graphs"
 
 
+def test_comm_overlap_is_checked_described_and_passed_by_up(monkeypatch):
+    import ditmesh.local
+    from ditmesh.client.cli import _speedups, build_parser, main
+
+    with pytest.raises(ValueError, match="off, reorder, schedule"):
+        Speedups(compile=True, comm_overlap="sometimes")
+    assert Speedups(compile=True, comm_overlap="reorder").describe() == (
+        "compile, comm_overlap=reorder"
+    )
+    args = build_parser().parse_args(
+        ["serve", "denoiser", "--model", "X", "--compile", "--comm-overlap", "reorder"]
+    )
+    assert _speedups(args) == Speedups(compile=True, comm_overlap="reorder")
+    configs = []
+    monkeypatch.setattr(ditmesh.local, "run_up", lambda cfg: configs.append(cfg) or 0)
+    assert main(["up", "--model", "X", "--compile", "--comm-overlap", "schedule"]) == 0
+    assert "--comm-overlap=schedule" in configs[0].denoiser_args
+
+
 def test_warm_up_runs_each_job_and_says_so(model, caplog):
     from ditmesh.denoiser.runner import warm_up, warmup_job
 

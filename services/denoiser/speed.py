@@ -30,6 +30,9 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 whole forward is captured by --cuda-graphs, collectives included)."""
 
 
+COMM_OVERLAP = ("off", "reorder", "schedule")
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Speedups:
     compile: bool = False
@@ -40,6 +43,11 @@ class Speedups:
     attention: str = "auto"
     """SDPA kernel tried first: auto (PyTorch's own order), cudnn, flash, efficient, math."""
     fuse_qkv: bool = False
+    comm_overlap: str = "off"
+    """With compile: let inductor move the Ulysses exchange's collectives and waits to
+    overlap compute. off; reorder (its reordering passes: collectives raised, waits sunk,
+    peak memory kept); schedule (its overlap scheduler on the ATen graph). Not yet
+    measured on a GPU, so off by default."""
     warmup_sizes: tuple[tuple[int, int], ...] = ()
     """(height, width) warmed up at start besides the model's default size."""
 
@@ -47,6 +55,10 @@ class Speedups:
         if self.attention not in ATTENTION_CHOICES:
             raise ValueError(
                 f"attention kernel must be one of {', '.join(ATTENTION_CHOICES)}, not {self.attention!r}"
+            )
+        if self.comm_overlap not in COMM_OVERLAP:
+            raise ValueError(
+                f"comm overlap must be one of {', '.join(COMM_OVERLAP)}, not {self.comm_overlap!r}"
             )
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(
@@ -59,6 +71,8 @@ class Speedups:
             on[0] = f"compile={self.compile_mode}"
         if self.attention != "auto":
             on.append(f"attention={self.attention}")
+        if self.comm_overlap != "off":
+            on.append(f"comm_overlap={self.comm_overlap}")
         return ", ".join(on) or "eager"
 
 
@@ -128,6 +142,37 @@ def compile_blocks(transformer: nn.Module, mode: str = "default") -> int:
     return compiled
 
 
+REORDER_PASSES = (
+    "reorder_communication_preserving_peak_memory",
+    "sink_waits_iterative",
+    "reorder_communication_preserving_peak_memory",
+)
+
+
+def set_comm_overlap(how: str) -> None:
+    """Inductor settings (process-wide) under which compiled collectives overlap compute.
+
+    Raises ValueError where this torch has neither mechanism, rather than silently
+    compiling without it.
+    """
+    import torch._inductor.comms as comms
+    import torch._inductor.config as ic
+
+    if how == "reorder":
+        passes = [p for p in REORDER_PASSES if hasattr(comms, p)]
+        if not passes:
+            raise ValueError("--comm-overlap reorder: this torch's inductor has no such passes")
+        ic.reorder_for_compute_comm_overlap = True
+        ic.reorder_for_compute_comm_overlap_passes = passes
+    elif how == "schedule":
+        opts = getattr(ic, "aten_distributed_optimizations", None)
+        if opts is None or not hasattr(opts, "enable_overlap_scheduling"):
+            raise ValueError(
+                "--comm-overlap schedule: this torch's inductor has no overlap scheduler"
+            )
+        opts.enable_overlap_scheduling = True
+
+
 def _backends(choice: str) -> list:
     from torch.nn.attention import SDPBackend
 
@@ -171,6 +216,8 @@ def apply(adapter, speed: Speedups) -> bool:
         else:
             log.warning("--fuse-qkv: this model has no attention diffusers can fuse; unchanged")
     if speed.compile:
+        if speed.comm_overlap != "off":
+            set_comm_overlap(speed.comm_overlap)
         compile_blocks(transformer, speed.compile_mode)
         warm = True
     if speed.attention != "auto":
