@@ -241,6 +241,7 @@ def attach_pipefusion(
         sp.text_whole = True
     for _, blk in mine:
         blk.attn.set_processor(StaleKVProcessor(ctx, sp))
+    del lists, everything  # the other stages' blocks: their memory goes back
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return stage
