@@ -180,6 +180,12 @@ class Stage:
     last: bool
     blocks: tuple[int, int]
     handles: list = field(default_factory=list)
+    processors: list = field(default_factory=list)
+
+    def forget(self) -> None:
+        """Drops every kept key and value (after a request: a few GB for Flux at 1024²)."""
+        for proc in self.processors:
+            proc.kv.clear()
 
 
 def attach_pipefusion(
@@ -240,7 +246,8 @@ def attach_pipefusion(
     if sp is not None:
         sp.text_whole = True
     for _, blk in mine:
-        blk.attn.set_processor(StaleKVProcessor(ctx, sp))
+        stage.processors.append(StaleKVProcessor(ctx, sp))
+        blk.attn.set_processor(stage.processors[-1])
     del lists, everything  # the other stages' blocks: their memory goes back
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -349,71 +356,74 @@ def sample_pipefusion(adapter, job, mesh: DeviceMesh, on_step=None, stage: Stage
     have = tokens
     total = len(prep.timesteps)
     relay = group.size > 1
-    if n > 0:
-        for i, t in enumerate(prep.timesteps):
-            full = i < cfgp.pipefusion_warmup
-            units = [(0, tokens)] if full else patches
-            timestep = t.expand(n).to(latents.dtype) / 1000
-            now: list = []
-            for p, (a, z) in enumerate(units):
-                with_text = p == 0
-                ctx.full, ctx.start, ctx.stop = full, a, z
+    try:
+        if n > 0:
+            for i, t in enumerate(prep.timesteps):
+                full = i < cfgp.pipefusion_warmup
+                units = [(0, tokens)] if full else patches
+                timestep = t.expand(n).to(latents.dtype) / 1000
+                now: list = []
+                for p, (a, z) in enumerate(units):
+                    with_text = p == 0
+                    ctx.full, ctx.start, ctx.stop = full, a, z
+                    if stage.first and relay:
+                        while have < z:
+                            ea, ez = incoming.pop(0)
+                            latents[:, ea:ez] = _recv(
+                                (n, ez - ea, latents.shape[2]), latents, -1, stage.back
+                            )
+                            have = ez
+                    preds = {}
+                    for name in branches:
+                        x = inputs[name]
+                        ctx.branch = name
+                        ctx.text_total = x["text"].shape[1]
+                        ctx.text_len = ctx.text_total if with_text else 0
+                        try:
+                            preds[name] = adapter.forward(
+                                hidden_states=latents[:, a:z],
+                                timestep=timestep,
+                                guidance=guidance,
+                                pooled_projections=x["pooled"],
+                                encoder_hidden_states=x["text"] if with_text else x["text"][:, :0],
+                                txt_ids=x["txt_ids"] if with_text else x["txt_ids"][:0],
+                                img_ids=img_ids[a:z],
+                                return_dict=False,
+                            )[0]
+                        except StageDone as done:
+                            for x in (done.hidden_states, done.encoder_hidden_states):
+                                if x.shape[1]:
+                                    now.append(_send(x, group.rank + 1, group))
+                    if not stage.last:
+                        continue
+                    # Last stage: the prediction for these rows, then the scheduler's step on them.
+                    if prep.do_cfg and cfg.size == 2:
+                        mine = preds[branches[0]].contiguous()
+                        both = [torch.empty_like(mine) for _ in range(2)]
+                        dist.all_gather(both, mine, group=cfg.pg)
+                        out = adapter.combine(both[0], both[1], prep, job)
+                    elif prep.do_cfg:
+                        out = adapter.combine(preds["cond"], preds["uncond"], prep, job)
+                    else:
+                        out = preds["cond"]
+                    last_unit = p == len(units) - 1
+                    latents[:, a:z] = _patch_step(scheduler, out, t, latents[:, a:z], last_unit)
+                    if relay and i < total - 1:
+                        now.append(_send(latents[:, a:z], 0, stage.back))
                 if stage.first and relay:
-                    while have < z:
-                        ea, ez = incoming.pop(0)
-                        latents[:, ea:ez] = _recv(
-                            (n, ez - ea, latents.shape[2]), latents, -1, stage.back
-                        )
-                        have = ez
-                preds = {}
-                for name in branches:
-                    x = inputs[name]
-                    ctx.branch = name
-                    ctx.text_total = x["text"].shape[1]
-                    ctx.text_len = ctx.text_total if with_text else 0
-                    try:
-                        preds[name] = adapter.forward(
-                            hidden_states=latents[:, a:z],
-                            timestep=timestep,
-                            guidance=guidance,
-                            pooled_projections=x["pooled"],
-                            encoder_hidden_states=x["text"] if with_text else x["text"][:, :0],
-                            txt_ids=x["txt_ids"] if with_text else x["txt_ids"][:0],
-                            img_ids=img_ids[a:z],
-                            return_dict=False,
-                        )[0]
-                    except StageDone as done:
-                        for x in (done.hidden_states, done.encoder_hidden_states):
-                            if x.shape[1]:
-                                now.append(_send(x, group.rank + 1, group))
-                if not stage.last:
-                    continue
-                # Last stage: the prediction for these rows, then the scheduler's step on them.
-                if prep.do_cfg and cfg.size == 2:
-                    mine = preds[branches[0]].contiguous()
-                    both = [torch.empty_like(mine) for _ in range(2)]
-                    dist.all_gather(both, mine, group=cfg.pg)
-                    out = adapter.combine(both[0], both[1], prep, job)
-                elif prep.do_cfg:
-                    out = adapter.combine(preds["cond"], preds["uncond"], prep, job)
-                else:
-                    out = preds["cond"]
-                last_unit = p == len(units) - 1
-                latents[:, a:z] = _patch_step(scheduler, out, t, latents[:, a:z], last_unit)
-                if relay and i < total - 1:
-                    now.append(_send(latents[:, a:z], 0, stage.back))
-            if stage.first and relay:
-                incoming, have = list(units), 0
-            for work in sent.pop(0):
-                work.wait()
-            sent.append(now)
-            if on_step is not None:
-                on_step(i + 1, total)
-        for works in sent:
-            for work in works:
-                work.wait()
-        if group.size > 1:
-            dist.broadcast(latents, group.global_rank(group.size - 1), group=group.pg)
+                    incoming, have = list(units), 0
+                for work in sent.pop(0):
+                    work.wait()
+                sent.append(now)
+                if on_step is not None:
+                    on_step(i + 1, total)
+            for works in sent:
+                for work in works:
+                    work.wait()
+            if group.size > 1:
+                dist.broadcast(latents, group.global_rank(group.size - 1), group=group.pg)
+    finally:
+        stage.forget()  # the kept keys and values are this request's only
     latents = gather_images(latents, counts, dp)
     return adapter.finish(prep, latents, job)
 
@@ -424,9 +434,11 @@ def _local_stage(adapter) -> Stage:
 
     model = adapter.transformer
     ctx = PatchContext()
+    processors = []
     for name in BLOCK_LISTS:
         for blk in getattr(model, name):
-            blk.attn.set_processor(StaleKVProcessor(ctx))
+            processors.append(StaleKVProcessor(ctx))
+            blk.attn.set_processor(processors[-1])
     one = single_process_mesh()
     stage = Stage(
         ctx=ctx,
@@ -435,6 +447,7 @@ def _local_stage(adapter) -> Stage:
         first=True,
         last=True,
         blocks=(0, 0),
+        processors=processors,
     )
     adapter.pipefusion_stage = stage
     return stage
