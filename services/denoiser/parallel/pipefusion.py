@@ -30,6 +30,7 @@ the forward after the stage's last block; attention gets `StaleKVProcessor`.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +42,8 @@ from ditmesh.denoiser.parallel import ulysses as U
 from ditmesh.denoiser.parallel.mesh import DeviceMesh, Group, ParallelConfigError
 from ditmesh.denoiser.parallel.processors import _projection
 from ditmesh.denoiser.parallel.usp import SequenceParallel
+
+log = logging.getLogger(__name__)
 
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
 
@@ -248,6 +251,16 @@ def attach_pipefusion(
     for _, blk in mine:
         stage.processors.append(StaleKVProcessor(ctx, sp))
         blk.attn.set_processor(stage.processors[-1])
+    log.info(
+        "PipeFusion stage %d of %d: blocks %d-%d of %d, %d patches, %d whole-image step(s)",
+        group.rank + 1,
+        group.size,
+        lo,
+        hi - 1,
+        len(everything),
+        mesh.config.num_patches,
+        mesh.config.pipefusion_warmup,
+    )
     del lists, everything  # the other stages' blocks: their memory goes back
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
