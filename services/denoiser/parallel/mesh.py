@@ -17,6 +17,11 @@ Worked example, N = 8 with dp=1, cfg=2, pipefusion=1, ulysses=2, ring=2:
 Within an sp group the image tokens are split into ulysses*ring shards; rank
 (u_i, r_i) holds shard ``r_i * ulysses + u_i``, so the shards a Ulysses group
 gathers are contiguous and form ring block ``r_i``.
+
+With PipeFusion, e.g. N = 8 as cfg=2, pipefusion=2, ulysses=2: ranks 0, 1 are stage 0
+of the conditional branch (a Ulysses pair), 2, 3 its stage 1; the pipefusion groups are
+{0, 2} and {1, 3} (a stage's rank and the next stage's rank with the same Ulysses
+coordinate), and ranks 4..7 repeat this for the unconditional branch.
 """
 
 from __future__ import annotations
