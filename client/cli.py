@@ -32,7 +32,7 @@ def _add_gang_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=1,
         help="PipeFusion stages: the blocks split into stages, the image into patches that "
-        "reuse the other patches' keys and values of the step before (Flux; eager)",
+        "reuse the other patches' keys and values of the step before (Flux, SD3; eager)",
     )
     g.add_argument(
         "--patches", type=int, default=0, help="PipeFusion patches per step (0: one per stage)"

@@ -71,24 +71,27 @@ def one_rank(model_dir: str, jobs, **degrees) -> list[torch.Tensor]:
     return out
 
 
+def _blocks(transformer) -> int:
+    return len(transformer.transformer_blocks) + len(
+        getattr(transformer, "single_transformer_blocks", ())
+    )
+
+
 def _rank_main(rank, world, port, model_dir, jobs, layouts, out_path):
     join_gloo(rank, world, port)
     try:
         out = {}
         for name, (degrees, picked) in layouts.items():
             cfg = ParallelConfig(**degrees)
-            adapter = load_adapter(resolve_model(model_dir), torch.device("cpu"), "float32")
-            cfg.check_model(heads=adapter.heads, family="flux")
+            model = resolve_model(model_dir)
+            adapter = load_adapter(model, torch.device("cpu"), "float32")
+            cfg.check_model(heads=adapter.heads, family=model.family.name)
             mesh = build_mesh(cfg, rank, world, timeout=timedelta(seconds=60))
-            blocks = len(adapter.transformer.transformer_blocks) + len(
-                adapter.transformer.single_transformer_blocks
-            )
+            blocks = _blocks(adapter.transformer)
             attached = attach(adapter.transformer, adapter.plan, mesh)
             stage = attach_pipefusion(adapter.transformer, mesh, attached.sp if attached else None)
             adapter.pipefusion_stage = stage
-            kept = len(adapter.transformer.transformer_blocks) + len(
-                adapter.transformer.single_transformer_blocks
-            )
+            kept = _blocks(adapter.transformer)
             # Each stage keeps only its own consecutive blocks.
             assert kept == stage.blocks[1] - stage.blocks[0] < blocks, (kept, blocks)
             out[name] = [sample(adapter, jobs[i], mesh) for i in picked]
@@ -189,7 +192,59 @@ def test_cfg_x_pipefusion_x_ulysses_on_eight_ranks(model_dir, jobs, tmp_path):
 
 
 def test_pipefusion_refuses_what_it_cannot_run():
-    with pytest.raises(ParallelConfigError, match="Flux models only"):
-        ParallelConfig(pipefusion=2).check_model(heads=4, family="sd3")
+    with pytest.raises(ParallelConfigError, match="Flux and SD3 models only"):
+        ParallelConfig(pipefusion=2).check_model(heads=4, family="pixart-sigma")
     with pytest.raises(ParallelConfigError, match="leave out --compile and --cuda-graphs"):
         check_speed(True, False)
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory) -> str:
+    from ditmesh.common.tiny import make_tiny
+
+    return str(make_tiny("sd3", tmp_path_factory.mktemp("sd3") / "model"))
+
+
+def test_sd3_stages_and_ulysses_and_cfg(sd3_dir, tmp_path):
+    """SD3: patches are bands of latent rows (token rows); CFG is on in jobs a and b."""
+    from .test_parallel_sd3 import sd3_jobs
+
+    jobs = sd3_jobs(sd3_dir)
+    every = list(range(len(jobs)))
+    got = spawn(
+        sd3_dir,
+        jobs,
+        4,
+        {
+            "pf2u2": (dict(pipefusion=2, ulysses=2), every),
+            "cfg2pf2": (dict(cfg=2, pipefusion=2), every),
+        },
+        tmp_path,
+    )
+    want = one_rank(sd3_dir, jobs, patches=2)
+    for name in ("pf2u2", "cfg2pf2"):
+        for i, (w, g) in enumerate(zip(want, got[name], strict=True)):
+            _close(g, w, f"SD3 {name} job {i} vs the same patches on one rank")
+
+
+def test_sd3_two_stages_whole_and_stale(sd3_dir, tmp_path):
+    from .test_parallel_sd3 import sd3_jobs
+
+    jobs = sd3_jobs(sd3_dir)
+    every = list(range(len(jobs)))
+    got = spawn(
+        sd3_dir,
+        jobs,
+        2,
+        {
+            "pf2-exact": (dict(pipefusion=2, pipefusion_warmup=99), every),
+            "pf2-p3": (dict(pipefusion=2, patches=3), every),
+        },
+        tmp_path,
+    )
+    for i, (w, g) in enumerate(zip(single(sd3_dir, jobs), got["pf2-exact"], strict=True)):
+        _close(g, w, f"SD3 pf2 with every step whole, job {i}, vs single process")
+    stale = one_rank(sd3_dir, jobs, patches=3)
+    for i, (w, g) in enumerate(zip(stale, got["pf2-p3"], strict=True)):
+        _close(g, w, f"SD3 pf2 3 patches job {i} vs the same patches on one rank")
+    assert relative_error(stale[0], single(sd3_dir, jobs[:1])[0]) > 1e-6  # really stale

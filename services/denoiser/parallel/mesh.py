@@ -112,10 +112,10 @@ class ParallelConfig:
 
     def check_model(self, *, heads: int, family: str = "flux") -> None:
         """Rules that depend on the model: heads must split evenly across Ulysses ranks;
-        PipeFusion runs Flux models only so far."""
-        if self.pipefusion > 1 and family != "flux":
+        PipeFusion runs Flux and SD3 models only so far."""
+        if self.pipefusion > 1 and family not in ("flux", "sd3"):
             raise ParallelConfigError(
-                f"--pipefusion supports Flux models only so far; this model is {family}"
+                f"--pipefusion supports Flux and SD3 models only so far; this model is {family}"
             )
         if heads % self.ulysses:
             raise ParallelConfigError(

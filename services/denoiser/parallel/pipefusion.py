@@ -11,8 +11,10 @@ what makes these stale keys and values good enough.
 
 - The first `pipefusion_warmup` steps run the whole image as one unit (in sync, exact),
   which also fills every module's keys and values.
-- The text tokens (Flux's T5 stream) travel with patch 0; the other patches attend to the
-  text keys and values that patch 0 left this step.
+- The text tokens (Flux's T5 stream, SD3's context) travel with patch 0; the other
+  patches attend to the text keys and values that patch 0 left this step.
+- Flux's latents are tokens already; SD3 patchifies inside the model, so its patches are
+  bands of whole token rows, cut out after `pos_embed` and put back before `proj_out`.
 - The last stage steps the scheduler per patch (flow-matching Euler updates each token
   on its own) and sends the patch's new latents back to stage 0 for the next step; at the
   end it broadcasts the final latents to its group.
@@ -45,7 +47,45 @@ from ditmesh.denoiser.parallel.usp import SequenceParallel
 
 log = logging.getLogger(__name__)
 
-BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
+
+def block_lists(model: torch.nn.Module) -> tuple[str, ...]:
+    """The model's block lists, in the order its forward runs them (Flux: double then
+    single-stream blocks; SD3: joint blocks)."""
+    if hasattr(model, "single_transformer_blocks"):
+        return ("transformer_blocks", "single_transformer_blocks")
+    blocks = getattr(model, "transformer_blocks", None)
+    if blocks is None or not hasattr(model, "pos_embed") or not hasattr(model, "proj_out"):
+        raise ParallelConfigError("--pipefusion supports Flux and SD3 transformers only")
+    if any(getattr(b, "attn2", None) is not None for b in blocks):
+        raise ParallelConfigError(
+            "--pipefusion does not support SD3.5's second (image-only) attention yet"
+        )
+    return ("transformer_blocks",)
+
+
+def _install(model: torch.nn.Module, blocks: list, stage: Stage, sp=None) -> None:
+    """StaleKV processors on `blocks`; for SD3 also the hooks that cut the patch's tokens out
+    of `pos_embed` (whose positions need the whole latent image) and put the prediction's
+    rows back into a whole-image token sequence before `proj_out`'s unpatchify."""
+    ctx = stage.ctx
+    sd3 = not hasattr(model, "single_transformer_blocks")
+    for blk in blocks:
+        stage.processors.append((StaleJointProcessor if sd3 else StaleKVProcessor)(ctx, sp))
+        blk.attn.set_processor(stage.processors[-1])
+    if not sd3:
+        return
+
+    def cut(module, args, out):
+        return out[:, ctx.start : ctx.stop]
+
+    def place(module, args, out):
+        whole = out.new_zeros((out.shape[0], ctx.image_total, out.shape[2]))
+        whole[:, ctx.start : ctx.stop] = out
+        return whole
+
+    # Before the sequence plan's own hooks: cut first, then shard; gather, then place.
+    stage.handles.append(model.pos_embed.register_forward_hook(cut, prepend=True))
+    stage.handles.append(model.proj_out.register_forward_hook(place))
 
 
 def patch_bounds(tokens: int, patches: int) -> list[tuple[int, int]]:
@@ -77,17 +117,14 @@ class PatchContext:
     start: int = 0
     stop: int = 0
     """Image token rows of this pass."""
+    image_total: int = 0
+    """Image tokens of the whole image."""
     branch: str = "cond"
     """CFG branch of this pass: each keeps its own keys and values."""
 
 
-class StaleKVProcessor:
-    """Flux attention (double- and single-stream blocks) over kept keys and values.
-
-    Same projections, norms and rotary embedding as diffusers' Flux processor; the
-    keys and values of this pass are written into the module's kept ones, and the pass's
-    queries attend to all of them.
-    """
+class _StaleKV:
+    """Kept keys and values of one attention module, and attention over them."""
 
     def __init__(self, ctx: PatchContext, sp: SequenceParallel | None = None) -> None:
         self.ctx = ctx
@@ -95,32 +132,10 @@ class StaleKVProcessor:
         self.sp = sp
         self.kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def __call__(
-        self,
-        attn,
-        hidden_states,
-        encoder_hidden_states=None,
-        attention_mask=None,
-        image_rotary_emb=None,
-    ):
-        from diffusers.models.embeddings import apply_rotary_emb
-
-        if attention_mask is not None:
-            raise ValueError("attention masks are not supported under PipeFusion")
+    def attend(self, q, k, v, text_len: int) -> torch.Tensor:
+        """q, k, v [B, text_len + L, H, D] (text first, then this rank's image rows) ->
+        attention output of the same rows over all kept keys and values, [B, ., H*D]."""
         ctx = self.ctx
-        double = encoder_hidden_states is not None
-        text_len = encoder_hidden_states.shape[1] if double else ctx.text_len
-        q = _projection(attn, hidden_states, attn.to_q, attn.norm_q)
-        k = _projection(attn, hidden_states, attn.to_k, attn.norm_k)
-        v = _projection(attn, hidden_states, attn.to_v, None)
-        if double:
-            e = encoder_hidden_states
-            q = torch.cat([_projection(attn, e, attn.add_q_proj, attn.norm_added_q), q], dim=1)
-            k = torch.cat([_projection(attn, e, attn.add_k_proj, attn.norm_added_k), k], dim=1)
-            v = torch.cat([_projection(attn, e, attn.add_v_proj, None), v], dim=1)
-        if image_rotary_emb is not None:
-            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
-            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
         ug = self.ulysses
         local = q.shape[1] - text_len
         if ug is not None:
@@ -155,11 +170,75 @@ class StaleKVProcessor:
             if pad:
                 img_out = F.pad(img_out, (0, 0, 0, 0, 0, pad))
             out = torch.cat([text_out, U.heads_to_seq(img_out.contiguous(), ug)], dim=1)
-        out = out.flatten(2, 3).to(q.dtype)
+        return out.flatten(2, 3).to(q.dtype)
+
+
+class StaleKVProcessor(_StaleKV):
+    """Flux attention (double- and single-stream blocks) over kept keys and values.
+
+    Same projections, norms and rotary embedding as diffusers' Flux processor; the
+    keys and values of this pass are written into the module's kept ones, and the pass's
+    queries attend to all of them.
+    """
+
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        image_rotary_emb=None,
+    ):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        if attention_mask is not None:
+            raise ValueError("attention masks are not supported under PipeFusion")
+        double = encoder_hidden_states is not None
+        text_len = encoder_hidden_states.shape[1] if double else self.ctx.text_len
+        q = _projection(attn, hidden_states, attn.to_q, attn.norm_q)
+        k = _projection(attn, hidden_states, attn.to_k, attn.norm_k)
+        v = _projection(attn, hidden_states, attn.to_v, None)
+        if double:
+            e = encoder_hidden_states
+            q = torch.cat([_projection(attn, e, attn.add_q_proj, attn.norm_added_q), q], dim=1)
+            k = torch.cat([_projection(attn, e, attn.add_k_proj, attn.norm_added_k), k], dim=1)
+            v = torch.cat([_projection(attn, e, attn.add_v_proj, None), v], dim=1)
+        if image_rotary_emb is not None:
+            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        out = self.attend(q, k, v, text_len)
         if double:
             img = attn.to_out[1](attn.to_out[0](out[:, text_len:]))
             return img, attn.to_add_out(out[:, :text_len])
         return out
+
+
+class StaleJointProcessor(_StaleKV):
+    """SD3's joint attention (image tokens, then context tokens) over kept keys and values;
+    projections and norms as diffusers' JointAttnProcessor2_0."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
+        if attention_mask is not None or encoder_hidden_states is None:
+            raise ValueError("PipeFusion's SD3 attention takes image and context tokens, no mask")
+        e = encoder_hidden_states
+        text_len = e.shape[1]
+        parts = (
+            (attn.to_q, attn.norm_q, attn.add_q_proj, attn.norm_added_q),
+            (attn.to_k, attn.norm_k, attn.add_k_proj, attn.norm_added_k),
+            (attn.to_v, None, attn.add_v_proj, None),
+        )
+        q, k, v = (
+            torch.cat(
+                [_projection(attn, e, add, add_norm), _projection(attn, hidden_states, lin, norm)],
+                dim=1,
+            )
+            for lin, norm, add, add_norm in parts
+        )
+        out = self.attend(q, k, v, text_len)
+        text_out = out[:, :text_len]
+        if not attn.context_pre_only:
+            text_out = attn.to_add_out(text_out)
+        return attn.to_out[1](attn.to_out[0](out[:, text_len:])), text_out
 
 
 class StageDone(Exception):
@@ -202,19 +281,16 @@ def attach_pipefusion(
     group = mesh["pipefusion"]
     if mesh.config.pipefusion == 1:
         return None
-    lists = [getattr(model, name, None) for name in BLOCK_LISTS]
-    if any(lst is None for lst in lists):
-        raise ParallelConfigError(
-            "--pipefusion needs a Flux transformer (double and single blocks)"
-        )
-    everything = [(name, blk) for name, lst in zip(BLOCK_LISTS, lists, strict=True) for blk in lst]
+    names = block_lists(model)
+    lists = [getattr(model, name) for name in names]
+    everything = [(name, blk) for name, lst in zip(names, lists, strict=True) for blk in lst]
     if group.size > len(everything):
         raise ParallelConfigError(
             f"--pipefusion {group.size} is more stages than the model's {len(everything)} blocks"
         )
     lo, hi = stage_blocks(len(everything), group.size)[group.rank]
     mine = everything[lo:hi]
-    for name in BLOCK_LISTS:
+    for name in names:
         setattr(model, name, torch.nn.ModuleList([blk for n, blk in mine if n == name]))
     ctx = PatchContext()
     stage = Stage(
@@ -248,9 +324,7 @@ def attach_pipefusion(
         stage.handles.append(last_block.register_forward_hook(stop))
     if sp is not None:
         sp.text_whole = True
-    for _, blk in mine:
-        stage.processors.append(StaleKVProcessor(ctx, sp))
-        blk.attn.set_processor(stage.processors[-1])
+    _install(model, [blk for _, blk in mine], stage, sp)
     log.info(
         "PipeFusion stage %d of %d: blocks %d-%d of %d, %d patches, %d whole-image step(s)",
         group.rank + 1,
@@ -313,8 +387,8 @@ PATCH_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 
 @torch.inference_mode()
 def sample_pipefusion(adapter, job, mesh: DeviceMesh, on_step=None, stage: Stage | None = None):
-    """The sampling loop of one PipeFusion stage (Flux). Returns the whole latents on every
-    rank of the group, unpacked like `sampler.sample`.
+    """The sampling loop of one PipeFusion stage (Flux, SD3). Returns the whole latents on
+    every rank of the group, finished like `sampler.sample`.
 
     `stage` None runs all blocks on this rank with `mesh.config`'s patches: the
     single-process form of the same computation.
@@ -348,19 +422,11 @@ def sample_pipefusion(adapter, job, mesh: DeviceMesh, on_step=None, stage: Stage
         branches = ["cond", "uncond"]
     else:
         branches = ["cond"]
-    inputs = {
-        name: {
-            "text": prep.branches[name]["encoder_hidden_states"][images],
-            "pooled": prep.branches[name]["pooled_projections"][images],
-            "txt_ids": prep.branches[name]["txt_ids"],
-        }
-        for name in branches
-    }
-    img_ids = prep.extra["img_ids"]
-    guidance = prep.extra["guidance"]
-    guidance = None if guidance is None else guidance[images]
-    tokens = latents.shape[1]
-    patches = patch_bounds(tokens, min(cfgp.num_patches, tokens))
+    fam = (
+        _FluxPatches if hasattr(adapter.transformer, "single_transformer_blocks") else _SD3Patches
+    )(adapter, prep, images, latents)
+    tokens = ctx.image_total = fam.tokens
+    patches = fam.units(cfgp.num_patches)
     # Sends stay in flight for a step: each step waits for the sends of the one before.
     sent: list[list] = [[], []]
     # Stage 0 receives the last stage's new latents of step i-1, unit by unit, as step i
@@ -374,35 +440,24 @@ def sample_pipefusion(adapter, job, mesh: DeviceMesh, on_step=None, stage: Stage
             for i, t in enumerate(prep.timesteps):
                 full = i < cfgp.pipefusion_warmup
                 units = [(0, tokens)] if full else patches
-                timestep = t.expand(n).to(latents.dtype) / 1000
                 now: list = []
                 for p, (a, z) in enumerate(units):
                     with_text = p == 0
                     ctx.full, ctx.start, ctx.stop = full, a, z
+                    rows = fam.index(a, z)
                     if stage.first and relay:
                         while have < z:
                             ea, ez = incoming.pop(0)
-                            latents[:, ea:ez] = _recv(
-                                (n, ez - ea, latents.shape[2]), latents, -1, stage.back
-                            )
+                            got = fam.index(ea, ez)
+                            latents[got] = _recv(latents[got].shape, latents, -1, stage.back)
                             have = ez
                     preds = {}
                     for name in branches:
-                        x = inputs[name]
                         ctx.branch = name
-                        ctx.text_total = x["text"].shape[1]
+                        ctx.text_total = prep.branches[name]["encoder_hidden_states"].shape[1]
                         ctx.text_len = ctx.text_total if with_text else 0
                         try:
-                            preds[name] = adapter.forward(
-                                hidden_states=latents[:, a:z],
-                                timestep=timestep,
-                                guidance=guidance,
-                                pooled_projections=x["pooled"],
-                                encoder_hidden_states=x["text"] if with_text else x["text"][:, :0],
-                                txt_ids=x["txt_ids"] if with_text else x["txt_ids"][:0],
-                                img_ids=img_ids[a:z],
-                                return_dict=False,
-                            )[0]
+                            preds[name] = fam.call(latents, t, name, a, z, with_text)
                         except StageDone as done:
                             for x in (done.hidden_states, done.encoder_hidden_states):
                                 if x.shape[1]:
@@ -420,9 +475,9 @@ def sample_pipefusion(adapter, job, mesh: DeviceMesh, on_step=None, stage: Stage
                     else:
                         out = preds["cond"]
                     last_unit = p == len(units) - 1
-                    latents[:, a:z] = _patch_step(scheduler, out, t, latents[:, a:z], last_unit)
+                    latents[rows] = _patch_step(scheduler, out, t, latents[rows], last_unit)
                     if relay and i < total - 1:
-                        now.append(_send(latents[:, a:z], 0, stage.back))
+                        now.append(_send(latents[rows], 0, stage.back))
                 if stage.first and relay:
                     incoming, have = list(units), 0
                 for work in sent.pop(0):
@@ -441,26 +496,83 @@ def sample_pipefusion(adapter, job, mesh: DeviceMesh, on_step=None, stage: Stage
     return adapter.finish(prep, latents, job)
 
 
+class _FluxPatches:
+    """Flux: latents are packed tokens [B, N, 64]; a patch is any run of tokens."""
+
+    def __init__(self, adapter, prep, images: slice, latents: torch.Tensor) -> None:
+        self.adapter, self.prep, self.images = adapter, prep, images
+        self.tokens = latents.shape[1]
+        guidance = prep.extra["guidance"]
+        self.guidance = None if guidance is None else guidance[images]
+
+    def units(self, patches: int) -> list[tuple[int, int]]:
+        return patch_bounds(self.tokens, min(patches, self.tokens))
+
+    def index(self, a: int, z: int) -> tuple:
+        return (slice(None), slice(a, z))
+
+    def call(self, latents, t, branch: str, a: int, z: int, with_text: bool) -> torch.Tensor:
+        b = self.prep.branches[branch]
+        text, txt_ids = b["encoder_hidden_states"][self.images], b["txt_ids"]
+        n = latents.shape[0]
+        return self.adapter.forward(
+            hidden_states=latents[:, a:z],
+            timestep=t.expand(n).to(latents.dtype) / 1000,
+            guidance=self.guidance,
+            pooled_projections=b["pooled_projections"][self.images],
+            encoder_hidden_states=text if with_text else text[:, :0],
+            txt_ids=txt_ids if with_text else txt_ids[:0],
+            img_ids=self.prep.extra["img_ids"][a:z],
+            return_dict=False,
+        )[0]
+
+
+class _SD3Patches:
+    """SD3: latents are [B, C, H, W], patchified in the model; a patch is whole rows of
+    tokens, so it is a band of latent rows. The model sees the whole latent image (the
+    positions of `pos_embed` need it); hooks cut the band's tokens out and put them back."""
+
+    def __init__(self, adapter, prep, images: slice, latents: torch.Tensor) -> None:
+        self.adapter, self.prep, self.images = adapter, prep, images
+        self.p = adapter.transformer.config.patch_size
+        self.rows, self.cols = latents.shape[2] // self.p, latents.shape[3] // self.p
+        self.tokens = self.rows * self.cols
+
+    def units(self, patches: int) -> list[tuple[int, int]]:
+        bands = patch_bounds(self.rows, min(patches, self.rows))
+        return [(r0 * self.cols, r1 * self.cols) for r0, r1 in bands]
+
+    def index(self, a: int, z: int) -> tuple:
+        r0, r1 = a // self.cols, z // self.cols
+        return (slice(None), slice(None), slice(r0 * self.p, r1 * self.p))
+
+    def call(self, latents, t, branch: str, a: int, z: int, with_text: bool) -> torch.Tensor:
+        b = self.prep.branches[branch]
+        text = b["encoder_hidden_states"][self.images]
+        out = self.adapter.forward(
+            hidden_states=latents,
+            timestep=t.expand(latents.shape[0]),
+            encoder_hidden_states=text if with_text else text[:, :0],
+            pooled_projections=b["pooled_projections"][self.images],
+            return_dict=False,
+        )[0]
+        return out[self.index(a, z)]
+
+
 def _local_stage(adapter) -> Stage:
     """All blocks on this one rank, with StaleKVProcessor: PipeFusion's patches without stages."""
     from ditmesh.denoiser.parallel.mesh import single_process_mesh
 
     model = adapter.transformer
-    ctx = PatchContext()
-    processors = []
-    for name in BLOCK_LISTS:
-        for blk in getattr(model, name):
-            processors.append(StaleKVProcessor(ctx))
-            blk.attn.set_processor(processors[-1])
     one = single_process_mesh()
     stage = Stage(
-        ctx=ctx,
+        ctx=PatchContext(),
         group=one["pipefusion"],
         back=one["pipefusion_back"],
         first=True,
         last=True,
         blocks=(0, 0),
-        processors=processors,
     )
+    _install(model, [blk for name in block_lists(model) for blk in getattr(model, name)], stage)
     adapter.pipefusion_stage = stage
     return stage
