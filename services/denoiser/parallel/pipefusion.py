@@ -27,7 +27,8 @@ rank's heads of every row. The text tokens stay whole on every rank.
 
 Attached from outside like the sequence plan: the stage's blocks are kept in the model's
 own ModuleLists, hooks swap in the activations received from the previous stage and stop
-the forward after the stage's last block; attention gets `StaleKVProcessor`.
+the forward after the stage's last block; attention gets `StaleKVProcessor` (Flux) or
+`StaleJointProcessor` (SD3).
 """
 
 from __future__ import annotations
