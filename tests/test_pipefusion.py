@@ -248,3 +248,31 @@ def test_sd3_two_stages_whole_and_stale(sd3_dir, tmp_path):
     for i, (w, g) in enumerate(zip(stale, got["pf2-p3"], strict=True)):
         _close(g, w, f"SD3 pf2 3 patches job {i} vs the same patches on one rank")
     assert relative_error(stale[0], single(sd3_dir, jobs[:1])[0]) > 1e-6  # really stale
+
+
+def test_sd35_second_attention(tmp_path_factory, tmp_path):
+    """SD3.5-medium layout: each block's image-only `attn2` keeps its own keys and values."""
+    from ditmesh.common.tiny import make_tiny
+
+    from .test_parallel_sd3 import sd3_jobs
+    from .tiny_variants import sd35_medium_style
+
+    model_dir = str(sd35_medium_style(make_tiny("sd3", tmp_path_factory.mktemp("sd35") / "m")))
+    jobs = sd3_jobs(model_dir)[:2]
+    every = list(range(len(jobs)))
+    got = spawn(
+        model_dir,
+        jobs,
+        4,
+        {
+            "cfg2pf2-exact": (dict(cfg=2, pipefusion=2, pipefusion_warmup=99), every),
+            "pf2u2": (dict(pipefusion=2, ulysses=2), every),
+        },
+        tmp_path,
+    )
+    for i, (w, g) in enumerate(zip(single(model_dir, jobs), got["cfg2pf2-exact"], strict=True)):
+        _close(g, w, f"SD3.5 cfg2 x pf2 with every step whole, job {i}, vs single process")
+    for i, (w, g) in enumerate(
+        zip(one_rank(model_dir, jobs, patches=2), got["pf2u2"], strict=True)
+    ):
+        _close(g, w, f"SD3.5 pf2 x u2 job {i} vs the same patches on one rank")

@@ -57,10 +57,6 @@ def block_lists(model: torch.nn.Module) -> tuple[str, ...]:
     blocks = getattr(model, "transformer_blocks", None)
     if blocks is None or not hasattr(model, "pos_embed") or not hasattr(model, "proj_out"):
         raise ParallelConfigError("--pipefusion supports Flux and SD3 transformers only")
-    if any(getattr(b, "attn2", None) is not None for b in blocks):
-        raise ParallelConfigError(
-            "--pipefusion does not support SD3.5's second (image-only) attention yet"
-        )
     return ("transformer_blocks",)
 
 
@@ -73,6 +69,9 @@ def _install(model: torch.nn.Module, blocks: list, stage: Stage, sp=None) -> Non
     for blk in blocks:
         stage.processors.append((StaleJointProcessor if sd3 else StaleKVProcessor)(ctx, sp))
         blk.attn.set_processor(stage.processors[-1])
+        if getattr(blk, "attn2", None) is not None:  # SD3.5: image-only self-attention
+            stage.processors.append(StaleSelfProcessor(ctx, sp))
+            blk.attn2.set_processor(stage.processors[-1])
     if not sd3:
         return
 
@@ -127,6 +126,9 @@ class PatchContext:
 class _StaleKV:
     """Kept keys and values of one attention module, and attention over them."""
 
+    text = True
+    """Whether the kept keys start with the text's (joint attention) or not (self-attention)."""
+
     def __init__(self, ctx: PatchContext, sp: SequenceParallel | None = None) -> None:
         self.ctx = ctx
         self.ulysses = None if sp is None or sp.ulysses.size == 1 else sp.ulysses
@@ -155,7 +157,7 @@ class _StaleKV:
             if ctx.branch not in self.kv:
                 raise RuntimeError("PipeFusion patch before a whole-image step")
             keys, values = self.kv[ctx.branch]
-            t = ctx.text_total
+            t = ctx.text_total if self.text else 0
             if text_len:
                 keys[:, :t] = k[:, :text_len]
                 values[:, :t] = v[:, :text_len]
@@ -240,6 +242,20 @@ class StaleJointProcessor(_StaleKV):
         if not attn.context_pre_only:
             text_out = attn.to_add_out(text_out)
         return attn.to_out[1](attn.to_out[0](out[:, text_len:])), text_out
+
+
+class StaleSelfProcessor(_StaleKV):
+    """SD3.5's second attention (image tokens only) over kept keys and values."""
+
+    text = False
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
+        if attention_mask is not None or encoder_hidden_states is not None:
+            raise ValueError("PipeFusion's SD3.5 second attention takes image tokens only")
+        q = _projection(attn, hidden_states, attn.to_q, attn.norm_q)
+        k = _projection(attn, hidden_states, attn.to_k, attn.norm_k)
+        v = _projection(attn, hidden_states, attn.to_v, None)
+        return attn.to_out[1](attn.to_out[0](self.attend(q, k, v, 0)))
 
 
 class StageDone(Exception):
