@@ -196,6 +196,19 @@ def test_pipefusion_refuses_what_it_cannot_run():
         ParallelConfig(pipefusion=2).check_model(heads=4, family="pixart-sigma")
     with pytest.raises(ParallelConfigError, match="leave out --compile and --cuda-graphs"):
         check_speed(True, False)
+    with pytest.raises(
+        ParallelConfigError, match="--pipefusion 5 is more stages than the model's 4"
+    ):
+        ParallelConfig(pipefusion=5).check_model(heads=4, family="flux", blocks=4)
+
+
+def test_too_many_stages_fail_before_any_process_starts(model_dir):
+    """The leader reads the block count from the model's config, so the gang never starts."""
+    from ditmesh.denoiser.gang import GangRunner
+
+    assert resolve_model(model_dir).blocks == 4  # the tiny Flux: 2 double + 2 single
+    with pytest.raises(ParallelConfigError, match="more stages than the model's 4 blocks"):
+        GangRunner(model_dir, ParallelConfig(pipefusion=5), device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")

@@ -146,6 +146,8 @@ class ModelRef:
     max_prompt_tokens: int
     heads: int = 0
     """Attention heads of the transformer (what Ulysses splits)."""
+    blocks: int = 0
+    """Transformer blocks (Flux: double- and single-stream; what PipeFusion splits)."""
 
     @property
     def size_multiple(self) -> int:
@@ -220,6 +222,7 @@ def resolve_model(source: str, name: str | None = None) -> ModelRef:
         guidance_embeds=family is FLUX and bool(tr_cfg.get("guidance_embeds", False)),
         max_prompt_tokens=max_tokens,
         heads=int(tr_cfg.get("num_attention_heads", 0)),
+        blocks=int(tr_cfg.get("num_layers", 0)) + int(tr_cfg.get("num_single_layers", 0)),
     )
 
 

@@ -183,7 +183,7 @@ class GangRunner:
         )
         # Checked before any process starts, so a bad layout or size is one clear error.
         model = resolve_model(model_source, name)
-        parallel.check_model(heads=model.heads, family=model.family.name)
+        parallel.check_model(heads=model.heads, family=model.family.name, blocks=model.blocks)
         if parallel.pipefusion > 1:
             check_pipefusion_speed(speed.compile, speed.cuda_graphs)
         sizes = warmup_sizes(model, speed)

@@ -110,12 +110,17 @@ class ParallelConfig:
                 f"but the gang has {world_size} processes"
             )
 
-    def check_model(self, *, heads: int, family: str = "flux") -> None:
+    def check_model(self, *, heads: int, family: str = "flux", blocks: int = 0) -> None:
         """Rules that depend on the model: heads must split evenly across Ulysses ranks;
-        PipeFusion runs Flux and SD3 models only so far."""
+        PipeFusion runs Flux and SD3 models only so far, at most one stage per block
+        (`blocks` 0: not known here, checked when the stages are attached)."""
         if self.pipefusion > 1 and family not in ("flux", "sd3"):
             raise ParallelConfigError(
                 f"--pipefusion supports Flux and SD3 models only so far; this model is {family}"
+            )
+        if blocks and self.pipefusion > blocks:
+            raise ParallelConfigError(
+                f"--pipefusion {self.pipefusion} is more stages than the model's {blocks} blocks"
             )
         if heads % self.ulysses:
             raise ParallelConfigError(
