@@ -21,7 +21,6 @@ import pathlib
 import time
 
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from ditmesh.common import tiny
 
@@ -47,38 +46,20 @@ def main() -> None:
     (clip_w, clip_l, clip_h, clip_ff), (t5_w, t5_l, t5_h, t5_kv, t5_ff) = SIZES[args.size]
     clip_tok, t5_tok = tiny.clip_tokenizer(), tiny.t5_tokenizer(512)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
+    # The project's own tiny-model builders, at the real sizes, built on the GPU if any.
     with torch.device(device):
-        clip = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(clip_tok),
-                hidden_size=clip_w,
-                intermediate_size=clip_ff,
-                num_hidden_layers=clip_l,
-                num_attention_heads=clip_h,
-                max_position_embeddings=clip_tok.model_max_length,
-                hidden_act="quick_gelu",
-                bos_token_id=clip_tok.bos_token_id,
-                eos_token_id=clip_tok.eos_token_id,
-                pad_token_id=clip_tok.pad_token_id,
-            )
+        clip = tiny._clip_encoder(
+            clip_tok,
+            clip_w,
+            with_projection=False,
+            seed=0,
+            layers=clip_l,
+            heads=clip_h,
+            ffn=clip_ff,
         ).to(torch.bfloat16)
-        t5 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(t5_tok),
-                d_model=t5_w,
-                d_kv=t5_kv,
-                d_ff=t5_ff,
-                num_layers=t5_l,
-                num_heads=t5_h,
-                feed_forward_proj="gated-gelu",
-                dropout_rate=0.0,
-                tie_word_embeddings=False,
-                pad_token_id=t5_tok.pad_token_id,
-                eos_token_id=t5_tok.eos_token_id,
-                decoder_start_token_id=t5_tok.pad_token_id,
-            )
-        ).to(torch.bfloat16)
+        t5 = tiny._t5_encoder(t5_tok, t5_w, 0, layers=t5_l, heads=t5_h, d_kv=t5_kv, d_ff=t5_ff).to(
+            torch.bfloat16
+        )
     clip.save_pretrained(out / "text_encoder")
     t5.save_pretrained(out / "text_encoder_2", max_shard_size="10GB")
     clip_tok.save_pretrained(out / "tokenizer")

@@ -121,6 +121,13 @@ def _close(got, want, what):
     assert err <= REL_TOL, f"{what}: relative error {err:.2e}"
 
 
+def _all_close(got, want, what, jobs=None):
+    """`_close` for each job's latents; `jobs` names them (default: their positions)."""
+    names = jobs if jobs is not None else range(len(want))
+    for j, g, w in zip(names, got, want, strict=True):
+        _close(g, w, f"{what}, job {j}")
+
+
 def test_patch_bounds_cover_the_tokens_in_order():
     assert patch_bounds(15, 4) == [(0, 4), (4, 8), (8, 12), (12, 15)]
     assert patch_bounds(5, 2) == [(0, 3), (3, 5)]
@@ -148,11 +155,13 @@ def test_two_stages(model_dir, jobs, tmp_path):
     }
     got = spawn(model_dir, jobs, 2, layouts, tmp_path)
     picked = [jobs[i] for i in no_cfg]
-    for want, g in zip(single(model_dir, picked), got["pf2-exact"], strict=True):
-        _close(g, want, "pf2 with every step whole vs single process")
+    _all_close(
+        got["pf2-exact"], single(model_dir, picked), "pf2 with every step whole vs single process"
+    )
     for name, kw in (("pf2", dict(patches=2)), ("pf2-p3", dict(patches=3, pipefusion_warmup=2))):
-        for want, g in zip(one_rank(model_dir, picked, **kw), got[name], strict=True):
-            _close(g, want, f"{name} vs the same patches on one rank")
+        _all_close(
+            got[name], one_rank(model_dir, picked, **kw), f"{name} vs the same patches on one rank"
+        )
 
 
 def test_four_stages_and_cfg_and_dp(model_dir, jobs, tmp_path):
@@ -176,8 +185,7 @@ def test_four_stages_and_cfg_and_dp(model_dir, jobs, tmp_path):
     )
     for name, picked, kw in checks:
         want = one_rank(model_dir, [jobs[i] for i in picked], **kw)
-        for i, (w, g) in enumerate(zip(want, got[name], strict=True)):
-            _close(g, w, f"{name} job {picked[i]} vs the same patches on one rank")
+        _all_close(got[name], want, f"{name} vs the same patches on one rank", picked)
 
 
 def test_cfg_x_pipefusion_x_ulysses_on_eight_ranks(model_dir, jobs, tmp_path):
@@ -187,8 +195,7 @@ def test_cfg_x_pipefusion_x_ulysses_on_eight_ranks(model_dir, jobs, tmp_path):
         model_dir, jobs, 8, {"cfg2pf2u2": (dict(cfg=2, pipefusion=2, ulysses=2), picked)}, tmp_path
     )
     want = one_rank(model_dir, [jobs[i] for i in picked], patches=2)
-    for i, (w, g) in enumerate(zip(want, got["cfg2pf2u2"], strict=True)):
-        _close(g, w, f"cfg2 x pf2 x u2 job {picked[i]} vs the same patches on one rank")
+    _all_close(got["cfg2pf2u2"], want, "cfg2 x pf2 x u2 vs the same patches on one rank", picked)
 
 
 def test_pipefusion_refuses_what_it_cannot_run():
@@ -236,8 +243,7 @@ def test_sd3_stages_and_ulysses_and_cfg(sd3_dir, tmp_path):
     )
     want = one_rank(sd3_dir, jobs, patches=2)
     for name in ("pf2u2", "cfg2pf2"):
-        for i, (w, g) in enumerate(zip(want, got[name], strict=True)):
-            _close(g, w, f"SD3 {name} job {i} vs the same patches on one rank")
+        _all_close(got[name], want, f"SD3 {name} vs the same patches on one rank")
 
 
 def test_sd3_two_stages_whole_and_stale(sd3_dir, tmp_path):
@@ -255,11 +261,9 @@ def test_sd3_two_stages_whole_and_stale(sd3_dir, tmp_path):
         },
         tmp_path,
     )
-    for i, (w, g) in enumerate(zip(single(sd3_dir, jobs), got["pf2-exact"], strict=True)):
-        _close(g, w, f"SD3 pf2 with every step whole, job {i}, vs single process")
+    _all_close(got["pf2-exact"], single(sd3_dir, jobs), "SD3 pf2 every step whole vs single")
     stale = one_rank(sd3_dir, jobs, patches=3)
-    for i, (w, g) in enumerate(zip(stale, got["pf2-p3"], strict=True)):
-        _close(g, w, f"SD3 pf2 3 patches job {i} vs the same patches on one rank")
+    _all_close(got["pf2-p3"], stale, "SD3 pf2 3 patches vs the same patches on one rank")
     assert relative_error(stale[0], single(sd3_dir, jobs[:1])[0]) > 1e-6  # really stale
 
 
@@ -283,9 +287,5 @@ def test_sd35_second_attention(tmp_path_factory, tmp_path):
         },
         tmp_path,
     )
-    for i, (w, g) in enumerate(zip(single(model_dir, jobs), got["cfg2pf2-exact"], strict=True)):
-        _close(g, w, f"SD3.5 cfg2 x pf2 with every step whole, job {i}, vs single process")
-    for i, (w, g) in enumerate(
-        zip(one_rank(model_dir, jobs, patches=2), got["pf2u2"], strict=True)
-    ):
-        _close(g, w, f"SD3.5 pf2 x u2 job {i} vs the same patches on one rank")
+    _all_close(got["cfg2pf2-exact"], single(model_dir, jobs), "SD3.5 cfg2 x pf2 whole vs single")
+    _all_close(got["pf2u2"], one_rank(model_dir, jobs, patches=2), "SD3.5 pf2 x u2 vs one rank")

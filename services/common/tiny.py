@@ -177,15 +177,23 @@ def _write_spiece_model(folder: pathlib.Path) -> None:
 
 
 def _clip_encoder(
-    tokenizer: CLIPTokenizer, hidden: int, *, with_projection: bool, seed: int
+    tokenizer: CLIPTokenizer,
+    hidden: int,
+    *,
+    with_projection: bool,
+    seed: int,
+    layers: int = 2,
+    heads: int = 4,
+    ffn: int | None = None,
 ) -> CLIPTextModel | CLIPTextModelWithProjection:
-    """A 2-layer CLIP text tower; 2 layers so `hidden_states[-2]` (SD3's clip skip) exists."""
+    """A CLIP text tower, by default 2 layers so `hidden_states[-2]` (SD3's clip skip)
+    exists; `bench/make_mesh_model.py` asks for the real sizes."""
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+        intermediate_size=ffn or hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
         max_position_embeddings=tokenizer.model_max_length,
         projection_dim=hidden,
         hidden_act="quick_gelu",
@@ -199,15 +207,25 @@ def _clip_encoder(
     return model_cls(config).eval()
 
 
-def _t5_encoder(tokenizer: T5Tokenizer, d_model: int, seed: int) -> T5EncoderModel:
-    """A 2-layer T5 v1.1 encoder (gated-GELU FFN, relative positions) like T5-XXL."""
+def _t5_encoder(
+    tokenizer: T5Tokenizer,
+    d_model: int,
+    seed: int,
+    *,
+    layers: int = 2,
+    heads: int = 4,
+    d_kv: int | None = None,
+    d_ff: int | None = None,
+) -> T5EncoderModel:
+    """A T5 v1.1 encoder (gated-GELU FFN, relative positions) like T5-XXL, by default 2
+    layers; `bench/make_mesh_model.py` asks for the real sizes."""
     config = T5Config(
         vocab_size=len(tokenizer),
         d_model=d_model,
-        d_kv=d_model // 4,
-        d_ff=d_model * 2,
-        num_layers=2,
-        num_heads=4,
+        d_kv=d_kv or d_model // 4,
+        d_ff=d_ff or d_model * 2,
+        num_layers=layers,
+        num_heads=heads,
         relative_attention_num_buckets=32,
         relative_attention_max_distance=128,
         feed_forward_proj="gated-gelu",

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ditmesh.denoiser.job import DenoiseJob, StepCallback
-from ditmesh.denoiser.parallel.mesh import DeviceMesh, Group
+from ditmesh.denoiser.parallel.mesh import DeviceMesh, Group, split_counts
 
 
 @dataclass(kw_only=True)
@@ -53,12 +53,6 @@ class Adapter(Protocol):
     ) -> torch.Tensor: ...
 
     def finish(self, prep: Prepared, latents: torch.Tensor, job: DenoiseJob) -> torch.Tensor: ...
-
-
-def split_counts(n: int, parts: int) -> list[int]:
-    """Images per dp replica: as even as possible, the first replicas taking the rest."""
-    base, rest = divmod(n, parts)
-    return [base + (1 if i < rest else 0) for i in range(parts)]
 
 
 def _all_gather(x: torch.Tensor, group: Group) -> list[torch.Tensor]:

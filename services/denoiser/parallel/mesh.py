@@ -35,6 +35,13 @@ import torch.distributed as dist
 DIMS = ("dp", "cfg", "pipefusion", "ulysses", "ring")
 
 
+def split_counts(n: int, parts: int) -> list[int]:
+    """`n` things over `parts` (images over dp replicas, text tokens over ranks, tokens
+    over patches): as even as possible, the first parts taking one more."""
+    base, rest = divmod(n, parts)
+    return [base + (1 if i < rest else 0) for i in range(parts)]
+
+
 class ParallelConfigError(ValueError):
     """A layout that cannot run; the message names the degree and the rule."""
 

@@ -42,17 +42,27 @@ import torch.nn.functional as F
 
 from ditmesh.common.errors import InvalidArgument
 from ditmesh.denoiser.parallel import ulysses as U
-from ditmesh.denoiser.parallel.mesh import DeviceMesh, Group, ParallelConfigError
+from ditmesh.denoiser.parallel.mesh import (
+    DeviceMesh,
+    Group,
+    ParallelConfigError,
+    split_counts,
+)
 from ditmesh.denoiser.parallel.processors import _projection
 from ditmesh.denoiser.parallel.usp import SequenceParallel
 
 log = logging.getLogger(__name__)
 
 
+def _is_flux(model: torch.nn.Module) -> bool:
+    """Flux has single-stream blocks besides its double-stream ones; SD3 joint blocks only."""
+    return hasattr(model, "single_transformer_blocks")
+
+
 def block_lists(model: torch.nn.Module) -> tuple[str, ...]:
     """The model's block lists, in the order its forward runs them (Flux: double then
     single-stream blocks; SD3: joint blocks)."""
-    if hasattr(model, "single_transformer_blocks"):
+    if _is_flux(model):
         return ("transformer_blocks", "single_transformer_blocks")
     blocks = getattr(model, "transformer_blocks", None)
     if blocks is None or not hasattr(model, "pos_embed") or not hasattr(model, "proj_out"):
@@ -65,7 +75,7 @@ def _install(model: torch.nn.Module, blocks: list, stage: Stage, sp=None) -> Non
     of `pos_embed` (whose positions need the whole latent image) and put the prediction's
     rows back into a whole-image token sequence before `proj_out`'s unpatchify."""
     ctx = stage.ctx
-    sd3 = not hasattr(model, "single_transformer_blocks")
+    sd3 = not _is_flux(model)
     for blk in blocks:
         stage.processors.append((StaleJointProcessor if sd3 else StaleKVProcessor)(ctx, sp))
         blk.attn.set_processor(stage.processors[-1])
@@ -90,12 +100,10 @@ def _install(model: torch.nn.Module, blocks: list, stage: Stage, sp=None) -> Non
 
 def patch_bounds(tokens: int, patches: int) -> list[tuple[int, int]]:
     """Consecutive token ranges, as even as possible, the first patches taking one more."""
-    base, rest = divmod(tokens, patches)
     bounds, start = [], 0
-    for i in range(patches):
-        stop = start + base + (1 if i < rest else 0)
-        bounds.append((start, stop))
-        start = stop
+    for count in split_counts(tokens, patches):
+        bounds.append((start, start + count))
+        start += count
     return bounds
 
 
@@ -365,19 +373,16 @@ def check_speed(compile: bool, cuda_graphs: bool) -> None:
         )
 
 
-class _Sent:
-    """An isend and the tensor it reads (kept alive until the send is done)."""
+class _Send:
+    """An isend and the tensor it reads (kept alive until the send is done). The caller
+    passes a tensor nothing writes to afterwards (a copy where the source changes)."""
 
     def __init__(self, t: torch.Tensor, dst: int, group: Group) -> None:
-        self.tensor = t.contiguous().clone()
+        self.tensor = t.contiguous()
         self.work = dist.isend(self.tensor, group.global_rank(dst), group=group.pg)
 
     def wait(self) -> None:
         self.work.wait()
-
-
-def _send(t: torch.Tensor, dst: int, group: Group) -> _Sent:
-    return _Sent(t, dst, group)
 
 
 def _recv(shape, like: torch.Tensor, src: int, group: Group) -> torch.Tensor:
@@ -410,7 +415,7 @@ def sample_pipefusion(adapter, job, mesh: DeviceMesh, on_step=None, stage: Stage
     `stage` None runs all blocks on this rank with `mesh.config`'s patches: the
     single-process form of the same computation.
     """
-    from ditmesh.denoiser.sampler import gather_images, split_counts
+    from ditmesh.denoiser.sampler import gather_images
 
     cfgp = mesh.config
     prep = adapter.prepare(job)
@@ -439,9 +444,9 @@ def sample_pipefusion(adapter, job, mesh: DeviceMesh, on_step=None, stage: Stage
         branches = ["cond", "uncond"]
     else:
         branches = ["cond"]
-    fam = (
-        _FluxPatches if hasattr(adapter.transformer, "single_transformer_blocks") else _SD3Patches
-    )(adapter, prep, images, latents)
+    fam = (_FluxPatches if _is_flux(adapter.transformer) else _SD3Patches)(
+        adapter, prep, images, latents
+    )
     tokens = ctx.image_total = fam.tokens
     patches = fam.units(cfgp.num_patches)
     # Sends stay in flight for a step: each step waits for the sends of the one before.
@@ -478,7 +483,7 @@ def sample_pipefusion(adapter, job, mesh: DeviceMesh, on_step=None, stage: Stage
                         except StageDone as done:
                             for x in (done.hidden_states, done.encoder_hidden_states):
                                 if x.shape[1]:
-                                    now.append(_send(x, group.rank + 1, group))
+                                    now.append(_Send(x, group.rank + 1, group))
                     if not stage.last:
                         continue
                     # Last stage: the prediction for these rows, then the scheduler's step on them.
@@ -494,7 +499,8 @@ def sample_pipefusion(adapter, job, mesh: DeviceMesh, on_step=None, stage: Stage
                     last_unit = p == len(units) - 1
                     latents[rows] = _patch_step(scheduler, out, t, latents[rows], last_unit)
                     if relay and i < total - 1:
-                        now.append(_send(latents[rows], 0, stage.back))
+                        # A copy: these rows of `latents` change again next step.
+                        now.append(_Send(latents[rows].clone(), 0, stage.back))
                 if stage.first and relay:
                     incoming, have = list(units), 0
                 for work in sent.pop(0):

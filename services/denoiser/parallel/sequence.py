@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ditmesh.denoiser.parallel.mesh import DeviceMesh
+from ditmesh.denoiser.parallel.mesh import DeviceMesh, split_counts
 from ditmesh.denoiser.parallel.usp import SequenceParallel, SequenceShards
 
 
@@ -58,12 +58,6 @@ def shard(x: torch.Tensor, dim: int, sp: SequenceParallel) -> torch.Tensor:
         widths = [0, 0] * (x.dim() - dim - 1) + [0, pad]
         x = F.pad(x, widths)
     return x.narrow(dim, sp.shard_index * local, local)
-
-
-def split_text(text_len: int, parts: int) -> list[int]:
-    """Text tokens per rank: as even as possible, the first ranks taking one more."""
-    base, rest = divmod(text_len, parts)
-    return [base + (1 if i < rest else 0) for i in range(parts)]
 
 
 def gather(x: torch.Tensor, dim: int, sp: SequenceParallel, order: list[int]) -> torch.Tensor:
@@ -119,7 +113,7 @@ def attach(model: torch.nn.Module, plan: SequencePlan, mesh: DeviceMesh) -> Atta
             text_len = kwargs[name].shape[dim]
             sp.shards.text_len = text_len
             if plan.split_text_inputs and sp.can_shard_text(text_len):
-                counts = split_text(text_len, sp.sp.size)
+                counts = split_counts(text_len, sp.sp.size)
                 start = sum(counts[: sp.shard_index])
                 for name, dim in plan.split_text_inputs.items():
                     if kwargs.get(name) is None:
