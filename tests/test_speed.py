@@ -352,6 +352,41 @@ def test_comm_overlap_is_checked_described_and_passed_by_up(monkeypatch):
     assert "--comm-overlap=schedule" in configs[0].denoiser_args
 
 
+def test_comm_overlap_this_torch_cannot_do_is_refused_before_the_gang_starts(
+    monkeypatch, tiny_flux
+):
+    import importlib.util
+    import sys
+    import types
+
+    import torch._inductor
+
+    from ditmesh.common.errors import InvalidArgument
+    from ditmesh.denoiser.gang import GangRunner
+    from ditmesh.denoiser.parallel.mesh import ParallelConfig
+    from ditmesh.denoiser.speed import check_comm_overlap
+
+    check_comm_overlap("reorder")  # this torch has the passes
+    # An inductor config without the overlap scheduler (an older torch).
+    older = types.SimpleNamespace()
+    monkeypatch.setattr(torch._inductor, "config", older)
+    monkeypatch.setitem(sys.modules, "torch._inductor.config", older)
+    with pytest.raises(InvalidArgument, match="no overlap scheduler"):
+        check_comm_overlap("schedule")
+    with pytest.raises(InvalidArgument, match="no overlap scheduler"):
+        GangRunner(
+            tiny_flux,
+            ParallelConfig(ulysses=2),
+            device="cpu",
+            dtype="float32",
+            speed=Speedups(compile=True, comm_overlap="schedule"),
+        )
+    monkeypatch.undo()
+    if importlib.util.find_spec("triton") is None:
+        with pytest.raises(InvalidArgument, match="needs triton"):
+            check_comm_overlap("schedule")
+
+
 def test_warm_up_runs_each_job_and_says_so(model, caplog):
     from ditmesh.denoiser.runner import warm_up, warmup_job
 

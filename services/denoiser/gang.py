@@ -39,7 +39,7 @@ from ditmesh.denoiser.parallel.pipefusion import check_speed as check_pipefusion
 from ditmesh.denoiser.parallel.sequence import attach
 from ditmesh.denoiser.runner import load_adapter, warm_up, warmup_job, warmup_sizes
 from ditmesh.denoiser.sampler import sample
-from ditmesh.denoiser.speed import EAGER, Speedups
+from ditmesh.denoiser.speed import EAGER, Speedups, check_comm_overlap
 from ditmesh.denoiser.speed import apply as apply_speedups
 from ditmesh.denoiser.speed import release as release_speedups
 
@@ -186,6 +186,8 @@ class GangRunner:
         parallel.check_model(heads=model.heads, family=model.family.name, blocks=model.blocks)
         if parallel.pipefusion > 1:
             check_pipefusion_speed(speed.compile, speed.cuda_graphs)
+        if speed.compile and speed.comm_overlap != "off":
+            check_comm_overlap(speed.comm_overlap)
         sizes = warmup_sizes(model, speed)
         self.parallel = parallel
         self.broken = threading.Event()

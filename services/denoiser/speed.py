@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from ditmesh.common.errors import InvalidArgument
+
 log = logging.getLogger(__name__)
 
 ATTENTION_CHOICES = ("auto", "cudnn", "flash", "efficient", "math")
@@ -149,28 +151,41 @@ REORDER_PASSES = (
 )
 
 
-def set_comm_overlap(how: str) -> None:
-    """Inductor settings (process-wide) under which compiled collectives overlap compute.
+def check_comm_overlap(how: str) -> None:
+    """Raises InvalidArgument where this torch cannot do `how` (checked before a gang's
+    processes start, so a bad flag is one line, not a compile error at warm-up)."""
+    import importlib.util
 
-    Raises ValueError where this torch has neither mechanism, rather than silently
-    compiling without it.
-    """
     import torch._inductor.comms as comms
     import torch._inductor.config as ic
 
-    if how == "reorder":
-        passes = [p for p in REORDER_PASSES if hasattr(comms, p)]
-        if not passes:
-            raise ValueError("--comm-overlap reorder: this torch's inductor has no such passes")
-        ic.reorder_for_compute_comm_overlap = True
-        ic.reorder_for_compute_comm_overlap_passes = passes
-    elif how == "schedule":
+    if how == "reorder" and not any(hasattr(comms, p) for p in REORDER_PASSES):
+        raise InvalidArgument("--comm-overlap reorder: this torch's inductor has no such passes")
+    if how == "schedule":
         opts = getattr(ic, "aten_distributed_optimizations", None)
         if opts is None or not hasattr(opts, "enable_overlap_scheduling"):
-            raise ValueError(
+            raise InvalidArgument(
                 "--comm-overlap schedule: this torch's inductor has no overlap scheduler"
             )
-        opts.enable_overlap_scheduling = True
+        if importlib.util.find_spec("triton") is None:
+            # Its cost model reads the GPU's memory bandwidth through triton.
+            raise InvalidArgument("--comm-overlap schedule needs triton (a GPU install of torch)")
+
+
+def set_comm_overlap(how: str) -> None:
+    """Inductor settings (process-wide) under which compiled collectives overlap compute;
+    refuses (check_comm_overlap) rather than silently compiling without them."""
+    import torch._inductor.comms as comms
+    import torch._inductor.config as ic
+
+    check_comm_overlap(how)
+    if how == "reorder":
+        ic.reorder_for_compute_comm_overlap = True
+        ic.reorder_for_compute_comm_overlap_passes = [
+            p for p in REORDER_PASSES if hasattr(comms, p)
+        ]
+    elif how == "schedule":
+        ic.aten_distributed_optimizations.enable_overlap_scheduling = True
 
 
 def _backends(choice: str) -> list:
