@@ -23,6 +23,12 @@ P=/tmp/plan; L=/tmp/logs
 #   overlap  --comm-overlap reorder / schedule against plain compile + graphs (2 and 4 GPUs)
 #   mesh     whole-mesh throughput on 4 GPUs (text encoders added to the random Flux):
 #            stages split across the GPUs vs 4 whole-pipeline replicas vs one u4 gang
+# and for a 2-GPU machine:
+#   pf2g     PipeFusion-2 (eager) against one GPU and xfuser's PipeFusion-2, 1024x1024
+#   vae2g    the VAE decode at M = 1, 2 from 4096 to 8192 (the largest size each M reaches)
+#   overlap2g --comm-overlap reorder / schedule against plain compile + graphs, 2 GPUs
+#   mesh2g   whole-mesh throughput on 2 GPUs: 2 whole-pipeline replicas vs two denoisers
+#            sharing one encoder and one VAE vs one u2 gang
 phase() {
   case $1 in
     p1024)
@@ -57,12 +63,24 @@ phase() {
     autotune)
       SIZES=1024 LAYOUTS="single+autotune+graphs u4+autotune+graphs" PEERS="" \
         bash bench/gpu_session.sh ;;
+    pf2g)
+      SIZES=1024 LAYOUTS="single pf2" PEERS="xfuser-pf2" PEER_LIMIT=200 \
+        bash bench/gpu_session.sh ;;
+    vae2g)
+      SIZES="" VAE_RANKS=1,2 VAE_SIZES=4096,6144,8192 VAE_LIMIT=280 \
+        bash bench/gpu_session.sh ;;
+    overlap2g)
+      SIZES=1024 PROFILE=1 LAYOUTS="u2+compile+graphs u2+compile+graphs+reorder \
+        u2+compile+graphs+schedule" PEERS="" bash bench/gpu_session.sh ;;
+    mesh2g)
+      MESH_LAYOUTS="replicas:2|encoder@0;denoiser@0;denoiser@1;vae@1|encoder@0;denoiser@0,1:--ulysses=2;vae@1" \
+        MESH_LIMIT=${MESH_LIMIT:-240} phase mesh ;;
     mesh)
       export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1
       [ -d /tmp/flux-full ] || python3 .peers/make_flux.py /tmp/flux-full full 2>&1 | tail -1
       [ -d /tmp/flux-mesh ] || python3 bench/make_mesh_model.py /tmp/flux-full /tmp/flux-mesh
-      for layout in "encoder@0;denoiser@1,2:--ulysses=2;vae@3" replicas:4 \
-        "encoder@0;denoiser@0,1,2,3:--ulysses=4;vae@0"; do
+      IFS='|' read -ra layouts <<< "${MESH_LAYOUTS:-encoder@0;denoiser@1,2:--ulysses=2;vae@3|replicas:4|encoder@0;denoiser@0,1,2,3:--ulysses=4;vae@0}"
+      for layout in "${layouts[@]}"; do
         timeout -k 10 ${MESH_LIMIT:-420} python3 bench/mesh_throughput.py --model /tmp/flux-mesh \
           --layout "$layout" --denoiser-flags "--compile --cuda-graphs" --requests 16 \
           --concurrency 8 --out $L > $L/mesh.log.tmp 2>&1

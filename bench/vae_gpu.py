@@ -107,8 +107,12 @@ def _time_size(vae, size: int, args, device, dtype, world: int) -> tuple[list[fl
         t0 = time.perf_counter()
         image = vae.decode(z, return_dict=False)[0]
         _sync(device)
+        took = time.perf_counter() - t0
         if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
+            times.append(took)
+        if world == 1 or dist.get_rank() == 0:  # progress: a run cut off still says how far it got
+            kind = "warm-up" if i < args.warmup else "timed"
+            print(f"M={world} {size}: {kind} decode {took:.2f} s", flush=True)
     return times, image
 
 
