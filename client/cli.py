@@ -69,7 +69,7 @@ def _add_gang_args(p: argparse.ArgumentParser) -> None:
         default="off",
         help="with --compile: let inductor reorder the Ulysses exchange's collectives to "
         "overlap compute (reorder: its reordering passes; schedule: its overlap scheduler). "
-        "Not yet measured; off by default",
+        "On 2x H200 schedule saved 1.5%%, reorder nothing; off by default",
     )
     g.add_argument(
         "--cuda-graphs",
