@@ -128,6 +128,25 @@ def _all_close(got, want, what, jobs=None):
         _close(g, w, f"{what}, job {j}")
 
 
+def test_a_stage_loads_on_the_host_and_moves_only_what_it_keeps(model_dir):
+    """`on_host`: the weights wait on the host until `to_device`, so a PipeFusion stage drops
+    the other stages' blocks before anything reaches the device (the gang does this; the
+    "meta" device stands in for a GPU here)."""
+    model = resolve_model(model_dir)
+    adapter = load_adapter(model, torch.device("meta"), "float32", on_host=True)
+    t = adapter.transformer
+    assert {p.device.type for p in t.parameters()} == {"cpu"}
+    assert adapter.device.type == "meta" and adapter.weights_on.type == "cpu"
+    t.transformer_blocks = torch.nn.ModuleList([t.transformer_blocks[0]])
+    t.single_transformer_blocks = torch.nn.ModuleList()
+    adapter.to_device()
+    assert {p.device.type for p in t.parameters()} == {"meta"}
+    assert adapter.weights_on == adapter.device
+    # Without it the weights go straight to the device.
+    direct = load_adapter(model, torch.device("meta"), "float32").transformer
+    assert {p.device.type for p in direct.parameters()} == {"meta"}
+
+
 def test_patch_bounds_cover_the_tokens_in_order():
     assert patch_bounds(15, 4) == [(0, 4), (4, 8), (8, 12), (12, 15)]
     assert patch_bounds(5, 2) == [(0, 3), (3, 5)]

@@ -35,10 +35,12 @@ FLUX_PLAN = SequencePlan(
 class FluxAdapter(TransformerAdapterBase):
     plan = FLUX_PLAN
 
-    def __init__(self, model: ModelRef, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, model: ModelRef, device: torch.device, dtype: torch.dtype, on_host: bool = False
+    ) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
-        super().__init__(model, device, dtype, FluxTransformer2DModel)
+        super().__init__(model, device, dtype, FluxTransformer2DModel, on_host)
         self.scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(
             model.source, subfolder="scheduler"
         )

@@ -86,13 +86,17 @@ class GangMember:
             )
         self.control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
         self.model: ModelRef = resolve_model(spec.model_source, spec.model_name)
-        self.adapter = load_adapter(self.model, self.device, spec.dtype)
+        # A PipeFusion stage keeps a part of the blocks: it loads on the host and drops the
+        # others before its weights go to the device, which never holds the whole model.
+        staged = spec.parallel.pipefusion > 1
+        self.adapter = load_adapter(self.model, self.device, spec.dtype, on_host=staged)
         spec.parallel.check_model(heads=self.adapter.heads, family=self.model.family.name)
         self.mesh: DeviceMesh = build_mesh(spec.parallel, rank, world, timeout=timeout)
         self.attached = attach(self.adapter.transformer, self.adapter.plan, self.mesh)
         self.adapter.pipefusion_stage = attach_pipefusion(
             self.adapter.transformer, self.mesh, self.attached.sp if self.attached else None
         )
+        self.adapter.to_device()
         self.warm = apply_speedups(self.adapter, spec.speed)
 
     def broadcast_job(self, job: DenoiseJob | None) -> DenoiseJob | None:

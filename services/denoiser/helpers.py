@@ -101,18 +101,34 @@ class TransformerAdapterBase:
     device, the callable `predict` uses (the transformer, or its CUDA-graphed replay, see
     runner.py) and the head count the mesh checks Ulysses against."""
 
+    # Where the transformer's weights are; `device` is where the work runs. They differ
+    # only between loading on the host and `to_device` (see load_adapter's `on_host`).
+    weights_on: torch.device
+
     def __init__(
-        self, model: ModelRef, device: torch.device, dtype: torch.dtype, transformer_cls
+        self,
+        model: ModelRef,
+        device: torch.device,
+        dtype: torch.dtype,
+        transformer_cls,
+        on_host: bool = False,
     ) -> None:
         self.model = model
         self.device = device
         self.dtype = dtype
+        self.weights_on = torch.device("cpu") if on_host else device
         self.transformer = transformer_cls.from_pretrained(
             model.source, subfolder="transformer", dtype=dtype
-        ).to(device)
+        ).to(self.weights_on)
         self.transformer.eval()
         self.forward = self.transformer
         self.heads = self.transformer.config.num_attention_heads
+
+    def to_device(self) -> None:
+        """Moves the transformer's weights (what is left of them) to `device`."""
+        if self.weights_on != self.device:
+            self.transformer.to(self.device)
+            self.weights_on = self.device
 
 
 def fix_first_step(scheduler, timesteps: torch.Tensor) -> None:

@@ -43,10 +43,12 @@ PIXART_PLAN = SequencePlan(
 class PixArtAdapter(TransformerAdapterBase):
     plan = PIXART_PLAN
 
-    def __init__(self, model: ModelRef, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, model: ModelRef, device: torch.device, dtype: torch.dtype, on_host: bool = False
+    ) -> None:
         from diffusers import PixArtTransformer2DModel
 
-        super().__init__(model, device, dtype, PixArtTransformer2DModel)
+        super().__init__(model, device, dtype, PixArtTransformer2DModel, on_host)
         self.schedulers = SchedulerFactory(model.source)
         if "sde" in str(self.schedulers.config.get("algorithm_type", "")):
             # The pipeline feeds its seeded generator to stochastic solvers step by

@@ -84,10 +84,19 @@ def warm_up(run, jobs: list[DenoiseJob]) -> None:
 
 
 def load_adapter(
-    model: ModelRef, device: str | torch.device = "auto", dtype: str = "auto"
+    model: ModelRef,
+    device: str | torch.device = "auto",
+    dtype: str = "auto",
+    on_host: bool = False,
 ) -> Adapter:
+    """The family's adapter for `device` (dtype "auto" picked for that device).
+
+    `on_host`: the transformer's weights stay on the host until `adapter.to_device()`, so
+    a rank that keeps only part of the blocks (PipeFusion) can drop the rest first and
+    the GPU never holds the whole model.
+    """
     dev = pick_device(device) if isinstance(device, str) else device
-    return load_class(model.family.denoiser)(model, dev, pick_dtype(dtype, dev))
+    return load_class(model.family.denoiser)(model, dev, pick_dtype(dtype, dev), on_host)
 
 
 class LocalRunner:

@@ -49,10 +49,12 @@ def sd3_plan(transformer: torch.nn.Module) -> SequencePlan:
 
 
 class SD3Adapter(TransformerAdapterBase):
-    def __init__(self, model: ModelRef, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, model: ModelRef, device: torch.device, dtype: torch.dtype, on_host: bool = False
+    ) -> None:
         from diffusers import SD3Transformer2DModel
 
-        super().__init__(model, device, dtype, SD3Transformer2DModel)
+        super().__init__(model, device, dtype, SD3Transformer2DModel, on_host)
         self.plan = sd3_plan(self.transformer)
         self.schedulers = SchedulerFactory(model.source)
 
