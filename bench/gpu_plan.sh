@@ -11,8 +11,8 @@
 set -u
 P=/tmp/plan; L=/tmp/logs
 
-# Phases (PHASES="vae4 pf" picks some; the default is what no session has run yet:
-# vae4 overlap pf p4096 mesh, about 30 minutes in all):
+# Phases (PHASES="vae4 pf" picks some; the default is what no session has run yet on
+# 4 GPUs: pf p4096 mesh, about 25 minutes in all):
 #   p1024    ours at 1, 2, 4 GPUs and the peers, 1024x1024 (with profiles)
 #   vae      the VAE decode at M = 1, 2, 4 up to 8192x8192
 #   vae4     the VAE decode at M = 4 (all sizes), then M = 2 at 8192 (what `vae` ran out of)
@@ -95,7 +95,7 @@ phases() {
   cd $P
   export SKIP_INSTALL=1 L_DIR=$L OUT=$P/out LIMIT=${LIMIT:-240}
   mkdir -p $OUT
-  for ph in ${PHASES:-vae4 overlap pf p4096 mesh}; do
+  for ph in ${PHASES:-pf p4096 mesh}; do
     echo "== phase $ph"
     phase $ph
   done
