@@ -360,9 +360,9 @@ def attach_pipefusion(
         mesh.config.num_patches,
         mesh.config.pipefusion_warmup,
     )
-    del lists, everything  # the other stages' blocks: their memory goes back
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    # The other stages' blocks go with these lists. The gang loads them on the host
+    # (load_adapter's on_host), so there is no GPU cache to give back here.
+    del lists, everything
     return stage
 
 
