@@ -21,9 +21,9 @@ import torch.multiprocessing as tmp
 
 from ditmesh.common.models import resolve_model
 from ditmesh.denoiser.parallel.mesh import (
-    DeviceMesh,
     ParallelConfig,
     ParallelConfigError,
+    RankGroups,
     build_mesh,
     single_process_mesh,
 )
@@ -61,7 +61,7 @@ def one_rank(model_dir: str, jobs, **degrees) -> list[torch.Tensor]:
     """The patch schedule of `degrees` on one rank, all blocks here."""
     adapter = load_adapter(resolve_model(model_dir), torch.device("cpu"), "float32")
     base = single_process_mesh()
-    mesh = DeviceMesh(
+    mesh = RankGroups(
         config=ParallelConfig(**degrees), rank=0, coords=base.coords, groups=base.groups
     )
     out = [sample_pipefusion(adapter, job, mesh) for job in jobs]

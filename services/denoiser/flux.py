@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ditmesh.common.models import ModelRef
-from ditmesh.denoiser.helpers import TransformerAdapterBase, cond_tensor, do_cfg, initial_noise
+from ditmesh.denoiser.adapter import TransformerAdapterBase, cond_tensor, do_cfg, initial_noise
 from ditmesh.denoiser.job import DenoiseJob
 from ditmesh.denoiser.parallel.processors import FluxParallelProcessor
 from ditmesh.denoiser.parallel.sequence import SequencePlan

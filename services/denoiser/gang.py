@@ -30,8 +30,8 @@ from ditmesh.common.gangs import (
 from ditmesh.common.models import ModelRef, pick_device, resolve_model
 from ditmesh.denoiser.job import DenoiseJob, StepCallback
 from ditmesh.denoiser.parallel.mesh import (
-    DeviceMesh,
     ParallelConfig,
+    RankGroups,
     build_mesh,
 )
 from ditmesh.denoiser.parallel.pipefusion import attach_pipefusion
@@ -91,7 +91,7 @@ class GangMember:
         staged = spec.parallel.pipefusion > 1
         self.adapter = load_adapter(self.model, self.device, spec.dtype, on_host=staged)
         spec.parallel.check_model(heads=self.adapter.heads, family=self.model.family.name)
-        self.mesh: DeviceMesh = build_mesh(spec.parallel, rank, world, timeout=timeout)
+        self.mesh: RankGroups = build_mesh(spec.parallel, rank, world, timeout=timeout)
         self.attached = attach(self.adapter.transformer, self.adapter.plan, self.mesh)
         self.adapter.pipefusion_stage = attach_pipefusion(
             self.adapter.transformer, self.mesh, self.attached.sp if self.attached else None

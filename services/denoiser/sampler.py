@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ditmesh.denoiser.job import DenoiseJob, StepCallback
-from ditmesh.denoiser.parallel.mesh import DeviceMesh, Group, split_counts
+from ditmesh.denoiser.parallel.mesh import Group, RankGroups, split_counts
 
 
 @dataclass(kw_only=True)
@@ -75,7 +75,7 @@ def gather_images(latents: torch.Tensor, counts: list[int], group: Group) -> tor
 
 @torch.inference_mode()
 def sample(
-    adapter: Adapter, job: DenoiseJob, mesh: DeviceMesh, on_step: StepCallback | None = None
+    adapter: Adapter, job: DenoiseJob, mesh: RankGroups, on_step: StepCallback | None = None
 ) -> torch.Tensor:
     if mesh.config.pipefusion > 1:
         from ditmesh.denoiser.parallel.pipefusion import sample_pipefusion

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ditmesh.common.models import ModelRef
-from ditmesh.denoiser.helpers import (
+from ditmesh.denoiser.adapter import (
     SchedulerFactory,
     TransformerAdapterBase,
     cond_tensor,

@@ -180,7 +180,7 @@ class Group:
 
 
 @dataclass(kw_only=True, slots=True)
-class DeviceMesh:
+class RankGroups:
     """Every group this rank belongs to. Runtime handles only; built once per gang."""
 
     config: ParallelConfig
@@ -214,10 +214,10 @@ GROUP_DIMS: dict[str, tuple[str, ...]] = {
 
 def build_mesh(
     config: ParallelConfig, rank: int, world_size: int, timeout: timedelta | None = None
-) -> DeviceMesh:
+) -> RankGroups:
     """Creates every group; all ranks must call this in the same order (new_group is collective)."""
     config.check_world(world_size)
-    mesh = DeviceMesh(config=config, rank=rank, coords=config.coords(rank))
+    mesh = RankGroups(config=config, rank=rank, coords=config.coords(rank))
     for name, dims in GROUP_DIMS.items():
         for ranks in config.groups_along(*dims):
             if len(ranks) == 1:
@@ -232,9 +232,9 @@ def build_mesh(
     return mesh
 
 
-def single_process_mesh() -> DeviceMesh:
+def single_process_mesh() -> RankGroups:
     cfg = ParallelConfig()
-    return DeviceMesh(
+    return RankGroups(
         config=cfg,
         rank=0,
         coords=cfg.coords(0),

@@ -43,9 +43,9 @@ import torch.nn.functional as F
 from ditmesh.common.errors import InvalidArgument
 from ditmesh.denoiser.parallel import ulysses as U
 from ditmesh.denoiser.parallel.mesh import (
-    DeviceMesh,
     Group,
     ParallelConfigError,
+    RankGroups,
     split_counts,
 )
 from ditmesh.denoiser.parallel.processors import _projection
@@ -296,7 +296,7 @@ class Stage:
 
 
 def attach_pipefusion(
-    model: torch.nn.Module, mesh: DeviceMesh, sp: SequenceParallel | None = None
+    model: torch.nn.Module, mesh: RankGroups, sp: SequenceParallel | None = None
 ) -> Stage | None:
     """Keeps this stage's blocks, hooks its ends, installs StaleKVProcessor; None if P = 1.
 
@@ -408,7 +408,7 @@ PATCH_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 
 
 @torch.inference_mode()
-def sample_pipefusion(adapter, job, mesh: DeviceMesh, on_step=None, stage: Stage | None = None):
+def sample_pipefusion(adapter, job, mesh: RankGroups, on_step=None, stage: Stage | None = None):
     """The sampling loop of one PipeFusion stage (Flux, SD3). Returns the whole latents on
     every rank of the group, finished like `sampler.sample`.
 

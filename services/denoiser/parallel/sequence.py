@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ditmesh.denoiser.parallel.mesh import DeviceMesh, split_counts
+from ditmesh.denoiser.parallel.mesh import RankGroups, split_counts
 from ditmesh.denoiser.parallel.usp import SequenceParallel, SequenceShards
 
 
@@ -86,7 +86,7 @@ class Attached:
             modules[name].set_processor(proc)
 
 
-def attach(model: torch.nn.Module, plan: SequencePlan, mesh: DeviceMesh) -> Attached | None:
+def attach(model: torch.nn.Module, plan: SequencePlan, mesh: RankGroups) -> Attached | None:
     """Applies `plan` for the mesh's sp group; a no-op when sp == 1."""
     cfg = mesh.config
     if cfg.sp == 1:

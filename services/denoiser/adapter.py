@@ -1,4 +1,5 @@
-"""Pieces every family adapter needs: conditioning lookup, seeded noise, schedulers, CFG."""
+"""The family adapter's base class and what every adapter needs: conditioning lookup, seeded noise,
+schedulers, CFG."""
 
 from __future__ import annotations
 
