@@ -85,7 +85,7 @@ phase() {
           --layout "$layout" --denoiser-flags "--compile --cuda-graphs" --requests 16 \
           --concurrency 8 --out $L > $L/mesh.log.tmp 2>&1
         echo "mesh $layout rc=$?"; grep -E "^RESULT|^\| " $L/mesh.log.tmp || tail -20 $L/mesh.log.tmp
-        cat $L/mesh.log.tmp >> $L/mesh.log; pkill -9 -f "ditmesh.client.cli" 2>/dev/null; sleep 2
+        cat $L/mesh.log.tmp >> $L/mesh.log; pkill -9 -f "ditmesh.cli" 2>/dev/null; sleep 2
       done ;;
     *) echo "unknown phase $1" ;;
   esac

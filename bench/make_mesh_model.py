@@ -5,7 +5,7 @@ pass prompt embeddings). The mesh's encoder stage needs them, so this writes a f
 that links that folder's transformer, VAE and scheduler and adds random-weight text
 encoders of the real sizes (CLIP-L text tower: 12 layers, width 768; T5 v1.1 XXL
 encoder: 24 layers, width 4096, FFN 10240, 64 heads) with the project's offline
-tokenizers (`ditmesh.common.tiny`: smaller vocabularies than the real ones, the same
+tokenizers (`ditmesh.tiny`: smaller vocabularies than the real ones, the same
 sequence lengths, so the encoders do the same work per token).
 
     python bench/make_mesh_model.py /tmp/flux-full /tmp/flux-mesh          # on a GPU
@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from ditmesh.common import tiny
+from ditmesh import tiny
 
 SIZES = {
     # (CLIP width, layers, heads, FFN), (T5 width, layers, heads, d_kv, FFN)

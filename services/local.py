@@ -45,7 +45,7 @@ class UpConfig:
 class StageProcess:
     def __init__(self, stage: str, args: list[str], env: dict[str, str]) -> None:
         self.stage = stage
-        cmd = [sys.executable, "-m", "ditmesh.client.cli", "serve", stage, *args]
+        cmd = [sys.executable, "-m", "ditmesh.cli", "serve", stage, *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, bufsize=1)
         self.address: str | None = None
         self._ready = threading.Event()

@@ -18,7 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_flux(tmp_path_factory) -> str:
-    from ditmesh.common.tiny import make_tiny
+    from ditmesh.tiny import make_tiny
 
     return str(make_tiny("flux", tmp_path_factory.mktemp("models") / "tiny-flux", seed=0))
 
@@ -63,7 +63,7 @@ class UpProcess:
 
     def __init__(self, model: str, *extra: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ditmesh.client.cli", "up", "--model", model, *extra],
+            [sys.executable, "-m", "ditmesh.cli", "up", "--model", model, *extra],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -142,7 +142,7 @@ class ParallelEquivalence:
     @pytest.fixture(scope="class")
     @classmethod
     def model_dir(cls, tmp_path_factory) -> str:
-        from ditmesh.common.tiny import make_tiny
+        from ditmesh.tiny import make_tiny
 
         return str(make_tiny(cls.family, tmp_path_factory.mktemp(cls.family) / "model"))
 

@@ -158,7 +158,7 @@ def test_list_models_and_wait_ready(client, tiny_flux):
 
 def _cli(addr: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "ditmesh.client.cli", "generate", "--gateway", addr, *args],
+        [sys.executable, "-m", "ditmesh.cli", "generate", "--gateway", addr, *args],
         capture_output=True,
         text=True,
         timeout=120,

@@ -36,7 +36,7 @@ class Served:
         import diffusers
 
         from ditmesh.common.models import resolve_model
-        from ditmesh.common.tiny import make_tiny
+        from ditmesh.tiny import make_tiny
 
         family, self.max_tokens = CASES[case]
         folder = make_tiny(family, root / case, seed=0)

@@ -91,7 +91,7 @@ class GangProcess:
             [
                 sys.executable,
                 "-m",
-                "ditmesh.client.cli",
+                "ditmesh.cli",
                 "serve",
                 "denoiser",
                 "--model",
@@ -170,7 +170,7 @@ def test_a_gang_started_by_torchrun_serves_the_single_process_result(tiny_flux):
             "--nproc_per_node",
             "2",
             "-m",
-            "ditmesh.client.cli",
+            "ditmesh.cli",
             "serve",
             "denoiser",
             "--model",

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as tmp
 
 from ditmesh.common.models import resolve_model
-from ditmesh.common.tiny import make_tiny
+from ditmesh.tiny import make_tiny
 from ditmesh.denoiser.parallel.mesh import ParallelConfig, build_mesh, single_process_mesh
 from ditmesh.denoiser.parallel.sequence import attach
 from ditmesh.denoiser.runner import load_adapter, warmup_job

@@ -60,7 +60,7 @@ def test_cli_refuses_a_bad_layout_before_starting(tiny_flux):
         [
             sys.executable,
             "-m",
-            "ditmesh.client.cli",
+            "ditmesh.cli",
             "serve",
             "denoiser",
             "--model",

@@ -67,7 +67,7 @@ class TestPixArtAlphaParallel(ParallelEquivalence):
     @pytest.fixture(scope="class")
     @classmethod
     def model_dir(cls, tmp_path_factory) -> str:
-        from ditmesh.common.tiny import make_tiny
+        from ditmesh.tiny import make_tiny
 
         folder = make_tiny(cls.family, tmp_path_factory.mktemp(cls.family) / "model")
         return str(pixart_alpha_with_micro_conditions(folder))

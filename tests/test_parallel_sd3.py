@@ -71,7 +71,7 @@ class TestSD35Parallel(ParallelEquivalence):
     @pytest.fixture(scope="class")
     @classmethod
     def model_dir(cls, tmp_path_factory) -> str:
-        from ditmesh.common.tiny import make_tiny
+        from ditmesh.tiny import make_tiny
 
         folder = make_tiny(cls.family, tmp_path_factory.mktemp("sd35") / "model")
         return str(sd35_medium_style(folder))

@@ -43,7 +43,7 @@ from .test_parallel_flux import flux_jobs
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:
-    from ditmesh.common.tiny import make_tiny
+    from ditmesh.tiny import make_tiny
 
     return str(make_tiny("flux", tmp_path_factory.mktemp("flux") / "model"))
 
@@ -239,7 +239,7 @@ def test_too_many_stages_fail_before_any_process_starts(model_dir):
 
 @pytest.fixture(scope="module")
 def sd3_dir(tmp_path_factory) -> str:
-    from ditmesh.common.tiny import make_tiny
+    from ditmesh.tiny import make_tiny
 
     return str(make_tiny("sd3", tmp_path_factory.mktemp("sd3") / "model"))
 
@@ -288,7 +288,7 @@ def test_sd3_two_stages_whole_and_stale(sd3_dir, tmp_path):
 
 def test_sd35_second_attention(tmp_path_factory, tmp_path):
     """SD3.5-medium layout: each block's image-only `attn2` keeps its own keys and values."""
-    from ditmesh.common.tiny import make_tiny
+    from ditmesh.tiny import make_tiny
 
     from .test_parallel_sd3 import sd3_jobs
     from .tiny_variants import sd35_medium_style

@@ -267,7 +267,7 @@ SPEED_FLAGS = ["--compile", "--cuda-graphs", "--attention", "cudnn", "--fuse-qkv
 
 
 def test_cli_flags_make_speedups():
-    from ditmesh.client.cli import _speedups, build_parser
+    from ditmesh.cli import _speedups, build_parser
 
     parser = build_parser()
     args = parser.parse_args(["serve", "denoiser", "--model", "X", *SPEED_FLAGS])
@@ -281,7 +281,7 @@ def test_cli_flags_make_speedups():
 
 
 def test_cli_attention_choices(capsys):
-    from ditmesh.client.cli import build_parser
+    from ditmesh.cli import build_parser
 
     parser = build_parser()
     with pytest.raises(SystemExit) as exc:
@@ -294,7 +294,7 @@ def test_cli_attention_choices(capsys):
 
 def test_up_passes_the_speed_flags_to_its_denoiser(monkeypatch):
     import ditmesh.local
-    from ditmesh.client.cli import _speedups, build_parser, main
+    from ditmesh.cli import _speedups, build_parser, main
 
     configs = []
     monkeypatch.setattr(ditmesh.local, "run_up", lambda cfg: configs.append(cfg) or 0)
@@ -316,7 +316,7 @@ def test_warmup_sizes_are_the_default_then_the_asked_ones_checked_like_requests(
 
 
 def test_cli_warmup_sizes():
-    from ditmesh.client.cli import _speedups, build_parser
+    from ditmesh.cli import _speedups, build_parser
 
     args = build_parser().parse_args(
         ["serve", "denoiser", "--model", "m", "--compile", "--warmup-sizes", "512x768,1024x1024"]
@@ -335,7 +335,7 @@ def test_compile_mode_is_checked_and_described():
 
 def test_comm_overlap_is_checked_described_and_passed_by_up(monkeypatch):
     import ditmesh.local
-    from ditmesh.client.cli import _speedups, build_parser, main
+    from ditmesh.cli import _speedups, build_parser, main
 
     with pytest.raises(ValueError, match="off, reorder, schedule"):
         Speedups(compile=True, comm_overlap="sometimes")

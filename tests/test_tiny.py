@@ -26,7 +26,7 @@ from diffusers import (
 from safetensors.torch import load_file
 from tokenizers.models import BPE
 
-from ditmesh.common import tiny
+from ditmesh import tiny
 
 PIPELINES = {
     "flux": FluxPipeline,

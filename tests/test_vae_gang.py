@@ -111,7 +111,7 @@ def _preloaded_forkserver() -> None:
 
 @pytest.fixture(scope="module")
 def models(tiny_flux, tmp_path_factory) -> dict[str, ModelRef]:
-    from ditmesh.common.tiny import make_tiny
+    from ditmesh.tiny import make_tiny
 
     base = tmp_path_factory.mktemp("vae-gang")
     out = {"flux": resolve_model(tiny_flux)}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ditmesh.common.models import resolve_model
-from ditmesh.common.tiny import make_tiny
+from ditmesh.tiny import make_tiny
 from ditmesh.denoiser.parallel.mesh import single_process_mesh
 from ditmesh.denoiser.runner import load_adapter, warmup_job
 from ditmesh.denoiser.sampler import sample

@@ -1,4 +1,4 @@
-"""The `ditmesh` command: make-tiny, serve, up, generate."""
+"""The `ditmesh` command: the operator commands (make-tiny, serve, up) and the SDK's generate."""
 
 from __future__ import annotations
 
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     if args.command == "make-tiny":
-        from ditmesh.common.tiny import make_tiny
+        from ditmesh.tiny import make_tiny
 
         try:
             path = make_tiny(args.family, args.dir, seed=args.seed)
