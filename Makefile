@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# CPU wheel first, so the unpinned torch below is already satisfied.
 	$(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q -e '.[dev,vae,k8s,telemetry]'
+	$(PIP) install -q -e '.[server,dev,vae,k8s,telemetry]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -1,27 +1,30 @@
-"""ditmesh client SDK: `Client` / `AsyncClient` for the gateway, results and errors."""
+"""ditmesh client SDK: `Client` / `AsyncClient` for the gateway, its parameters, results, errors.
+
+Importing it loads grpc, protobuf, Pillow and the wire contract (`ditmesh.v1`),
+never torch or any server module: a client-only install (`pip install ditmesh`)
+has nothing else.
+"""
 
 from ditmesh.client.aio import AsyncClient
-from ditmesh.client.results import (
+from ditmesh.client.errors import (
     DeadlineExceededError,
     DitmeshClientError,
-    GenerateResult,
     InvalidArgumentError,
-    ModelInfo,
-    ModelList,
-    Progress,
     ProtocolError,
     RequestCancelledError,
     ResourceExhaustedError,
-    Timings,
     UnavailableError,
 )
+from ditmesh.client.params import GenerateParams
 from ditmesh.client.sdk import Client
+from ditmesh.client.types import GenerateResult, ModelInfo, ModelList, Progress, Timings
 
 __all__ = [
     "AsyncClient",
     "Client",
     "DeadlineExceededError",
     "DitmeshClientError",
+    "GenerateParams",
     "GenerateResult",
     "InvalidArgumentError",
     "ModelInfo",

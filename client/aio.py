@@ -1,44 +1,31 @@
-"""The asyncio client of the ditmesh gateway: `AsyncClient`, with the API of `Client`."""
+"""The asyncio client of the ditmesh gateway: `AsyncClient`, with the API of `Client`.
+
+It shares everything but the driving of calls with the blocking client: the
+parameters (`ditmesh.client.params`), the stream assembly (`wire`), the
+deadline, retry policy and readiness probe (`base`) and the errors (`errors`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
 import itertools
-from collections.abc import Callable
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 
-from ditmesh.client.results import (
-    GenerateResult,
-    ModelList,
-    OutputFormat,
-    Progress,
-    _build_request,
-    _map_rpc_error,
-    _models,
-    _params,
-    _StreamAssembler,
-    _unary_result,
-)
-from ditmesh.client.sdk import (
-    _HEALTH_REQUEST,
-    _SERVING,
-    _ClientBase,
-    _Deadline,
-    _not_ready,
-    _probe_pause,
-    _probe_timeout,
-)
+from ditmesh.client.base import HEALTH_REQUEST, ClientBase, ReadyWait
+from ditmesh.client.errors import map_rpc_error
+from ditmesh.client.params import GenerateParams, request_of
+from ditmesh.client.types import GenerateResult, ModelList, ProgressCallback
+from ditmesh.client.wire import StreamAssembler, model_list, unary_result
 from ditmesh.v1 import gateway_pb2, gateway_pb2_grpc
 
-# The callback may return an awaitable, which the async client awaits.
-AsyncProgressCallback = Callable[[Progress], Any]
+__all__ = ["AsyncClient"]
 
 
-class AsyncClient(_ClientBase):
+class AsyncClient(ClientBase):
     """asyncio client with the API of `Client`; on_progress may be sync or async.
 
     The channel is made on first use so the client can be built outside the
@@ -62,35 +49,25 @@ class AsyncClient(_ClientBase):
 
     def _gateway(self) -> gateway_pb2_grpc.GatewayStub:
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self.address, options=self._options)
+            self._channel = grpc.aio.insecure_channel(self.address, options=self.channel_options)
             self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         return self._stub
 
     async def generate(
         self,
         prompt: str,
+        params: GenerateParams | None = None,
         *,
-        negative_prompt: str = "",
-        height: int = 0,
-        width: int = 0,
-        steps: int = 0,
-        guidance: float | None = None,
-        true_cfg_scale: float | None = None,
-        seed: int | None = None,
-        num_images: int = 1,
-        output_format: OutputFormat = "png",
-        quality: int = 0,
-        model: str = "",
-        request_id: str | None = None,
-        on_progress: AsyncProgressCallback | None = None,
+        on_progress: ProgressCallback | None = None,
         timeout: float | None = None,
+        **fields: Any,
     ) -> GenerateResult:
-        """See `Client.generate`."""
-        request = _build_request(**_params(locals()))
-        deadline = self._deadline(timeout)
+        """See `Client.generate`; an on_progress that returns an awaitable is awaited."""
+        request = request_of(prompt, params, fields, caller="generate")
+        deadline = self.deadline(timeout)
         metadata = (("x-request-id", request.request_id),)
         for attempt in itertools.count():
-            assembler = _StreamAssembler(request)
+            assembler = StreamAssembler(request)
             call = None
             try:
                 call = self._gateway().Generate(
@@ -104,9 +81,9 @@ class AsyncClient(_ClientBase):
                             await outcome
                 return assembler.finish()
             except grpc.RpcError as err:
-                delay = self._retry_delay(err, attempt, assembler.events, deadline)
+                delay = self.retry.delay(err, attempt, assembler.events, deadline)
                 if delay is None:
-                    raise _map_rpc_error(err) from None
+                    raise map_rpc_error(err) from None
             finally:
                 if call is not None:
                     call.cancel()
@@ -116,61 +93,46 @@ class AsyncClient(_ClientBase):
     async def generate_unary(
         self,
         prompt: str,
+        params: GenerateParams | None = None,
         *,
-        negative_prompt: str = "",
-        height: int = 0,
-        width: int = 0,
-        steps: int = 0,
-        guidance: float | None = None,
-        true_cfg_scale: float | None = None,
-        seed: int | None = None,
-        num_images: int = 1,
-        output_format: OutputFormat = "png",
-        quality: int = 0,
-        model: str = "",
-        request_id: str | None = None,
         timeout: float | None = None,
+        **fields: Any,
     ) -> GenerateResult:
         """See `Client.generate_unary`."""
-        request = _build_request(**_params(locals()))
+        request = request_of(prompt, params, fields, caller="generate_unary")
         metadata = (("x-request-id", request.request_id),)
         response = await self._unary("GenerateUnary", request, timeout, metadata)
-        return _unary_result(request, response)
+        return unary_result(request, response)
 
     async def list_models(self, *, timeout: float | None = None) -> ModelList:
-        return _models(await self._unary("ListModels", gateway_pb2.ListModelsRequest(), timeout))
+        return model_list(await self._unary("ListModels", gateway_pb2.ListModelsRequest(), timeout))
 
     async def wait_ready(self, timeout: float | None = 30.0) -> None:
         """See `Client.wait_ready`."""
-        deadline, last = _Deadline(timeout), "no answer"
+        wait = ReadyWait(timeout)
         self._gateway()
         stub = health_pb2_grpc.HealthStub(self._channel)
-        while (left := deadline.left()) is None or left > 0:
+        while (probe := wait.probe_timeout()) is not None:
             try:
-                reply = await stub.Check(
-                    _HEALTH_REQUEST, timeout=_probe_timeout(left), wait_for_ready=True
-                )
-                if reply.status == _SERVING:
+                reply = await stub.Check(HEALTH_REQUEST, timeout=probe, wait_for_ready=True)
+                if wait.serving(reply):
                     return
-                last = f"status {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
             except grpc.RpcError as err:
-                if err.code() == grpc.StatusCode.UNIMPLEMENTED:
-                    raise _map_rpc_error(err) from None
-                last = f"{err.code().name}: {err.details()}"
-            await asyncio.sleep(_probe_pause(deadline))
-        raise _not_ready(timeout, last)
+                wait.failed(err)
+            await asyncio.sleep(wait.pause())
+        raise wait.expired()
 
     async def _unary(
         self, method: str, request: Any, timeout: float | None, metadata: Any = ()
     ) -> Any:
-        deadline = self._deadline(timeout)
+        deadline = self.deadline(timeout)
         for attempt in itertools.count():
             try:
                 rpc = getattr(self._gateway(), method)
                 return await rpc(request, timeout=deadline.remaining(), metadata=metadata)
             except grpc.RpcError as err:
-                delay = self._retry_delay(err, attempt, 0, deadline)
+                delay = self.retry.delay(err, attempt, 0, deadline)
                 if delay is None:
-                    raise _map_rpc_error(err) from None
+                    raise map_rpc_error(err) from None
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")

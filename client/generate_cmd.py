@@ -4,6 +4,10 @@ Progress goes to stderr and the results (paths, seed, seconds) to stdout, so
 `ditmesh generate ... | tail -1` and shell scripts see only the answer. Errors
 are one `error: CODE: sentence` line and an exit status (2 for a bad request,
 1 otherwise), never a traceback: the user can act on the sentence, not the stack.
+The flags are `GenerateParams`' fields (same names, dashes for underscores;
+`--format` for output_format), checked by `GenerateParams` like any SDK call, so
+a flag's value is refused with the sentence the SDK and the gateway use.
+Needs only the client's dependencies: it runs in a client-only install.
 """
 
 from __future__ import annotations
@@ -15,28 +19,15 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import grpc
-from tqdm import tqdm
 
-from ditmesh.client.sdk import Client, DitmeshClientError, GenerateResult, Progress
+from ditmesh.client.errors import DitmeshClientError, InvalidArgumentError
+from ditmesh.client.params import FIELD_NAMES, GenerateParams
+from ditmesh.client.sdk import Client
+from ditmesh.client.types import FORMAT_BY_SUFFIX, GenerateResult, Progress
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
 GATEWAY_ENV = "DITMESH_GATEWAY"
 _FORMATS = ("png", "jpeg", "webp", "raw")
-_FORMAT_BY_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp", ".raw": "raw"}
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _positive_float(text: str) -> float:
@@ -46,15 +37,8 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _quality(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 100, got {value}")
-    return value
-
-
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Adds `generate` to an argparse subparsers object (cli.py owns the top level)."""
+    """Adds `generate` to an argparse subparsers object (ditmesh.cli owns the top level)."""
     parser = subparsers.add_parser(
         "generate",
         help="generate image(s) from a prompt through a gateway",
@@ -66,16 +50,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=None,
         help=f"gateway address HOST:PORT (default: ${GATEWAY_ENV} or {DEFAULT_GATEWAY})",
     )
+    # One flag per GenerateParams field; its dest is the field's name (see run()).
     parser.add_argument("--negative-prompt", default="", help="what the image should not show")
-    parser.add_argument(
-        "--height", type=_non_negative_int, default=0, help="pixels (default: model's)"
-    )
-    parser.add_argument(
-        "--width", type=_non_negative_int, default=0, help="pixels (default: model's)"
-    )
-    parser.add_argument(
-        "--steps", type=_non_negative_int, default=0, help="denoising steps (default: model's)"
-    )
+    parser.add_argument("--height", type=int, default=0, help="pixels (default: model's)")
+    parser.add_argument("--width", type=int, default=0, help="pixels (default: model's)")
+    parser.add_argument("--steps", type=int, default=0, help="denoising steps (default: model's)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale")
     parser.add_argument(
         "--true-cfg-scale",
@@ -83,18 +62,26 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=None,
         help="classifier-free guidance over --negative-prompt (used when > 1)",
     )
-    parser.add_argument("--seed", type=int, default=None, help="seed (default: random)")
-    parser.add_argument("--num-images", type=_positive_int, default=1)
+    parser.add_argument(
+        "--seed", type=int, default=None, help="seed, 0 to 2**63-1 (default: random)"
+    )
+    parser.add_argument("--num-images", type=int, default=1)
     parser.add_argument(
         "--format",
+        dest="output_format",
         choices=_FORMATS,
         default=None,
         help="image format (default: from the output's suffix, else png)",
     )
     parser.add_argument(
-        "--quality", type=_quality, default=0, help="JPEG/WebP quality 1-100 (0: default)"
+        "--quality", type=int, default=0, help="JPEG/WebP quality 1-100 (0: default)"
     )
     parser.add_argument("--model", default="", help="model name (default: the mesh's default)")
+    parser.add_argument(
+        "--request-id",
+        default=None,
+        help="1-128 characters of [A-Za-z0-9._:-] for the logs (default: random)",
+    )
     parser.add_argument(
         "--timeout", type=_positive_float, default=600.0, help="seconds (default: 600)"
     )
@@ -108,29 +95,27 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 class _ProgressReporter:
-    """Feeds a tqdm bar from step events; other events become one line each.
+    """Draws a one-line bar from step events on a terminal; other events become one line each.
 
-    The bar is drawn only on a terminal: in a log file its carriage returns are noise.
+    Off a terminal (a log file) the bar's carriage returns are noise, so the steps
+    become one line. Drawn by hand: the client-only install carries no progress library.
     """
+
+    _WIDTH = 30
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
         self._tty = bool(getattr(stream, "isatty", lambda: False)())
-        self._bar: tqdm | None = None
+        self._steps_seen = False
+        self._bar_drawn = False
 
     def __call__(self, progress: Progress) -> None:
         if progress.kind == "step":
-            if self._bar is None:
-                self._bar = tqdm(
-                    total=progress.total or None,
-                    file=self._stream,
-                    unit="step",
-                    desc="denoising",
-                    disable=not self._tty,
-                )
-                if not self._tty:
-                    self._line(f"denoising {progress.total} steps")
-            self._bar.update(max(0, progress.step - self._bar.n))
+            if not self._steps_seen and not self._tty:
+                self._line(f"denoising {progress.total} steps")
+            self._steps_seen = True
+            if self._tty:
+                self._draw(progress.step, progress.total)
         elif progress.kind == "queued":
             self._line(f"queued at position {progress.position}")
         elif progress.kind == "encoded":
@@ -138,19 +123,36 @@ class _ProgressReporter:
         elif progress.kind == "decoded":
             self._line(f"decoded in {progress.seconds:.2f} s")
 
+    def _draw(self, step: int, total: int) -> None:
+        done = self._WIDTH * step // total if total > 0 else 0
+        bar = "#" * done + "." * (self._WIDTH - done)
+        self._stream.write(f"\rdenoising [{bar}] {step}/{total or '?'} steps")
+        self._stream.flush()
+        self._bar_drawn = True
+
     def _line(self, text: str) -> None:
-        tqdm.write(text, file=self._stream)
+        self.close()
+        print(text, file=self._stream, flush=True)
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        """Ends the bar's line, so what follows starts on a line of its own."""
+        if self._bar_drawn:
+            self._stream.write("\n")
+            self._stream.flush()
+            self._bar_drawn = False
 
 
 def _output_format(args: argparse.Namespace) -> str:
-    if args.format:
-        return args.format
-    return _FORMAT_BY_SUFFIX.get(Path(args.output).suffix.lower(), "png")
+    if args.output_format:
+        return args.output_format
+    return FORMAT_BY_SUFFIX.get(Path(args.output).suffix.lower(), "png")
+
+
+def params_of(args: argparse.Namespace) -> GenerateParams:
+    """The request parameters the flags ask for; raises InvalidArgumentError if wrong."""
+    fields = {name: getattr(args, name) for name in FIELD_NAMES}
+    fields["output_format"] = _output_format(args)
+    return GenerateParams(**fields)
 
 
 def _fail(code: str, sentence: str) -> None:
@@ -162,30 +164,13 @@ def run(args: argparse.Namespace) -> int:
     gateway = args.gateway or os.environ.get(GATEWAY_ENV) or DEFAULT_GATEWAY
     reporter = _ProgressReporter(sys.stderr)
     try:
+        params = params_of(args)  # before connecting: a bad flag costs no round trip
         with Client(gateway, timeout=args.timeout) as client:
-            result: GenerateResult = client.generate(
-                args.prompt,
-                negative_prompt=args.negative_prompt,
-                height=args.height,
-                width=args.width,
-                steps=args.steps,
-                guidance=args.guidance,
-                true_cfg_scale=args.true_cfg_scale,
-                seed=args.seed,
-                num_images=args.num_images,
-                output_format=_output_format(args),
-                quality=args.quality,
-                model=args.model,
-                on_progress=reporter,
-            )
-    except DitmeshClientError as exc:
+            result: GenerateResult = client.generate(args.prompt, params, on_progress=reporter)
+    except DitmeshClientError as exc:  # InvalidArgumentError from the SDK's checks included
         reporter.close()
         _fail(exc.code.name, exc.details)
-        return 2 if exc.code == grpc.StatusCode.INVALID_ARGUMENT else 1
-    except ValueError as exc:  # the SDK's own argument checks (e.g. a seed over 64 bits)
-        reporter.close()
-        _fail(grpc.StatusCode.INVALID_ARGUMENT.name, str(exc))
-        return 2
+        return 2 if isinstance(exc, InvalidArgumentError) else 1
     except KeyboardInterrupt:
         reporter.close()
         _fail(grpc.StatusCode.CANCELLED.name, "interrupted")

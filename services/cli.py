@@ -1,10 +1,26 @@
-"""The `ditmesh` command: the operator commands (make-tiny, serve, up) and the SDK's generate."""
+"""The `ditmesh` command: the operator commands (make-tiny, serve, up) and the SDK's generate.
+
+Works in a client-only install (`pip install ditmesh`, no torch): building the
+parser and `generate` import only the client SDK; every server piece is imported
+inside the subcommand that needs it, and those subcommands first check that the
+`server` extra is installed, saying so in one line when it is not.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
+
+# What make-tiny, serve and up need beyond the client's install: the `server` extra.
+SERVER_MODULES = ("torch", "diffusers", "transformers")
+SERVER_COMMANDS = ("make-tiny", "serve", "up")
+
+
+def missing_server_modules() -> list[str]:
+    """The server extra's modules this Python cannot import (found, not imported: fast)."""
+    return [name for name in SERVER_MODULES if importlib.util.find_spec(name) is None]
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -241,6 +257,13 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.command in SERVER_COMMANDS and (missing := missing_server_modules()):
+        print(
+            f"error: `ditmesh {args.command}` needs the server packages "
+            f"({', '.join(missing)} not installed): pip install 'ditmesh[server]'",
+            file=sys.stderr,
+        )
+        return 2
     if args.command == "make-tiny":
         from ditmesh.tiny import make_tiny
 

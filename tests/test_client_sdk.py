@@ -4,15 +4,20 @@ These tests check the CLIENT's side of gateway.proto: chunk reassembly, raw
 images, progress order, the retry rule, error mapping, deadlines and protocol
 violations. The peer is `ScriptedGateway`, which replays fixed event sequences;
 the real gateway's end-to-end tests live with the gateway, not here.
+
+Every test that takes the `client` (or `connect`) fixture runs twice: against
+`Client`, and against `AsyncClient` driven through `BlockingAsyncClient`, so each
+SDK assertion holds for both clients.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import io
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +32,7 @@ from ditmesh.client import (
     Client,
     DeadlineExceededError,
     DitmeshClientError,
+    GenerateParams,
     InvalidArgumentError,
     Progress,
     RequestCancelledError,
@@ -125,10 +131,50 @@ def peer() -> Iterator[ScriptedGateway]:
     server.stop(0)
 
 
+class BlockingAsyncClient:
+    """An AsyncClient behind Client's blocking API: each coroutine method runs to the end
+    on one event loop of its own, so the channel (bound to that loop) lives across calls."""
+
+    def __init__(self, address: str, **settings: object) -> None:
+        self._client = AsyncClient(address, **settings)
+        self._loop = asyncio.new_event_loop()
+
+    def __getattr__(self, name: str) -> object:
+        method = getattr(self._client, name)
+        if not inspect.iscoroutinefunction(method):
+            return method
+        return lambda *args, **kwargs: self._loop.run_until_complete(method(*args, **kwargs))
+
+    def __enter__(self) -> BlockingAsyncClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if not self._loop.is_closed():
+            self._loop.run_until_complete(self._client.close())
+            self._loop.close()
+
+
+@pytest.fixture(params=["Client", "AsyncClient"])
+def connect(request) -> Iterator[Callable[..., Client]]:
+    """Makes clients of the kind under test (closed at the end of the test)."""
+    made: list[Client | BlockingAsyncClient] = []
+
+    def connect(address: str, **settings: object) -> Client:
+        kind = Client if request.param == "Client" else BlockingAsyncClient
+        made.append(kind(address, **settings))
+        return made[-1]
+
+    yield connect
+    for c in made:
+        c.close()
+
+
 @pytest.fixture
-def client(peer: ScriptedGateway) -> Iterator[Client]:
-    with Client(peer.address, timeout=5.0, retry_backoff=0.01) as c:
-        yield c
+def client(peer: ScriptedGateway, connect) -> Client:
+    return connect(peer.address, timeout=5.0, retry_backoff=0.01)
 
 
 # ----------------------------------------------------------------------------- scripts
@@ -188,7 +234,7 @@ PNG = encoded((255, 0, 0), "PNG")
 OK_SCRIPT = [*progress_events(), *chunks(0, PNG, 1), finished()]
 
 
-# ----------------------------------------------------------------------------- sync client
+# ----------------------------------------------------------------------------- both clients
 
 
 def test_reassembles_interleaved_chunks_and_reports_progress_in_order(peer, client):
@@ -229,7 +275,7 @@ def test_request_fields_reach_the_wire(peer, client):
         width=32,
         guidance=0.0,
         true_cfg_scale=4.0,
-        seed=-1,
+        seed=2**63 - 1,
         output_format="webp",
         quality=80,
         model="tiny-flux",
@@ -238,7 +284,7 @@ def test_request_fields_reach_the_wire(peer, client):
     sent = peer.requests[0]
     assert (sent.negative_prompt, sent.height, sent.width, sent.quality) == ("blur", 64, 32, 80)
     assert sent.HasField("guidance") and sent.guidance == 0.0 and sent.true_cfg_scale == 4.0
-    assert sent.seed == -1 and sent.model == "tiny-flux"
+    assert sent.seed == 2**63 - 1 and sent.model == "tiny-flux"
     assert sent.output_format == vae_pb2.OUTPUT_FORMAT_WEBP
     assert sent.request_id == "my-id" and peer.metadata[0]["x-request-id"] == "my-id"
 
@@ -282,9 +328,9 @@ def test_no_retry_once_an_event_arrived(peer, client):
     assert len(peer.requests) == 1
 
 
-def test_gives_up_after_the_configured_retries(peer):
+def test_gives_up_after_the_configured_retries(peer, connect):
     peer.streams = [[Abort(SC.UNAVAILABLE, "down")]]
-    with Client(peer.address, retries=2, retry_backoff=0.01) as c, pytest.raises(UnavailableError):
+    with connect(peer.address, retries=2, retry_backoff=0.01) as c, pytest.raises(UnavailableError):
         c.generate("p")
     assert len(peer.requests) == 3
 

@@ -1,0 +1,99 @@
+"""The errors a ditmesh SDK call raises, and the one mapping from a gRPC failure to them.
+
+Every failure a caller sees is a `DitmeshClientError` carrying a gRPC status
+code and a human sentence, whether the gateway refused the request or the SDK
+refused it before sending (`InvalidArgumentError` for both), so a caller never
+has to import grpc to handle errors. Which failures are retried is the retry
+policy's business (`ditmesh.client.base`), not this module's.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+__all__ = [
+    "DeadlineExceededError",
+    "DitmeshClientError",
+    "InvalidArgumentError",
+    "ProtocolError",
+    "RequestCancelledError",
+    "ResourceExhaustedError",
+    "UnavailableError",
+    "invalid_argument",
+    "map_rpc_error",
+    "status_code",
+]
+
+
+class DitmeshClientError(Exception):
+    """A request failed; `code` is the gRPC status, `details` the server's sentence.
+
+    The message names both, so an uncaught error still tells a person what went
+    wrong without a traceback from the server (the wire never carries one).
+    """
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{details} [{code.name}]")
+        self.code = code
+        self.details = details
+
+
+class InvalidArgumentError(DitmeshClientError, ValueError):
+    """The request itself is wrong; retrying it unchanged will fail again.
+
+    Raised for the gateway's INVALID_ARGUMENT and for what the SDK refuses before
+    sending; it is also a ValueError, as a bad argument is in plain Python.
+    """
+
+
+class UnavailableError(DitmeshClientError):
+    """The gateway or a stage behind it is down or draining; try again later."""
+
+
+class ResourceExhaustedError(DitmeshClientError):
+    """A queue is full or a size limit was hit; the sentence says which."""
+
+
+class DeadlineExceededError(DitmeshClientError):
+    """The request's deadline passed (on the client or inside the mesh)."""
+
+
+class RequestCancelledError(DitmeshClientError):
+    """The request was cancelled, by this client or by the server (e.g. on shutdown)."""
+
+
+class ProtocolError(DitmeshClientError):
+    """The gateway's answer broke the wire contract (missing image, bad chunk order)."""
+
+    def __init__(self, details: str) -> None:
+        super().__init__(grpc.StatusCode.INTERNAL, details)
+
+
+_ERROR_BY_CODE: dict[grpc.StatusCode, type[DitmeshClientError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.CANCELLED: RequestCancelledError,
+}
+
+
+def invalid_argument(sentence: str) -> InvalidArgumentError:
+    """The error for a request the SDK refuses before it reaches the network."""
+    return InvalidArgumentError(grpc.StatusCode.INVALID_ARGUMENT, sentence)
+
+
+def status_code(err: grpc.RpcError) -> grpc.StatusCode | None:
+    """The status of a failed call; None for an RpcError that carries none."""
+    code_fn = getattr(err, "code", None)
+    return code_fn() if callable(code_fn) else None
+
+
+def map_rpc_error(err: grpc.RpcError) -> DitmeshClientError:
+    """The one place a grpc.RpcError becomes an SDK error (sync and aio alike)."""
+    code = status_code(err) or grpc.StatusCode.UNKNOWN
+    details_fn = getattr(err, "details", None)
+    details = (details_fn() if callable(details_fn) else None) or (
+        f"the gateway answered {code.name} without a reason"
+    )
+    return _ERROR_BY_CODE.get(code, DitmeshClientError)(code, details)

@@ -1,0 +1,148 @@
+"""What a ditmesh SDK call returns: progress events, results, the model list, format names.
+
+Plain dataclasses with no channel and no protobuf in them, so a caller can keep,
+compare and pickle them. Turning wire messages into them is `ditmesh.client.wire`'s
+job; checking what a caller asks for is `ditmesh.client.params`'.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from PIL import Image
+
+from ditmesh.v1 import vae_pb2
+
+__all__ = [
+    "DEFAULT_MIME",
+    "FORMAT_BY_NAME",
+    "FORMAT_BY_SUFFIX",
+    "NAME_BY_FORMAT",
+    "GenerateResult",
+    "ModelInfo",
+    "ModelList",
+    "OutputFormat",
+    "Progress",
+    "ProgressCallback",
+    "Timings",
+]
+
+OutputFormat = Literal["png", "jpeg", "jpg", "webp", "raw"] | int
+
+# Lower-case names a caller may pass as output_format, and the reverse mapping.
+FORMAT_BY_NAME: dict[str, int] = {
+    "png": vae_pb2.OUTPUT_FORMAT_PNG,
+    "jpeg": vae_pb2.OUTPUT_FORMAT_JPEG,
+    "jpg": vae_pb2.OUTPUT_FORMAT_JPEG,
+    "webp": vae_pb2.OUTPUT_FORMAT_WEBP,
+    "raw": vae_pb2.OUTPUT_FORMAT_RAW,
+}
+NAME_BY_FORMAT: dict[int, str] = {
+    vae_pb2.OUTPUT_FORMAT_UNSPECIFIED: "png",  # the proto says unspecified means PNG
+    vae_pb2.OUTPUT_FORMAT_PNG: "png",
+    vae_pb2.OUTPUT_FORMAT_JPEG: "jpeg",
+    vae_pb2.OUTPUT_FORMAT_WEBP: "webp",
+    vae_pb2.OUTPUT_FORMAT_RAW: "raw",
+}
+DEFAULT_MIME = {
+    "png": "image/png",
+    "jpeg": "image/jpeg",
+    "webp": "image/webp",
+    "raw": "application/octet-stream",
+}
+# File suffixes `GenerateResult.save` (and `ditmesh generate -o`) understand; any other
+# suffix gets the bytes as received.
+FORMAT_BY_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp", ".raw": "raw"}
+_PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class Progress:
+    """One progress event of a streaming Generate call.
+
+    kind is "queued" (position set), "encoded" or "decoded" (seconds set), or
+    "step" (step is 1-based, total the number of denoising steps).
+    """
+
+    kind: Literal["queued", "encoded", "step", "decoded"]
+    step: int = 0
+    total: int = 0
+    position: int = 0
+    seconds: float = 0.0
+
+
+# What on_progress may be; the async client also awaits what it returns, if awaitable.
+ProgressCallback = Callable[[Progress], Any]
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class Timings:
+    """Seconds spent in each stage of the mesh, as the gateway measured them."""
+
+    encode: float
+    denoise: float
+    decode: float
+    total: float
+
+
+@dataclass(kw_only=True, slots=True)
+class GenerateResult:
+    """The images of one request; `raw[i]` holds the bytes `images[i]` was decoded from."""
+
+    request_id: str
+    images: list[Image.Image]
+    raw: list[bytes]
+    formats: list[str]
+    mime_types: list[str]
+    seed: int
+    timings: Timings
+
+    def save(self, path: str | os.PathLike[str]) -> list[Path]:
+        """Writes the images; several get `-{i}` before the suffix. Returns the paths.
+
+        When the suffix matches the received format (or is unknown) the bytes are
+        written as received, so nothing is re-encoded; otherwise the image is
+        converted (e.g. a raw tensor saved as out.png becomes a PNG).
+        """
+        target = Path(path)
+        if len(self.raw) == 1:
+            paths = [target]
+        else:
+            paths = [
+                target.with_name(f"{target.stem}-{i}{target.suffix}") for i in range(len(self.raw))
+            ]
+        for out, data, fmt, image in zip(paths, self.raw, self.formats, self.images, strict=True):
+            wanted = FORMAT_BY_SUFFIX.get(out.suffix.lower(), fmt)
+            if wanted == fmt:
+                out.write_bytes(data)
+            elif wanted == "raw":
+                out.write_bytes(image.convert("RGB").tobytes())
+            else:
+                image.convert("RGB").save(out, format=_PIL_FORMAT[wanted])
+        return paths
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class ModelInfo:
+    """A model the mesh serves, with the defaults the gateway applies."""
+
+    name: str
+    family: str
+    default_height: int
+    default_width: int
+    default_steps: int
+    default_guidance: float
+    size_multiple: int
+    max_prompt_tokens: int
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class ModelList:
+    """The answer of ListModels: every model and the one used when none is named."""
+
+    models: list[ModelInfo]
+    default_model: str

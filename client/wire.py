@@ -1,0 +1,196 @@
+"""The wire protocol of the client's side: Generate's event stream and unary answer into results.
+
+`StreamAssembler` consumes the events of one streaming attempt, hands progress
+back to the caller and puts chunked images together, checking the order rules of
+gateway.proto (offsets contiguous, a last chunk, total_bytes kept, nothing after
+Finished); `unary_result` and `model_list` turn the unary answers into the SDK's
+types. No channel, retry or deadline here: the clients drive the calls.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+
+from PIL import Image
+
+from ditmesh.client.errors import ProtocolError
+from ditmesh.client.types import (
+    DEFAULT_MIME,
+    NAME_BY_FORMAT,
+    GenerateResult,
+    ModelInfo,
+    ModelList,
+    Progress,
+    Timings,
+)
+from ditmesh.v1 import gateway_pb2, vae_pb2
+
+__all__ = ["StreamAssembler", "model_list", "unary_result"]
+
+
+@dataclass(slots=True)
+class _ImageBytes:
+    """One whole image as it came off the wire, before decoding."""
+
+    index: int
+    format: int
+    mime_type: str
+    width: int
+    height: int
+    data: bytearray = field(default_factory=bytearray)
+    total_bytes: int = 0
+    complete: bool = False
+
+
+def _decode(image: _ImageBytes) -> Image.Image:
+    """Builds the PIL image; a raw tensor is [height, width, 3] uint8, row-major."""
+    name = NAME_BY_FORMAT.get(image.format, "png")
+    if name == "raw":
+        if image.width <= 0 or image.height <= 0:
+            raise ProtocolError(f"raw image {image.index} came without its width and height")
+        if len(image.data) != image.width * image.height * 3:
+            raise ProtocolError(
+                f"raw image {image.index} has {len(image.data)} bytes, "
+                f"not {image.height}x{image.width}x3"
+            )
+        return Image.frombytes("RGB", (image.width, image.height), bytes(image.data))
+    try:
+        decoded = Image.open(io.BytesIO(bytes(image.data)))
+        decoded.load()  # surfaces a corrupt image here rather than at first use
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ProtocolError(f"image {image.index} is not a valid {name}: {exc}") from None
+    return decoded
+
+
+def _make_result(
+    request_id: str, images: Sequence[_ImageBytes], finished: gateway_pb2.Finished
+) -> GenerateResult:
+    formats = [NAME_BY_FORMAT.get(image.format, "png") for image in images]
+    return GenerateResult(
+        request_id=request_id,
+        images=[_decode(image) for image in images],
+        raw=[bytes(image.data) for image in images],
+        formats=formats,
+        mime_types=[im.mime_type or DEFAULT_MIME[f] for im, f in zip(images, formats, strict=True)],
+        seed=finished.seed,
+        timings=Timings(
+            encode=finished.encode_seconds,
+            denoise=finished.denoise_seconds,
+            decode=finished.decode_seconds,
+            total=finished.total_seconds,
+        ),
+    )
+
+
+def _check_indices(indices: Sequence[int], expected: int) -> None:
+    if sorted(indices) != list(range(expected)):
+        missing = sorted(set(range(expected)) - set(indices))
+        raise ProtocolError(
+            f"the gateway announced {expected} image(s) but sent indices {sorted(indices)}"
+            + (f" (missing {missing})" if missing else "")
+        )
+
+
+class StreamAssembler:
+    """Consumes GenerateEvents of one attempt: progress out, chunks into whole images."""
+
+    def __init__(self, request: gateway_pb2.GenerateRequest) -> None:
+        self.request_id = request.request_id
+        self.events = 0  # a retry is only safe while this is 0
+        self._requested = max(request.num_images, 1)
+        self._images: dict[int, _ImageBytes] = {}
+        self._finished: gateway_pb2.Finished | None = None
+
+    def feed(self, event: gateway_pb2.GenerateEvent) -> Progress | None:
+        self.events += 1
+        if event.request_id:
+            self.request_id = event.request_id
+        kind = event.WhichOneof("event")
+        if self._finished is not None and kind is not None:
+            raise ProtocolError(f"the gateway sent a {kind} event after Finished")
+        if kind == "queued":
+            return Progress(kind="queued", position=event.queued.position)
+        if kind == "encoded":
+            return Progress(kind="encoded", seconds=event.encoded.seconds)
+        if kind == "step":
+            return Progress(kind="step", step=event.step.step, total=event.step.total)
+        if kind == "decoded":
+            return Progress(kind="decoded", seconds=event.decoded.seconds)
+        if kind == "image":
+            self._add_chunk(event.image)
+        elif kind == "finished":
+            self._finished = event.finished
+        return None  # an event kind from a newer gateway is ignored
+
+    def _add_chunk(self, chunk: vae_pb2.ImageChunk) -> None:
+        image = self._images.get(chunk.index)
+        if image is None:
+            if chunk.index < 0 or chunk.offset != 0:
+                raise ProtocolError(f"image {chunk.index} started at offset {chunk.offset}, not 0")
+            image = self._images[chunk.index] = _ImageBytes(
+                index=chunk.index,
+                format=chunk.format,
+                mime_type=chunk.mime_type,
+                width=chunk.width,
+                height=chunk.height,
+            )
+        elif image.complete:
+            raise ProtocolError(f"image {chunk.index} got a chunk after its last one")
+        elif chunk.offset != len(image.data):
+            raise ProtocolError(
+                f"image {chunk.index}: chunk at offset {chunk.offset}, expected {len(image.data)}"
+            )
+        if chunk.total_bytes:
+            if image.total_bytes and image.total_bytes != chunk.total_bytes:
+                raise ProtocolError(f"image {chunk.index} changed its total_bytes mid-stream")
+            image.total_bytes = chunk.total_bytes
+        image.data += chunk.data
+        if image.total_bytes and len(image.data) > image.total_bytes:
+            raise ProtocolError(f"image {chunk.index} exceeds its total_bytes")
+        image.complete = chunk.last
+
+    def finish(self) -> GenerateResult:
+        if self._finished is None:
+            raise ProtocolError("the gateway's stream ended without a Finished event")
+        expected = self._finished.num_images or self._requested
+        _check_indices(list(self._images), expected)
+        images = [self._images[i] for i in range(expected)]
+        for image in images:
+            if not image.complete:
+                raise ProtocolError(f"image {image.index} ended without its last chunk")
+            if image.total_bytes and len(image.data) != image.total_bytes:
+                raise ProtocolError(
+                    f"image {image.index} has {len(image.data)} bytes, "
+                    f"the gateway announced {image.total_bytes}"
+                )
+        return _make_result(self.request_id, images, self._finished)
+
+
+def unary_result(
+    request: gateway_pb2.GenerateRequest, response: gateway_pb2.GenerateResponse
+) -> GenerateResult:
+    expected = response.finished.num_images or max(request.num_images, 1)
+    _check_indices([image.index for image in response.images], expected)
+    images = [
+        _ImageBytes(
+            index=im.index,
+            format=im.format,
+            mime_type=im.mime_type,
+            width=im.width,
+            height=im.height,
+            data=bytearray(im.data),
+            complete=True,
+        )
+        for im in sorted(response.images, key=lambda im: im.index)
+    ]
+    return _make_result(response.request_id or request.request_id, images, response.finished)
+
+
+def model_list(response: gateway_pb2.ListModelsResponse) -> ModelList:
+    names = [f.name for f in fields(ModelInfo)]
+    return ModelList(
+        models=[ModelInfo(**{n: getattr(m, n) for n in names}) for m in response.models],
+        default_model=response.default_model,
+    )
