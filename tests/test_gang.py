@@ -1,8 +1,10 @@
-"""The denoiser gang behind the real mesh, and what happens when a gang process dies."""
+"""The denoiser gang behind the real mesh, what happens when a gang process dies, and
+the pieces both gangs share (torchrun's environment, the launch, the job broadcast)."""
 
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -11,8 +13,17 @@ import sys
 import grpc
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as tmp
 
 from ditmesh.common import codec
+from ditmesh.common.gangs import (
+    GangLaunch,
+    TorchrunEnv,
+    broadcast_tensor_dict,
+    free_port,
+    torchrun_env,
+)
 from ditmesh.v1 import denoiser_pb2, denoiser_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 
 from .conftest import UpProcess
@@ -225,3 +236,78 @@ def test_a_gang_started_by_torchrun_serves_the_single_process_result(tiny_flux):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# ------------------------------------------------------- the pieces both gangs share
+
+TORCHRUN = {
+    "RANK": "3",
+    "LOCAL_RANK": "1",
+    "WORLD_SIZE": "4",
+    "MASTER_ADDR": "10.0.0.2",
+    "MASTER_PORT": "29500",
+}
+
+
+def test_torchrun_s_environment_is_read_into_plain_values():
+    env = torchrun_env(TORCHRUN)
+    assert env == TorchrunEnv(
+        rank=3, local_rank=1, world_size=4, master_addr="10.0.0.2", master_port=29500
+    )
+    assert env.active
+    alone = torchrun_env({})
+    assert alone == TorchrunEnv() and not alone.active
+
+
+def test_a_launch_meets_at_torchrun_s_rendezvous_else_on_a_loopback_port():
+    launch = GangLaunch(world=4, device="cpu", collective_timeout_s=30)
+    under = launch.rendezvous(torchrun_env(TORCHRUN))
+    assert (under.master_addr, under.master_port, under.torchrun) == ("10.0.0.2", 29500, True)
+    assert pickle.loads(pickle.dumps(under)) == under  # plain values: it crosses processes
+    alone = launch.rendezvous()
+    assert (alone.master_addr, alone.torchrun) == ("127.0.0.1", False) and alone.master_port > 0
+    # MASTER_ADDR / MASTER_PORT without torchrun: a fixed meeting point, reached by tcp://.
+    fixed = launch.rendezvous(torchrun_env({"MASTER_ADDR": "10.0.0.3", "MASTER_PORT": "29501"}))
+    assert (fixed.master_addr, fixed.master_port, fixed.torchrun) == ("10.0.0.3", 29501, False)
+    assert under.timeout.total_seconds() == 30
+
+
+def test_the_denoiser_spec_takes_its_world_from_the_layout(tiny_flux):
+    from ditmesh.denoiser.gang import GangSpec
+    from ditmesh.denoiser.parallel.mesh import ParallelConfig
+
+    spec = GangSpec.of(
+        tiny_flux, ParallelConfig(ulysses=2, ring=2), device="cpu", env=torchrun_env(TORCHRUN)
+    )
+    assert spec.launch.world == 4 and spec.launch.torchrun and spec.launch.device == "cpu"
+
+
+def _broadcast_rank(rank: int, port: int, out_dir: str) -> None:
+    GangLaunch(world=2, device="cpu", master_port=port).join(rank, rank)
+    try:
+        control = dist.new_group(backend="gloo")
+        header = {"request_id": "r", "steps": 3, "guidance": 3.5}
+        tensors = {
+            "x": torch.arange(6, dtype=torch.float32).reshape(2, 3).t(),  # not contiguous
+            "mask": torch.tensor([True, False, True]),
+            "half": torch.full((1, 4), 0.5, dtype=torch.bfloat16),
+            "empty": torch.zeros(0, 5, dtype=torch.int64),
+        }
+        got = broadcast_tensor_dict((header, tensors) if rank == 0 else None, group=control)
+        stop = broadcast_tensor_dict(None, group=control)
+        torch.save({"sent": (header, tensors), "got": got, "stop": stop}, f"{out_dir}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_broadcast_tensor_dict_round_trip_on_two_processes(tmp_path):
+    tmp.spawn(_broadcast_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        out = torch.load(tmp_path / f"{rank}.pt")
+        (header, tensors), (got_header, got) = out["sent"], out["got"]
+        assert got_header == header, rank
+        assert list(got) == list(tensors), rank  # same names, same order
+        for name, want in tensors.items():
+            assert got[name].dtype == want.dtype and got[name].shape == want.shape, (rank, name)
+            assert torch.equal(got[name], want), (rank, name)
+        assert out["stop"] is None, rank

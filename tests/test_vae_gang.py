@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.multiprocessing as tmp
 
 from ditmesh.common import codec
-from ditmesh.common.gangs import free_port
+from ditmesh.common.gangs import GangLaunch, free_port
 from ditmesh.common.models import ModelRef, resolve_model
 from ditmesh.v1 import gateway_pb2, gateway_pb2_grpc, vae_pb2, vae_pb2_grpc
 from ditmesh.vae.decoder import VaeDecoder, to_uint8
@@ -62,15 +62,10 @@ def make_latents(channels: int) -> list[torch.Tensor]:
 def _rank_main(
     rank: int, world: int, port: int, models: dict[str, ModelRef], out_path: str
 ) -> None:
-    spec = VaeGangSpec(
-        model=next(iter(models.values())),
-        world=world,
-        master_addr="127.0.0.1",
-        master_port=port,
-        device="cpu",
-        dtype="float32",
-        collective_timeout_s=60,
+    launch = GangLaunch(
+        world=world, master_port=port, device="cpu", dtype="float32", collective_timeout_s=60
     )
+    spec = VaeGangSpec(model=next(iter(models.values())), launch=launch)
     device = init_gang(spec, rank)
     try:
         results: dict[str, dict] = {}

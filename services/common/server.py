@@ -156,9 +156,21 @@ class RunningServer:
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
 
+    @property
+    def stopping(self) -> bool:
+        """Whether a stop was asked for (by a signal, `stop` or `fail`); it may still be draining."""
+        return self._stopped.is_set()
+
+    def wait_stopping(self, timeout: float | None = None) -> bool:
+        """Waits at most `timeout` seconds (None: for good) for a stop; True once stopping.
+
+        For helpers that live as long as the server (a gang's watcher): they loop on it.
+        """
+        return self._stopped.wait(timeout)
+
     def stop(self, grace: float | None = None) -> None:
         """Marks the server NOT_SERVING, then drains in-flight work for `grace` seconds."""
-        if self._stopped.is_set():
+        if self.stopping:
             return
         self._stopped.set()
         self.health.enter_graceful_shutdown()
@@ -190,7 +202,7 @@ class RunningServer:
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
         while not stop_requested.wait(0.5):
-            if self._stopped.is_set():
+            if self.stopping:
                 break
         log.info("%s: stopping (grace %.0fs)", self.config.stage, self.config.grace_seconds)
         self.stop()

@@ -11,23 +11,24 @@ hanging. The control group waits for the next job without a practical timeout.
 from __future__ import annotations
 
 import logging
-import os
-import threading
-from dataclasses import asdict, dataclass
-from datetime import timedelta
+from dataclasses import dataclass, fields
 
 import torch
 import torch.distributed as dist
 
-from ditmesh.common.errors import Unavailable
 from ditmesh.common.gangs import (
     IDLE_TIMEOUT,
+    GangLaunch,
+    GangLeader,
+    TorchrunEnv,
     WorkerProcesses,
-    free_port,
+    broadcast_tensor_dict,
+    follow_leader,
+    free_port,  # noqa: F401 - re-exported for the tests' spawned gangs
     leave_process_group,
-    rank_device,
+    torchrun_env,
 )
-from ditmesh.common.models import ModelRef, pick_device, resolve_model
+from ditmesh.common.models import ModelRef, resolve_model
 from ditmesh.denoiser.job import DenoiseJob, StepCallback
 from ditmesh.denoiser.parallel.mesh import (
     ParallelConfig,
@@ -45,53 +46,67 @@ from ditmesh.denoiser.speed import release as release_speedups
 
 log = logging.getLogger(__name__)
 
+_JOB_FIELDS = tuple(f.name for f in fields(DenoiseJob) if f.name != "cond")
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class GangSpec:
     """Everything a rank needs to join the gang; plain values, so it crosses processes."""
 
     model_source: str
-    model_name: str | None
+    model_name: str | None = None
     parallel: ParallelConfig
-    master_addr: str
-    master_port: int
-    device: str = "auto"
-    dtype: str = "auto"
-    collective_timeout_s: float = 120.0
+    launch: GangLaunch
+    """Rendezvous, device, dtype and collective timeout; its world is `parallel.world_size`."""
     speed: Speedups = EAGER
+
+    @classmethod
+    def of(
+        cls,
+        model_source: str,
+        parallel: ParallelConfig,
+        *,
+        name: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        collective_timeout_s: float = 120.0,
+        speed: Speedups = EAGER,
+        env: TorchrunEnv | None = None,
+    ) -> GangSpec:
+        """The spec of a gang for this process: torchrun's rendezvous under torchrun, else
+        MASTER_ADDR/MASTER_PORT when set, else a fresh loopback port (`env`: read if None)."""
+        launch = GangLaunch(
+            world=parallel.world_size,
+            device=device,
+            dtype=dtype,
+            collective_timeout_s=collective_timeout_s,
+        )
+        return cls(
+            model_source=model_source,
+            model_name=name,
+            parallel=parallel,
+            launch=launch.rendezvous(env or torchrun_env()),
+            speed=speed,
+        )
 
 
 class GangMember:
     """One rank's model, mesh and control group."""
 
-    def __init__(self, spec: GangSpec, rank: int, world: int, local_rank: int) -> None:
+    def __init__(self, spec: GangSpec, rank: int, local_rank: int) -> None:
         self.spec = spec
         self.rank = rank
-        self.device = rank_device(spec.device, local_rank)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
-        timeout = timedelta(seconds=spec.collective_timeout_s)
-        if not dist.is_initialized():
-            # Under torchrun its agent already serves the rendezvous store at MASTER_PORT.
-            under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
-            dist.init_process_group(
-                backend,
-                init_method="env://"
-                if under_torchrun
-                else f"tcp://{spec.master_addr}:{spec.master_port}",
-                rank=rank,
-                world_size=world,
-                timeout=timeout,
-            )
+        self.device = spec.launch.join(rank, local_rank)
         self.control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
         self.model: ModelRef = resolve_model(spec.model_source, spec.model_name)
         # A PipeFusion stage keeps a part of the blocks: it loads on the host and drops the
         # others before its weights go to the device, which never holds the whole model.
         staged = spec.parallel.pipefusion > 1
-        self.adapter = load_adapter(self.model, self.device, spec.dtype, on_host=staged)
+        self.adapter = load_adapter(self.model, self.device, spec.launch.dtype, on_host=staged)
         spec.parallel.check_model(heads=self.adapter.heads, family=self.model.family.name)
-        self.mesh: RankGroups = build_mesh(spec.parallel, rank, world, timeout=timeout)
+        self.mesh: RankGroups = build_mesh(
+            spec.parallel, rank, spec.launch.world, timeout=spec.launch.timeout
+        )
         self.attached = attach(self.adapter.transformer, self.adapter.plan, self.mesh)
         self.adapter.pipefusion_stage = attach_pipefusion(
             self.adapter.transformer, self.mesh, self.attached.sp if self.attached else None
@@ -101,38 +116,23 @@ class GangMember:
 
     def broadcast_job(self, job: DenoiseJob | None) -> DenoiseJob | None:
         """Leader: sends `job` (None = stop). Workers: pass None, get the job."""
-        if self.rank == 0:
-            header = None
-            if job is not None:
-                fields = asdict(job)
-                cond = fields.pop("cond")
-                header = {
-                    "fields": fields,
-                    "cond": [
-                        (k, tuple(v.shape), str(v.dtype).removeprefix("torch."))
-                        for k, v in cond.items()
-                    ],
-                }
-            box = [header]
-        else:
-            box = [None]
-        dist.broadcast_object_list(box, src=0, group=self.control)
-        header = box[0]
-        if header is None:
-            return None
-        cond = {}
-        for name, shape, dtype in header["cond"]:
-            t = (
-                job.cond[name].contiguous()
-                if self.rank == 0
-                else torch.empty(shape, dtype=getattr(torch, dtype))
-            )
-            dist.broadcast(t, src=0, group=self.control)
-            cond[name] = t
-        return DenoiseJob(**header["fields"], cond=cond)
+        message = None
+        if self.rank == 0 and job is not None:
+            message = ({k: getattr(job, k) for k in _JOB_FIELDS}, job.cond)
+        got = broadcast_tensor_dict(message, group=self.control)
+        return None if got is None else DenoiseJob(**got[0], cond=got[1])
 
     def run(self, job: DenoiseJob, on_step: StepCallback | None = None) -> torch.Tensor:
         return sample(self.adapter, job, self.mesh, on_step)
+
+    def follow(self) -> None:
+        """Worker: runs the leader's jobs until it says stop."""
+        while (job := self.broadcast_job(None)) is not None:
+            try:
+                self.run(job)
+            except Exception:
+                log.error("rank %d failed on request %s", self.rank, job.request_id)
+                raise
 
     def leave(self) -> bool:
         """Drops CUDA graphs, then the process group; False if the group would not close."""
@@ -140,27 +140,21 @@ class GangMember:
         return leave_process_group()
 
 
-def worker_main(spec: GangSpec, rank: int, world: int) -> None:
-    logging.basicConfig(
-        level=logging.INFO, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s"
-    )
-    member = GangMember(spec, rank, world, local_rank=rank)
-    dist.barrier(group=member.control)
-    while True:
-        job = member.broadcast_job(None)
-        if job is None:
-            break
-        try:
-            member.run(job)
-        except Exception:
-            log.exception("rank %d failed on request %s", rank, job.request_id)
-            raise
-    if not member.leave():
-        os._exit(0)  # NCCL teardown is stuck; the work is done, so exit without it
+def worker_main(spec: GangSpec, rank: int, local_rank: int | None = None) -> None:
+    """Entry point of ranks 1..N-1 (spawned by the leader, or started by torchrun)."""
+    local = rank if local_rank is None else local_rank
+    follow_leader(lambda: GangMember(spec, rank, local), rank, "rank")
 
 
-class GangRunner:
+def _is_gang_failure(exc: Exception) -> bool:
+    # What a lost rank or a timed-out collective raises; a cancel or bad input is not one.
+    return isinstance(exc, (RuntimeError, dist.DistBackendError))
+
+
+class GangRunner(GangLeader):
     """The leader's side of a gang: the Runner the gRPC service calls."""
+
+    member: GangMember
 
     def __init__(
         self,
@@ -173,20 +167,29 @@ class GangRunner:
         collective_timeout_s: float = 120.0,
         speed: Speedups = EAGER,
     ) -> None:
-        world = parallel.world_size
-        spec = GangSpec(
-            model_source=model_source,
-            model_name=name,
-            parallel=parallel,
-            master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=int(os.environ.get("MASTER_PORT", 0)) or free_port(),
+        """Starts a gang of `parallel.world_size` processes (see `GangSpec.of`)."""
+        spec = GangSpec.of(
+            model_source,
+            parallel,
+            name=name,
             device=device,
             dtype=dtype,
             collective_timeout_s=collective_timeout_s,
             speed=speed,
         )
+        self._start(spec, torchrun_env())
+
+    @classmethod
+    def from_spec(cls, spec: GangSpec, env: TorchrunEnv) -> GangRunner:
+        """Starts a gang from a spec already built (the service builds one for every rank)."""
+        runner = cls.__new__(cls)
+        runner._start(spec, env)
+        return runner
+
+    def _start(self, spec: GangSpec, env: TorchrunEnv) -> None:
+        parallel, speed = spec.parallel, spec.speed
         # Checked before any process starts, so a bad layout or size is one clear error.
-        model = resolve_model(model_source, name)
+        model = resolve_model(spec.model_source, spec.model_name)
         parallel.check_model(heads=model.heads, family=model.family.name, blocks=model.blocks)
         if parallel.pipefusion > 1:
             check_pipefusion_speed(speed.compile, speed.cuda_graphs)
@@ -194,21 +197,14 @@ class GangRunner:
             check_comm_overlap(speed.comm_overlap)
         sizes = warmup_sizes(model, speed)
         self.parallel = parallel
-        self.broken = threading.Event()
-        self._lock = threading.Lock()
-        external = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+        world = parallel.world_size
         # Under torchrun the other ranks are torchrun's; it watches them.
-        self.workers = WorkerProcesses(
-            worker_main, lambda r: (spec, r, world), 1 if external else world, "gang"
+        workers = WorkerProcesses(
+            worker_main, lambda r: (spec, r), 1 if spec.launch.torchrun else world, "gang"
         )
-        try:
-            self.member = GangMember(
-                spec, 0, world, local_rank=int(os.environ.get("LOCAL_RANK", 0))
-            )
-            dist.barrier(group=self.member.control)
-        except BaseException:
-            self.workers.kill()
-            raise
+        super().__init__(
+            "denoiser gang", spec.launch, workers, lambda: GangMember(spec, 0, env.local_rank)
+        )
         self.model = self.member.model
         if self.member.warm:
             # Every rank compiles and captures at start, not in the first user's request;
@@ -227,71 +223,31 @@ class GangRunner:
             speed.describe(),
         )
 
-    @property
-    def busy(self) -> bool:
-        return self._lock.locked()
-
-    def dead_workers(self) -> list[str]:
-        return self.workers.dead()
-
     def run(self, job: DenoiseJob, on_step: StepCallback | None = None) -> torch.Tensor:
-        with self._lock:
-            if self.broken.is_set():
-                raise Unavailable("the denoiser gang has lost a process and is shutting down")
-            dead = self.dead_workers()
-            if dead:
-                self.broken.set()
-                raise Unavailable(f"the denoiser gang lost {', '.join(dead)}")
-            try:
-                self.member.broadcast_job(job)
-                return self.member.run(job, on_step).float().cpu()
-            except Exception as exc:
-                if isinstance(exc, (RuntimeError, dist.DistBackendError)) or self.dead_workers():
-                    self.broken.set()
-                    log.exception("the gang failed on request %s", job.request_id)
-                    raise Unavailable(
-                        f"the denoiser gang failed on request {job.request_id} (a process died or a "
-                        f"collective timed out)"
-                    ) from exc
-                raise
+        def work() -> torch.Tensor:
+            self.member.broadcast_job(job)
+            return self.member.run(job, on_step).float().cpu()
 
-    def close(self) -> None:
-        """Stops the workers and leaves the process group together with them (NCCL's
-        teardown waits for every rank), then reaps them."""
-        with self._lock:
-            tell_stop = None if self.broken.is_set() else lambda: self.member.broadcast_job(None)
-            self.workers.shut_down(tell_stop, self.member.leave)
+        return self.exclusive(
+            work,
+            failed=f"the denoiser gang failed on request {job.request_id} (a process died or a "
+            f"collective timed out)",
+            fatal=_is_gang_failure,
+        )
 
 
-def run_torchrun_worker(
-    model_source: str,
-    parallel: ParallelConfig,
-    *,
-    name,
-    device,
-    dtype,
-    collective_timeout_s,
-    speed: Speedups = EAGER,
-) -> None:
+def run_torchrun_worker(spec: GangSpec, env: TorchrunEnv) -> None:
     """Ranks > 0 under torchrun: join the gang and follow the leader (with the same
     speedups, so every rank issues the same collectives)."""
-    spec = GangSpec(
-        model_source=model_source,
-        model_name=name,
-        parallel=parallel,
-        master_addr=os.environ["MASTER_ADDR"],
-        master_port=int(os.environ["MASTER_PORT"]),
-        device=device,
-        dtype=dtype,
-        collective_timeout_s=collective_timeout_s,
-        speed=speed,
-    )
-    dist.init_process_group(
-        "nccl" if pick_device(device).type == "cuda" else "gloo",
-        init_method="env://",
-        timeout=timedelta(seconds=collective_timeout_s),
-    )
-    worker_main(spec, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+    worker_main(spec, env.rank, env.local_rank)
 
 
-__all__ = ["GangRunner", "GangSpec", "ParallelConfig", "run_torchrun_worker", "worker_main"]
+__all__ = [
+    "GangMember",
+    "GangRunner",
+    "GangSpec",
+    "ParallelConfig",
+    "free_port",
+    "run_torchrun_worker",
+    "worker_main",
+]

@@ -30,6 +30,10 @@ class Runner(Protocol):
 
     def run(self, job: DenoiseJob, on_step: StepCallback | None = None) -> torch.Tensor: ...
 
+    def is_broken(self) -> bool:
+        """Whether the runner failed for good (a gang lost a process): the stage must stop."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -121,6 +125,9 @@ class LocalRunner:
     def run(self, job: DenoiseJob, on_step: StepCallback | None = None) -> torch.Tensor:
         with self._lock:
             return sample(self.adapter, job, self.mesh, on_step).float().cpu()
+
+    def is_broken(self) -> bool:
+        return False  # one process: nothing to lose
 
     def close(self) -> None:
         pass

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
-import time
 
 import grpc
 
 from ditmesh.common import codec
 from ditmesh.common.errors import Cancelled
+from ditmesh.common.gang_watch import watch_gang
+from ditmesh.common.gangs import GangLeader, torchrun_env
 from ditmesh.common.limits import (
     check_guidance,
     check_num_images,
@@ -20,8 +20,8 @@ from ditmesh.common.limits import (
     check_steps,
 )
 from ditmesh.common.models import check_model_name, resolve_model
-from ditmesh.common.server import ServerConfig, start_server
-from ditmesh.denoiser.gang import GangRunner, run_torchrun_worker
+from ditmesh.common.server import RunningServer, ServerConfig, start_server
+from ditmesh.denoiser.gang import GangRunner, GangSpec, run_torchrun_worker
 from ditmesh.denoiser.job import DenoiseJob
 from ditmesh.denoiser.parallel.mesh import ParallelConfig
 from ditmesh.denoiser.runner import LocalRunner, Runner
@@ -92,69 +92,13 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
                 break
             yield item
         if "error" in result:
-            if (
-                getattr(self.runner, "broken", None) is not None
-                and self.runner.broken.is_set()
-                and self.on_fatal
-            ):
+            if self.runner.is_broken() and self.on_fatal:
                 self.on_fatal("the gang lost a process or a collective timed out")
             raise result["error"]
         tensors = {"latents": result["latents"]}
         for chunk in codec.iter_tensor_chunks(tensors):
             yield denoiser_pb2.DenoiseResponse(chunk=chunk)
         yield denoiser_pb2.DenoiseResponse(done=codec.done_message(tensors))
-
-
-STUCK_GRACE_S = 30.0
-"""How long past the collective timeout a request may stay stuck on a dead worker."""
-
-
-class DeadWorkerWatch:
-    """What the gang watcher does about dead workers, decided from plain facts.
-
-    - dead while idle: fail the server (it exits non-zero; a supervisor restarts it);
-    - dead during a request: wait, the request fails by itself when its collective
-      times out and answers UNAVAILABLE;
-    - dead during a request for longer than the collective timeout plus a grace:
-      the request is stuck (collectives replayed from CUDA graphs have no timeout, and
-      the stuck thread holds the gang), so the process must exit at once.
-    """
-
-    def __init__(self, collective_timeout_s: float, grace_s: float = STUCK_GRACE_S) -> None:
-        self.limit = collective_timeout_s + grace_s
-        self.dead_since: float | None = None
-
-    def check(self, dead: bool, busy: bool, now: float) -> str:
-        """ "ok", "fail" or "exit"."""
-        if not dead:
-            self.dead_since = None
-            return "ok"
-        if not busy:
-            return "fail"
-        if self.dead_since is None:
-            self.dead_since = now
-        return "exit" if now - self.dead_since > self.limit else "ok"
-
-
-def _watch_gang(runner: GangRunner, running, collective_timeout_s: float) -> None:
-    """Acts on dead gang workers as `DeadWorkerWatch` decides."""
-    watch = DeadWorkerWatch(collective_timeout_s)
-    while not running._stopped.wait(1.0):
-        dead = runner.dead_workers()
-        action = watch.check(bool(dead), runner.busy, time.monotonic())
-        if action == "fail":
-            runner.broken.set()
-            running.fail(f"gang process {', '.join(dead)} exited")
-            return
-        if action == "exit":
-            log.error(
-                "gang process %s exited and a request has been stuck on it for over %.0f s; "
-                "exiting now",
-                ", ".join(dead),
-                watch.limit,
-            )
-            logging.shutdown()
-            os._exit(1)
 
 
 def serve(
@@ -168,31 +112,20 @@ def serve(
     parallel: ParallelConfig | None = None,
     collective_timeout_s: float = 120.0,
     speed: Speedups = EAGER,
-):
+) -> RunningServer | None:
     """Starts the denoiser; with more than one process, rank 0 spawns the gang and serves.
 
     Under torchrun (WORLD_SIZE > 1), ranks other than 0 follow the leader and return None.
     """
     parallel = parallel or ParallelConfig()
-    world_env = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_env > 1:
-        parallel.check_world(world_env)
-        if int(os.environ.get("RANK", "0")) != 0:
-            run_torchrun_worker(
-                model_source,
-                parallel,
-                name=name,
-                device=device,
-                dtype=dtype,
-                collective_timeout_s=collective_timeout_s,
-                speed=speed,
-            )
-            return None
+    env = torchrun_env()
+    if env.active:
+        parallel.check_world(env.world_size)
     if parallel.world_size == 1:
         model = resolve_model(model_source, name)
         runner: Runner = LocalRunner(model, device, dtype, speed=speed)
     else:
-        runner = GangRunner(
+        spec = GangSpec.of(
             model_source,
             parallel,
             name=name,
@@ -200,7 +133,12 @@ def serve(
             dtype=dtype,
             collective_timeout_s=collective_timeout_s,
             speed=speed,
+            env=env,
         )
+        if env.active and env.rank != 0:
+            run_torchrun_worker(spec, env)
+            return None
+        runner = GangRunner.from_spec(spec, env)
     holder: dict = {}
     service = DenoiserService(runner, on_fatal=lambda why: holder["server"].fail(why))
     running = start_server(
@@ -209,11 +147,6 @@ def serve(
     )
     holder["server"] = running
     running.on_stop.append(runner.close)
-    if isinstance(runner, GangRunner):
-        threading.Thread(
-            target=_watch_gang,
-            args=(runner, running, collective_timeout_s),
-            daemon=True,
-            name="gang-watch",
-        ).start()
+    if isinstance(runner, GangLeader):
+        watch_gang(runner, running)
     return running

@@ -9,6 +9,7 @@ pipeline's output exactly.
 from __future__ import annotations
 
 import io
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -30,6 +31,25 @@ _PIL_FORMAT = {
     vae_pb2.OUTPUT_FORMAT_JPEG: "JPEG",
     vae_pb2.OUTPUT_FORMAT_WEBP: "WEBP",
 }
+
+
+class Decoder(Protocol):
+    """What the VAE service decodes with: one process (VaeDecoder) or a gang (VaeGang)."""
+
+    model: ModelRef
+
+    def check_latents(self, latents: torch.Tensor, height: int, width: int) -> None:
+        """Refuses latents that do not fit a height x width image (INVALID_ARGUMENT)."""
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """uint8 images [N, H, W, 3]."""
+        ...
+
+    def is_broken(self) -> bool:
+        """Whether the decoder failed for good (a gang lost a process): the stage must stop."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class VaeDecoder:
@@ -85,6 +105,12 @@ class VaeDecoder:
         """
         image = self.vae.decode(self.scale_latents(latents), return_dict=False)[0]
         return self.processor.postprocess(image, output_type="np")
+
+    def is_broken(self) -> bool:
+        return False  # one process: nothing to lose
+
+    def close(self) -> None:
+        pass
 
 
 def to_uint8(arr: np.ndarray) -> np.ndarray:

@@ -6,8 +6,8 @@ activations by height across a process group (halo exchange for the convolutions
 group norm statistics reduced over the group), so each rank holds 1/M of the big
 up-block activations and the ranks together produce the single-process image.
 
-Shape (the same as the denoiser gang's, services/denoiser/gang.py): rank 0, the
-leader, serves gRPC and spawns ranks 1..M-1. Every rank loads the VAE and builds
+Shape (the same as the denoiser gang's; the shared life cycle is
+services/common/gangs.py): rank 0, the leader, serves gRPC and spawns ranks 1..M-1. Every rank loads the VAE and builds
 a sharded copy of it. Per request the leader scales the latents, broadcasts them
 on a gloo control group (which waits for the next job without a practical
 timeout), and all ranks decode; distvae gathers the full image on every rank and
@@ -27,23 +27,23 @@ import copy
 import itertools
 import logging
 import os
-import threading
 from dataclasses import dataclass
-from datetime import timedelta
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from ditmesh.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from ditmesh.common.errors import FailedPrecondition, InvalidArgument
 from ditmesh.common.gangs import (
     IDLE_TIMEOUT,
+    GangLaunch,
+    GangLeader,
     WorkerProcesses,
-    free_port,
+    broadcast_tensor_dict,
+    follow_leader,
     leave_process_group,
-    rank_device,
 )
-from ditmesh.common.models import ModelRef, pick_dtype, resolve_model
+from ditmesh.common.models import ModelRef, pick_device, pick_dtype, resolve_model
 from ditmesh.vae.decoder import VaeDecoder, to_uint8
 
 log = logging.getLogger(__name__)
@@ -55,12 +55,7 @@ class VaeGangSpec:
 
     model: ModelRef
     """Resolved once by the leader, so workers read no configs (and import no pipelines)."""
-    world: int
-    master_addr: str
-    master_port: int
-    device: str = "auto"
-    dtype: str = "auto"
-    collective_timeout_s: float = 120.0
+    launch: GangLaunch
 
 
 def check_parallel(m: int, flag: str = "--parallel") -> None:
@@ -109,20 +104,10 @@ def parallel_copy(vae: torch.nn.Module, group: dist.ProcessGroup | None = None) 
 
 def init_gang(spec: VaeGangSpec, rank: int) -> torch.device:
     """Joins the default process group (NCCL on GPU, gloo on CPU); returns this rank's device."""
-    device = rank_device(spec.device, rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    else:
+    if pick_device(spec.launch.device).type != "cuda":
         # M ranks on one CPU would otherwise each start a thread per core and fight for them.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.world))
-    dist.init_process_group(
-        "nccl" if device.type == "cuda" else "gloo",
-        init_method=f"tcp://{spec.master_addr}:{spec.master_port}",
-        rank=rank,
-        world_size=spec.world,
-        timeout=timedelta(seconds=spec.collective_timeout_s),
-    )
-    return device
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.launch.world))
+    return spec.launch.join(rank, rank)
 
 
 class VaeMember:
@@ -145,21 +130,8 @@ class VaeMember:
 
     def broadcast(self, z: torch.Tensor | None) -> torch.Tensor | None:
         """Leader: sends scaled latents (None = stop). Workers: pass None, get them (on CPU)."""
-        if self.rank == 0:
-            header = None if z is None else (tuple(z.shape), str(z.dtype).removeprefix("torch."))
-            box: list = [header]
-        else:
-            box = [None]
-        dist.broadcast_object_list(box, src=0, group=self.control)
-        if box[0] is None:
-            return None
-        shape, dtype = box[0]
-        if self.rank == 0:
-            t = z.detach().cpu().contiguous()
-        else:
-            t = torch.empty(shape, dtype=getattr(torch, dtype))
-        dist.broadcast(t, src=0, group=self.control)
-        return t
+        got = broadcast_tensor_dict(None if z is None else (None, {"z": z}), group=self.control)
+        return None if got is None else got[1]["z"]
 
     @torch.inference_mode()
     def decode_sharded(self, z: torch.Tensor) -> torch.Tensor:
@@ -191,26 +163,21 @@ class VaeMember:
         while (z := self.broadcast(None)) is not None:
             self.decode_sharded(z)
 
+    def leave(self) -> bool:
+        return leave_process_group()
+
+
+def join_gang(spec: VaeGangSpec, rank: int) -> VaeMember:
+    """Joins the gang as `rank` and builds that rank's member."""
+    return VaeMember(spec.model, init_gang(spec, rank), spec.launch.dtype)
+
 
 def worker_main(spec: VaeGangSpec, rank: int) -> None:
     """Entry point of ranks 1..M-1 (spawned by the leader)."""
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s vae-rank{rank} %(levelname)s %(name)s: %(message)s",
-    )
-    device = init_gang(spec, rank)
-    member = VaeMember(spec.model, device, spec.dtype)
-    dist.barrier(group=member.control)
-    try:
-        member.follow()
-    except Exception:
-        log.exception("VAE gang rank %d failed", rank)
-        raise
-    if not leave_process_group():
-        os._exit(0)  # the teardown is stuck; the work is done, so exit without it
+    follow_leader(lambda: join_gang(spec, rank), rank, "vae-rank")
 
 
-class VaeGang:
+class VaeGang(GangLeader):
     """The leader's side of the gang, with VaeDecoder's interface for the VAE service.
 
     `decode(latents)` -> uint8 [N, H, W, 3]; `decode_float` -> float in [0, 1];
@@ -218,58 +185,28 @@ class VaeGang:
     (the ranks follow one stream of jobs).
     """
 
-    def __init__(
-        self,
-        model_source: str,
-        world: int,
-        *,
-        name: str | None = None,
-        device: str = "auto",
-        dtype: str = "auto",
-        collective_timeout_s: float = 120.0,
-    ) -> None:
-        check_parallel(world)
-        if world < 2:
+    member: VaeMember
+
+    def __init__(self, model_source: str, launch: GangLaunch, *, name: str | None = None) -> None:
+        """Starts `launch.world` processes; `launch` should have a fresh loopback rendezvous
+        (`launch.rendezvous()`): MASTER_PORT may belong to a denoiser gang."""
+        check_parallel(launch.world)
+        if launch.world < 2:
             raise InvalidArgument("a VAE gang needs 2 or more processes; use VaeDecoder for one")
         if dist.is_initialized():
             raise FailedPrecondition(
                 "a VAE gang needs a process of its own: torch.distributed is already set up here"
             )
         # Resolved before any process starts, so a bad folder is one clear error.
-        model = resolve_model(model_source, name)
-        spec = VaeGangSpec(
-            model=model,
-            world=world,
-            # Always a fresh loopback port: MASTER_PORT may belong to a denoiser gang.
-            master_addr="127.0.0.1",
-            master_port=free_port(),
-            device=device,
-            dtype=dtype,
-            collective_timeout_s=collective_timeout_s,
-        )
-        self.world = world
-        self.broken = threading.Event()
-        """Set once a decode failed mid-collective or a worker died; the gang never recovers."""
-        self.closing = threading.Event()
-        """Set when close() starts, so workers exiting on request are not taken for deaths."""
-        self._lock = threading.Lock()
-        self.workers = WorkerProcesses(worker_main, lambda r: (spec, r), world, "vae")
-        try:
-            device_ = init_gang(spec, 0)
-            self.member = VaeMember(model, device_, dtype)
-            dist.barrier(group=self.member.control)
-        except BaseException:
-            self.workers.kill()
-            leave_process_group()
-            raise
+        spec = VaeGangSpec(model=resolve_model(model_source, name), launch=launch)
+        self.world = launch.world
+        workers = WorkerProcesses(worker_main, lambda r: (spec, r), launch.world, "vae")
+        super().__init__("VAE gang", launch, workers, lambda: join_gang(spec, 0))
         self.model: ModelRef = self.member.model
-        log.info("VAE gang ready: %d processes (%s)", world, device_)
+        log.info("VAE gang ready: %d processes (%s)", launch.world, self.member.device)
 
     def check_latents(self, latents: torch.Tensor, height: int, width: int) -> None:
         self.member.local.check_latents(latents, height, width)
-
-    def dead_workers(self) -> list[str]:
-        return self.workers.dead()
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Returns uint8 images [N, H, W, 3], as VaeDecoder.decode."""
@@ -277,29 +214,12 @@ class VaeGang:
 
     def decode_float(self, latents: torch.Tensor) -> np.ndarray:
         """Float images [N, H, W, 3] in [0, 1], decoded by the whole gang when the split fits."""
-        with self._lock:
-            if self.broken.is_set():
-                raise Unavailable("the VAE gang has lost a process and is shutting down")
-            dead = self.dead_workers()
-            if dead:
-                self.broken.set()
-                raise Unavailable(f"the VAE gang lost {', '.join(dead)}")
-            try:
-                return self.member.lead_decode(latents)
-            except Exception as exc:
-                # Any failure mid-decode leaves the ranks out of step, so the gang is done for.
-                self.broken.set()
-                log.exception("the VAE gang failed to decode")
-                raise Unavailable(
-                    "the VAE gang failed (a process died or a collective timed out)"
-                ) from exc
-
-    def close(self) -> None:
-        """Stops the workers (at once if the gang is broken) and leaves the process group."""
-        self.closing.set()
-        with self._lock:
-            tell_stop = None if self.broken.is_set() else lambda: self.member.broadcast(None)
-            self.workers.shut_down(tell_stop, leave_process_group)
+        return self.exclusive(
+            lambda: self.member.lead_decode(latents),
+            failed="the VAE gang failed (a process died or a collective timed out)",
+            # Any failure mid-decode leaves the ranks out of step, so the gang is done for.
+            fatal=lambda exc: True,
+        )
 
 
 __all__ = [

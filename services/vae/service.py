@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 
 import grpc
 
 from ditmesh.common import codec
 from ditmesh.common.errors import InvalidArgument, Unavailable
+from ditmesh.common.gang_watch import watch_gang
+from ditmesh.common.gangs import GangLaunch, GangLeader
 from ditmesh.common.models import check_model_name, pick_device, pick_dtype, resolve_model
 from ditmesh.common.server import RunningServer, ServerConfig, start_server
 from ditmesh.v1 import vae_pb2, vae_pb2_grpc
-from ditmesh.vae.decoder import MIME, VaeDecoder, encode_image, normalise_format
+from ditmesh.vae.decoder import MIME, Decoder, VaeDecoder, encode_image, normalise_format
 from ditmesh.vae.gang import VaeGang, check_parallel
 
 log = logging.getLogger(__name__)
@@ -45,9 +46,7 @@ def iter_image_chunks(
 
 
 class VaeService(vae_pb2_grpc.VaeServicer):
-    def __init__(
-        self, decoder: VaeDecoder | VaeGang, on_fatal: Callable[[str], None] | None = None
-    ) -> None:
+    def __init__(self, decoder: Decoder, on_fatal: Callable[[str], None] | None = None) -> None:
         self.decoder = decoder
         self.on_fatal = on_fatal
         """Called when a gang breaks, to stop the stage for good (RunningServer.fail)."""
@@ -80,25 +79,12 @@ class VaeService(vae_pb2_grpc.VaeServicer):
         try:
             images = self.decoder.decode(latents)
         except Unavailable:
-            broken = getattr(self.decoder, "broken", None)
-            if broken is not None and broken.is_set() and self.on_fatal is not None:
+            if self.decoder.is_broken() and self.on_fatal is not None:
                 self.on_fatal("the VAE gang lost a process or a collective timed out")
             raise
         for i, pixels in enumerate(images):
             data = encode_image(pixels, fmt, p.quality)
             yield from iter_image_chunks(i, data, fmt, pixels.shape[1], pixels.shape[0])
-
-
-def _watch_gang(gang: VaeGang, running: RunningServer) -> None:
-    """Fails the server when a worker dies while the gang is idle (as the denoiser's watch)."""
-    while not running._stopped.wait(1.0):
-        if gang.closing.is_set():
-            return
-        dead = gang.dead_workers()
-        if dead:
-            gang.broken.set()
-            running.fail(f"VAE gang process {', '.join(dead)} exited")
-            return
 
 
 def serve(
@@ -114,19 +100,17 @@ def serve(
 ) -> RunningServer:
     """Starts the VAE stage; with `parallel` > 1 this process leads a gang of that many."""
     check_parallel(parallel)
-    model = resolve_model(model_source, name)
     if parallel == 1:
         dev = pick_device(device)
-        decoder: VaeDecoder | VaeGang = VaeDecoder(model, dev, pick_dtype(dtype, dev))
-    else:
-        decoder = VaeGang(
-            model_source,
-            parallel,
-            name=name,
-            device=device,
-            dtype=dtype,
-            collective_timeout_s=collective_timeout_s,
+        decoder: Decoder = VaeDecoder(
+            resolve_model(model_source, name), dev, pick_dtype(dtype, dev)
         )
+    else:
+        launch = GangLaunch(
+            world=parallel, device=device, dtype=dtype, collective_timeout_s=collective_timeout_s
+        )
+        # Always a fresh loopback port: MASTER_PORT may belong to a denoiser gang.
+        decoder = VaeGang(model_source, launch.rendezvous(), name=name)
     holder: dict[str, RunningServer] = {}
     service = VaeService(decoder, on_fatal=lambda why: holder["server"].fail(why))
     try:
@@ -135,13 +119,10 @@ def serve(
             [(vae_pb2_grpc.add_VaeServicer_to_server, service, "ditmesh.v1.Vae")],
         )
     except BaseException:
-        if isinstance(decoder, VaeGang):
-            decoder.close()
+        decoder.close()
         raise
     holder["server"] = running
-    if isinstance(decoder, VaeGang):
-        running.on_stop.append(decoder.close)
-        threading.Thread(
-            target=_watch_gang, args=(decoder, running), daemon=True, name="vae-gang-watch"
-        ).start()
+    running.on_stop.append(decoder.close)
+    if isinstance(decoder, GangLeader):
+        watch_gang(decoder, running)
     return running
