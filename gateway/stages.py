@@ -1,45 +1,78 @@
-"""Per-stage queues and replica routing.
+"""One stage as the gateway sees it: its replicas, its queue and its admission bound.
 
-Each stage has a FIFO queue with a bounded number of waiters and a number of
-slots (replicas x concurrency each). A request takes a slot on the least-loaded
-replica that has not just failed; UNAVAILABLE marks that replica down for a
-moment so the retry goes elsewhere.
+A request reserves a place in every stage's queue when it is admitted (so the bound
+counts what is coming, not only what waits at the door), and gives each place back
+when it starts on that stage or leaves. The bound is by count (`max_queue`) and by
+estimated work (`max_queue_seconds` of this stage's measured service time per
+slot); what is over it is refused at once with RESOURCE_EXHAUSTED and a retry hint.
+
+Slots (replicas x concurrency each) are handed out in FIFO order to the replica
+that is up and least loaded; a waiter that leaves (cancel, deadline) leaves the
+queue at once. Service time is learned per unit of work (`RequestPlan.work_units`),
+so estimates scale with steps, sizes and image counts.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
-import itertools
-import threading
+import logging
 import time
 from dataclasses import dataclass, field
 
-import grpc
-
 from ditmesh.common.errors import DeadlineExceeded, ResourceExhausted, Unavailable
-from ditmesh.common.server import channel_options
+from ditmesh.gateway.replicas import HealthPolicy, Replica, ReplicaSet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True, slots=True)
+class StageLimits:
+    slots_per_replica: int = 1
+    """Requests one replica (or gang) works on at once."""
+    max_queue: int = 64
+    """Requests admitted that have not yet started on this stage."""
+    max_queue_seconds: float = 600.0
+    """Estimated seconds of work queued for this stage, per slot; 0 turns the bound off."""
+    down_wait_seconds: float = 5.0
+    """How long queued requests wait for a stage with no healthy replica before failing."""
 
 
 @dataclass(eq=False)
-class Replica:
-    address: str
-    channel: grpc.Channel
-    inflight: int = 0
-    down_until: float = 0.0
-    served: int = 0
-
-    def is_up(self, now: float) -> bool:
-        return now >= self.down_until
-
-
-@dataclass
 class Lease:
-    stage: StagePool
-    replica: Replica
-    started: float = field(default_factory=time.monotonic)
+    """A slot on one replica, held for one call."""
 
-    def release(self, ok: bool = True) -> None:
-        self.stage._release(self, ok)
+    pool: StagePool
+    replica: Replica
+    units: float
+    started: float = field(default_factory=time.monotonic)
+    released: bool = False
+
+    def release(self, ok: bool) -> None:
+        self.pool._release(self, ok)
+
+
+class Reservation:
+    """A request's place in a stage's queue, from admission until it starts there."""
+
+    def __init__(self, pool: StagePool, units: float) -> None:
+        self.pool = pool
+        self.units = units
+        self.held = True
+        pool.pending += 1
+        pool.pending_units += units
+
+    def give_back(self) -> None:
+        if self.held:
+            self.held = False
+            self.pool.pending -= 1
+            self.pool.pending_units -= self.units
+
+
+@dataclass(eq=False)
+class _Waiter:
+    future: asyncio.Future
+    exclude: set[int]
 
 
 class StagePool:
@@ -47,95 +80,171 @@ class StagePool:
         self,
         name: str,
         addresses: list[str],
-        *,
-        slots_per_replica: int = 1,
-        max_waiting: int = 64,
-        down_seconds: float = 2.0,
+        limits: StageLimits | None = None,
+        health: HealthPolicy | None = None,
+        on_health_change=None,
     ) -> None:
-        if not addresses:
-            raise ValueError(f"the {name} stage needs at least one address")
         self.name = name
-        self.replicas = [
-            Replica(a, grpc.insecure_channel(a, options=channel_options())) for a in addresses
-        ]
-        self.slots_per_replica = slots_per_replica
-        self.max_waiting = max_waiting
-        self.down_seconds = down_seconds
-        self._cond = threading.Condition()
-        self._waiting: collections.deque[int] = collections.deque()
-        self._tickets = itertools.count()
-        self._service_ema = 0.0
+        self.limits = limits or StageLimits()
+        self._on_health_change = on_health_change
+        self.replicas = ReplicaSet(name, addresses, health or HealthPolicy(), self._changed)
+        self.pending = 0
+        self.pending_units = 0.0
+        self.seconds_per_unit = 0.0
+        """Measured service seconds per unit of work (EMA); 0 until the first call ends."""
+        self.request_seconds = 0.0
+        """Measured service seconds of one request (EMA), for retry hints."""
+        self._waiters: collections.deque[_Waiter] = collections.deque()
+        self._leases: set[Lease] = set()
+        self._down_timer: asyncio.TimerHandle | None = None
+
+    # -- admission ------------------------------------------------------------------------------
+
+    @property
+    def slots(self) -> int:
+        return self.limits.slots_per_replica * max(1, len(self.replicas.up()))
+
+    def backlog_seconds(self) -> float:
+        """Estimated seconds of work ahead of a newly admitted request, per slot."""
+        spu = self.seconds_per_unit
+        if not spu:
+            return 0.0
+        now = time.monotonic()
+        running = sum(max(0.0, lease.units * spu - (now - lease.started)) for lease in self._leases)
+        return (self.pending_units * spu + running) / self.slots
+
+    def expected_seconds(self, units: float) -> float:
+        return units * self.seconds_per_unit
+
+    def retry_hint(self) -> str:
+        per = self.request_seconds or 5.0
+        return f"retry in about {max(1, round(per / self.slots))} s"
+
+    def check_admission(self, units: float) -> None:
+        """Raises ResourceExhausted (with a hint) or Unavailable if a request cannot join."""
+        if not self.replicas.any_up():
+            raise Unavailable(
+                f"the {self.name} stage is unavailable: no healthy replica ({self.replicas.why_down()})"
+            )
+        lim = self.limits
+        if self.pending >= lim.max_queue:
+            raise ResourceExhausted(
+                f"the {self.name} queue is full ({self.pending} waiting); {self.retry_hint()}"
+            )
+        if lim.max_queue_seconds and self.seconds_per_unit:
+            backlog = self.backlog_seconds() + self.expected_seconds(units) / self.slots
+            if backlog > lim.max_queue_seconds:
+                raise ResourceExhausted(
+                    f"the {self.name} queue holds about {backlog:.0f} s of work, over its limit "
+                    f"of {lim.max_queue_seconds:.0f} s; {self.retry_hint()}"
+                )
+
+    def reserve(self, units: float) -> Reservation:
+        return Reservation(self, units)
+
+    # -- slots ----------------------------------------------------------------------------------
+
+    async def acquire(self, units: float, timeout: float, exclude: set[int]) -> Lease:
+        """Waits in FIFO order for a slot on an up replica not in `exclude` (ids)."""
+        if not self.replicas.any_up():
+            raise Unavailable(
+                f"the {self.name} stage is unavailable: no healthy replica ({self.replicas.why_down()})"
+            )
+        future = asyncio.get_running_loop().create_future()
+        waiter = _Waiter(future, exclude)
+        self._waiters.append(waiter)
+        self._dispatch()
+        try:
+            lease = await asyncio.wait_for(asyncio.shield(future), timeout)
+        except BaseException as exc:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                future.result().release(ok=False)
+            future.cancel()
+            if isinstance(exc, TimeoutError):
+                raise DeadlineExceeded(
+                    f"the deadline passed while waiting for the {self.name} stage"
+                ) from None
+            raise
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+        lease.units = units
+        lease.started = time.monotonic()
+        return lease
 
     @property
     def waiting(self) -> int:
-        with self._cond:
-            return len(self._waiting)
+        return len(self._waiters)
 
-    def _free_replica(self, exclude: set[int]) -> Replica | None:
-        now = time.monotonic()
-        candidates = [
-            r for r in self.replicas if r.inflight < self.slots_per_replica and id(r) not in exclude
-        ]
-        up = [r for r in candidates if r.is_up(now)]
-        pool = up or candidates
-        if not pool:
-            return None
-        return min(pool, key=lambda r: (r.inflight, r.served))
-
-    def retry_hint(self) -> str:
-        per = self._service_ema or 5.0
-        slots = max(1, self.slots_per_replica * len(self.replicas))
-        return f"retry in about {max(1, round(per * (len(self._waiting) + 1) / slots))} s"
-
-    def acquire(self, deadline: float | None, exclude: set[int] | None = None) -> Lease:
-        """Waits in FIFO order for a slot; `deadline` is time.monotonic() based."""
-        exclude = exclude or set()
-        with self._cond:
-            if len(self._waiting) >= self.max_waiting:
-                raise ResourceExhausted(
-                    f"the {self.name} queue is full ({len(self._waiting)} waiting); {self.retry_hint()}"
-                )
-            ticket = next(self._tickets)
-            self._waiting.append(ticket)
-            try:
-                while True:
-                    if self._waiting[0] == ticket:
-                        replica = self._free_replica(exclude)
-                        if replica is not None:
-                            replica.inflight += 1
-                            return Lease(self, replica)
-                    timeout = None if deadline is None else deadline - time.monotonic()
-                    if timeout is not None and timeout <= 0:
-                        raise DeadlineExceeded(
-                            f"the deadline passed while waiting for the {self.name} stage"
-                        )
-                    self._cond.wait(timeout=min(timeout, 1.0) if timeout is not None else 1.0)
-            finally:
-                self._waiting.remove(ticket)
-                self._cond.notify_all()
-
-    def position_of_next(self) -> int:
-        with self._cond:
-            return len(self._waiting)
+    def _dispatch(self) -> None:
+        cap = self.limits.slots_per_replica
+        for waiter in list(self._waiters):
+            if waiter.future.done():
+                self._waiters.remove(waiter)
+                continue
+            free = [r for r in self.replicas.up() if r.inflight < cap]
+            if not free:
+                return
+            # A retry avoids the replica that just failed, unless it is the only one up.
+            allowed = [r for r in free if id(r) not in waiter.exclude]
+            if not allowed and any(id(r) not in waiter.exclude for r in self.replicas.up()):
+                continue
+            replica = min(allowed or free, key=lambda r: (r.inflight, r.served))
+            replica.inflight += 1
+            lease = Lease(self, replica, units=0.0)
+            self._leases.add(lease)
+            waiter.future.set_result(lease)
+            self._waiters.remove(waiter)
 
     def _release(self, lease: Lease, ok: bool) -> None:
-        with self._cond:
-            lease.replica.inflight -= 1
-            if ok:
-                lease.replica.served += 1
-                took = time.monotonic() - lease.started
-                self._service_ema = (
-                    took if not self._service_ema else 0.8 * self._service_ema + 0.2 * took
-                )
-            self._cond.notify_all()
+        if lease.released:
+            return
+        lease.released = True
+        self._leases.discard(lease)
+        lease.replica.inflight -= 1
+        if ok:
+            lease.replica.served += 1
+            took = time.monotonic() - lease.started
+            self.request_seconds = _ema(self.request_seconds, took)
+            if lease.units > 0:
+                self.seconds_per_unit = _ema(self.seconds_per_unit, took / lease.units)
+        self._dispatch()
 
-    def mark_down(self, replica: Replica) -> None:
-        with self._cond:
-            replica.down_until = time.monotonic() + self.down_seconds
+    # -- health ---------------------------------------------------------------------------------
 
-    def close(self) -> None:
-        for r in self.replicas:
-            r.channel.close()
+    def _changed(self) -> None:
+        self._dispatch()
+        if self.replicas.any_up():
+            if self._down_timer is not None:
+                self._down_timer.cancel()
+                self._down_timer = None
+        elif self._down_timer is None and self._waiters:
+            loop = asyncio.get_running_loop()
+            self._down_timer = loop.call_later(self.limits.down_wait_seconds, self._fail_waiters)
+        if self._on_health_change is not None:
+            self._on_health_change()
+
+    def _fail_waiters(self) -> None:
+        self._down_timer = None
+        if self.replicas.any_up():
+            return
+        err = Unavailable(
+            f"the {self.name} stage is unavailable: no healthy replica ({self.replicas.why_down()})"
+        )
+        for waiter in list(self._waiters):
+            if not waiter.future.done():
+                waiter.future.set_exception(err)
+        self._waiters.clear()
+
+    def start(self) -> None:
+        self.replicas.start()
+
+    async def close(self) -> None:
+        await self.replicas.close()
+
+
+def _ema(old: float, new: float) -> float:
+    return new if not old else 0.8 * old + 0.2 * new
 
 
 def unavailable(stage: str, detail: str) -> Unavailable:

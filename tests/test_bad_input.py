@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import grpc
 import pytest
 import torch
@@ -42,7 +44,6 @@ def call(stub, **kw):
         (dict(prompt="a cat", steps=100000), "steps 100000 is over the limit"),
         (dict(prompt=""), "the prompt is empty"),
         (dict(prompt="   "), "the prompt is empty"),
-        (dict(prompt="a cat", model="no-such-model"), "unknown model 'no-such-model'"),
         (dict(prompt="a cat", num_images=50), "num_images must be between 1 and 8"),
         (dict(prompt="a cat", guidance=float("nan")), "guidance must be between"),
         (dict(prompt="a cat", seed=-5), "seed must be between"),
@@ -55,6 +56,40 @@ def test_invalid_request(stub, kw, needle):
     code, details = call(stub, **kw)
     assert code == INVALID
     assert needle in details
+
+
+def test_unknown_model_is_not_found_and_names_the_served_ones(stub, tiny_flux):
+    code, details = call(stub, prompt="a cat", model="no-such-model")
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert "unknown model 'no-such-model'" in details
+    assert f"this mesh serves '{os.path.basename(tiny_flux)}'" in details
+
+
+@pytest.mark.parametrize(
+    "rid, needle",
+    [
+        ("x" * 10_000, "the request id is 10000 characters long; the limit is 128"),
+        ("a b", "may hold only letters, digits"),
+        ("a\nb", "may hold only letters, digits"),
+        ("a\x00b", "may hold only letters, digits"),
+        ("caf\u00e9", "may hold only letters, digits"),
+    ],
+)
+def test_bad_request_ids_are_refused(stub, rid, needle):
+    code, details = call(stub, prompt="a cat", request_id=rid)
+    assert code == INVALID
+    assert needle in details
+
+
+def test_bad_request_id_in_metadata_is_refused(stub):
+    with pytest.raises(grpc.RpcError) as info:
+        stub.GenerateUnary(
+            gateway_pb2.GenerateRequest(prompt="a cat", height=64, width=64, steps=1),
+            metadata=[("x-request-id", "has space")],
+            timeout=60,
+        )
+    assert info.value.code() == INVALID
+    assert "may hold only letters, digits" in info.value.details()
 
 
 def test_prompt_over_the_token_limit(stub):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import threading
-import time
+import asyncio
 
 import grpc
 import pytest
 
 from ditmesh.common.errors import DeadlineExceeded, ResourceExhausted
-from ditmesh.gateway.stages import StagePool
+from ditmesh.gateway.stages import StageLimits, StagePool
 from ditmesh.v1 import gateway_pb2, gateway_pb2_grpc
 
 from .conftest import InProcessMesh
@@ -62,46 +61,52 @@ def test_deadline_is_reported(inproc_mesh):
 
 
 def test_queue_full_says_when_to_retry():
-    pool = StagePool("denoiser", ["127.0.0.1:1"], slots_per_replica=1, max_waiting=1)
-    try:
-        held = pool.acquire(deadline=None)
-        waiter = threading.Thread(
-            target=lambda: pool.acquire(deadline=time.monotonic() + 2).release()
-        )
-        waiter.start()
-        while pool.waiting == 0:
-            time.sleep(0.01)
-        with pytest.raises(
-            ResourceExhausted,
-            match=r"the denoiser queue is full \(1 waiting\); retry in about \d+ s",
-        ):
-            pool.acquire(deadline=time.monotonic() + 1)
-        held.release()
-        waiter.join()
-    finally:
-        pool.close()
+    async def main():
+        pool = StagePool("denoiser", ["127.0.0.1:1"], StageLimits(max_queue=1))
+        try:
+            held = await pool.acquire(1.0, timeout=1, exclude=set())
+            waiter = pool.reserve(1.0)  # admitted, waiting for the denoiser
+            with pytest.raises(
+                ResourceExhausted,
+                match=r"the denoiser queue is full \(1 waiting\); retry in about \d+ s",
+            ):
+                pool.check_admission(1.0)
+            waiter.give_back()
+            held.release(ok=True)
+            pool.check_admission(1.0)  # room again
+        finally:
+            await pool.close()
+
+    asyncio.run(main())
 
 
 def test_waiting_past_the_deadline():
-    pool = StagePool("vae", ["127.0.0.1:1"], slots_per_replica=1)
-    try:
-        held = pool.acquire(deadline=None)
-        with pytest.raises(DeadlineExceeded, match="waiting for the vae stage"):
-            pool.acquire(deadline=time.monotonic() + 0.2)
-        held.release()
-    finally:
-        pool.close()
+    async def main():
+        pool = StagePool("vae", ["127.0.0.1:1"], StageLimits(slots_per_replica=1))
+        try:
+            held = await pool.acquire(1.0, timeout=1, exclude=set())
+            with pytest.raises(DeadlineExceeded, match="waiting for the vae stage"):
+                await pool.acquire(1.0, timeout=0.2, exclude=set())
+            assert pool.waiting == 0  # the waiter left the queue with its deadline
+            held.release(ok=True)
+        finally:
+            await pool.close()
+
+    asyncio.run(main())
 
 
 def test_least_loaded_replica_is_chosen():
-    pool = StagePool("vae", ["127.0.0.1:1", "127.0.0.1:2"], slots_per_replica=2)
-    try:
-        a = pool.acquire(deadline=None)
-        b = pool.acquire(deadline=None)
-        assert a.replica is not b.replica
-        pool.mark_down(a.replica)
-        a.release()
-        c = pool.acquire(deadline=None)
-        assert c.replica is b.replica  # the other one is marked down
-    finally:
-        pool.close()
+    async def main():
+        pool = StagePool("vae", ["127.0.0.1:1", "127.0.0.1:2"], StageLimits(slots_per_replica=2))
+        try:
+            a = await pool.acquire(1.0, timeout=1, exclude=set())
+            b = await pool.acquire(1.0, timeout=1, exclude=set())
+            assert a.replica is not b.replica
+            pool.replicas.mark_failed(a.replica, "test")
+            a.release(ok=False)
+            c = await pool.acquire(1.0, timeout=1, exclude=set())
+            assert c.replica is b.replica  # the other one is marked down
+        finally:
+            await pool.close()
+
+    asyncio.run(main())

@@ -177,6 +177,47 @@ class TensorAssembler:
         return dict(self._done)
 
 
+class TensorStream:
+    """Reads the tensor part of a stream whose messages have a oneof `payload`.
+
+    `feed` takes every message: chunks and the closing `done` are consumed here, any
+    other payload kind is returned for the caller (a denoiser's step events, a
+    request's params). The one reader of every tensor-carrying stream, on both ends.
+    """
+
+    def __init__(self, what: str, max_total_bytes: int = MAX_TENSOR_BYTES) -> None:
+        self.what = what
+        self._assembler = TensorAssembler(max_total_bytes)
+        self._done: tensor_pb2.TensorsDone | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self._done is not None
+
+    def feed(self, msg) -> str | None:
+        """Consumes a chunk or done message (returns None); returns any other payload kind."""
+        kind = msg.WhichOneof("payload")
+        if self._done is not None:
+            raise InvalidArgument(f"{self.what} sent {kind or 'a message'} after its TensorsDone")
+        if kind == "chunk":
+            self._assembler.add(msg.chunk)
+            return None
+        if kind == "done":
+            self._done = msg.done
+            return None
+        return kind
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors, once the done message came; an error naming the stream otherwise."""
+        if self._done is None:
+            raise StreamEndedEarly(f"{self.what} ended before its TensorsDone message")
+        return self._assembler.finish(self._done)
+
+
+class StreamEndedEarly(InvalidArgument):
+    """A tensor stream closed before its done message."""
+
+
 def read_params_and_tensors(request_iterator, params_name: str, rpc: str):
     """Reads the stream shape every tensor-carrying RPC uses: params, chunks, done.
 
@@ -185,16 +226,13 @@ def read_params_and_tensors(request_iterator, params_name: str, rpc: str):
     first = next(request_iterator, None)
     if first is None or first.WhichOneof("payload") != "params":
         raise InvalidArgument(f"a {rpc} stream must start with {params_name}")
-    assembler = TensorAssembler()
+    stream = TensorStream(f"the {rpc} stream")
     for msg in request_iterator:
-        kind = msg.WhichOneof("payload")
-        if kind == "chunk":
-            assembler.add(msg.chunk)
-        elif kind == "done":
-            return first.params, assembler.finish(msg.done)
-        else:
+        if stream.feed(msg) is not None:
             raise InvalidArgument(f"{params_name} may come only once, first")
-    raise InvalidArgument(f"the {rpc} stream ended before its TensorsDone message")
+        if stream.finished:
+            break
+    return first.params, stream.tensors()
 
 
 def params_and_tensors_stream(message_cls, params, tensors: Mapping[str, torch.Tensor]):

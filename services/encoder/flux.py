@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from ditmesh.common.errors import InvalidArgument
 from ditmesh.common.models import ModelRef
 
 
@@ -26,14 +25,6 @@ class FluxTextEncoder:
 
     def count_tokens(self, prompt: str) -> int:
         return len(self.pipe.tokenizer_2(prompt, truncation=False).input_ids)
-
-    def check_prompt(self, prompt: str, what: str) -> None:
-        n = self.count_tokens(prompt)
-        if n > self.max_tokens:
-            raise InvalidArgument(
-                f"the {what} is {n} tokens long; model {self.model.name!r} takes at most "
-                f"{self.max_tokens}"
-            )
 
     @torch.inference_mode()
     def encode(self, prompt: str) -> dict[str, torch.Tensor]:

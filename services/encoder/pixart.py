@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 
-from ditmesh.common.errors import InvalidArgument
 from ditmesh.common.models import ModelRef, load_class
 
 
@@ -33,14 +32,6 @@ class PixArtTextEncoder:
         # The same preprocessing the pipeline applies before tokenizing.
         text = self.pipe._text_preprocessing(prompt, clean_caption=False)[0]
         return len(self.pipe.tokenizer(text, truncation=False).input_ids)
-
-    def check_prompt(self, prompt: str, what: str) -> None:
-        n = self.count_tokens(prompt)
-        if n > self.max_tokens:
-            raise InvalidArgument(
-                f"the {what} is {n} tokens long; model {self.model.name!r} takes at most "
-                f"{self.max_tokens}"
-            )
 
     @torch.inference_mode()
     def encode(self, prompt: str) -> dict[str, torch.Tensor]:

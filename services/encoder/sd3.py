@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from ditmesh.common.errors import InvalidArgument
 from ditmesh.common.models import ModelRef
 
 
@@ -33,16 +32,8 @@ class SD3TextEncoder:
         self.max_tokens = model.max_prompt_tokens
 
     def count_tokens(self, prompt: str) -> int:
-        return len(self.pipe.tokenizer_3(prompt, truncation=False).input_ids)
-
-    def check_prompt(self, prompt: str, what: str) -> None:
         # T5 bounds the prompt: CLIP sees its first 77 tokens, as in the pipeline.
-        n = self.count_tokens(prompt)
-        if n > self.max_tokens:
-            raise InvalidArgument(
-                f"the {what} is {n} tokens long; model {self.model.name!r} takes at most "
-                f"{self.max_tokens}"
-            )
+        return len(self.pipe.tokenizer_3(prompt, truncation=False).input_ids)
 
     @torch.inference_mode()
     def encode(self, prompt: str) -> dict[str, torch.Tensor]:

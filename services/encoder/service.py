@@ -1,10 +1,18 @@
-"""The encoder stage's gRPC service."""
+"""The encoder stage's gRPC service: prompt checks, then the family's text encoder.
+
+The family modules (flux.py, sd3.py, pixart.py) only load and run their encoders;
+what every family checks the same way (empty prompt, length in characters and in
+tokens) is done here, once.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
+from typing import Protocol
 
 import grpc
+import torch
 
 from ditmesh.common import codec
 from ditmesh.common.errors import InvalidArgument
@@ -24,13 +32,60 @@ log = logging.getLogger(__name__)
 MAX_PROMPT_CHARS = 20_000
 
 
-def load_text_encoder(model: ModelRef, device: str = "auto", dtype: str = "auto"):
+class TextEncoder(Protocol):
+    """What a family's text encoder offers the service."""
+
+    model: ModelRef
+    max_tokens: int
+    pipe: object
+
+    def count_tokens(self, prompt: str) -> int: ...
+
+    def encode(self, prompt: str) -> dict[str, torch.Tensor]: ...
+
+
+def check_prompt(encoder: TextEncoder, text: str, what: str) -> None:
+    """Refuses an empty prompt and one over the character or token limit, with a sentence."""
+    if what == "prompt" and not text.strip():
+        raise InvalidArgument("the prompt is empty")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise InvalidArgument(
+            f"the {what} is {len(text)} characters long; the limit is {MAX_PROMPT_CHARS}"
+        )
+    n = encoder.count_tokens(text)
+    if n > encoder.max_tokens:
+        raise InvalidArgument(
+            f"the {what} is {n} tokens long; model {encoder.model.name!r} takes at most "
+            f"{encoder.max_tokens}"
+        )
+
+
+_TRUNCATED = re.compile(r"^(The following part of your input was truncated[^:]*):\s*(.*)$", re.S)
+
+
+class ShortTruncationWarning(logging.Filter):
+    """diffusers logs the whole cut-off part of a prompt; keep the sentence, drop the text.
+
+    A prompt may be long and private; its length is what an operator needs.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        m = _TRUNCATED.match(str(record.msg))
+        if m:
+            record.msg = f"{m.group(1)} ({len(m.group(2))} characters cut)"
+            record.args = ()
+        return True
+
+
+def load_text_encoder(model: ModelRef, device: str = "auto", dtype: str = "auto") -> TextEncoder:
     dev = pick_device(device)
-    return load_class(model.family.text_encoder)(model, dev, pick_dtype(dtype, dev))
+    encoder = load_class(model.family.text_encoder)(model, dev, pick_dtype(dtype, dev))
+    logging.getLogger(type(encoder.pipe).__module__).addFilter(ShortTruncationWarning())
+    return encoder
 
 
 class EncoderService(encoder_pb2_grpc.EncoderServicer):
-    def __init__(self, encoder) -> None:
+    def __init__(self, encoder: TextEncoder) -> None:
         self.encoder = encoder
 
     def Encode(self, request: encoder_pb2.EncodeRequest, context: grpc.ServicerContext):
@@ -39,14 +94,7 @@ class EncoderService(encoder_pb2_grpc.EncoderServicer):
         if request.encode_negative:
             texts["negative_"] = request.negative_prompt
         for prefix, text in texts.items():
-            what = "negative prompt" if prefix else "prompt"
-            if prefix == "" and not text.strip():
-                raise InvalidArgument("the prompt is empty")
-            if len(text) > MAX_PROMPT_CHARS:
-                raise InvalidArgument(
-                    f"the {what} is {len(text)} characters long; the limit is {MAX_PROMPT_CHARS}"
-                )
-            self.encoder.check_prompt(text, what)
+            check_prompt(self.encoder, text, "negative prompt" if prefix else "prompt")
         tensors = {}
         for prefix, text in texts.items():
             for name, t in self.encoder.encode(text).items():

@@ -1,0 +1,216 @@
+"""One call on one replica of each stage: encode, denoise, decode.
+
+Each function speaks one stage's protocol and nothing more: retries, queues and
+events for the client are the request run's business (`ditmesh.gateway.run`).
+Every tensor answer is read by the codec's one stream reader. A call can be given
+up on while it runs (`Attempt.abandon`): by the health checks when its replica
+freezes, or by the progress watchdog when the replica stays silent for longer than
+a stated multiple of the time it should take; it then ends in `ReplicaGaveUp`,
+which the run treats like UNAVAILABLE (retry elsewhere, replica marked down).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from ditmesh.common import codec
+from ditmesh.common.errors import DitmeshError
+from ditmesh.common.server import REQUEST_ID_KEY
+from ditmesh.gateway.plan import RequestPlan
+from ditmesh.gateway.replicas import Replica
+from ditmesh.v1 import (
+    denoiser_pb2,
+    denoiser_pb2_grpc,
+    encoder_pb2,
+    encoder_pb2_grpc,
+    vae_pb2,
+    vae_pb2_grpc,
+)
+
+
+@dataclass(slots=True)
+class Done:
+    """The value a stage call ends with, after any progress it reported."""
+
+    value: object
+
+
+@dataclass(slots=True)
+class StepDone:
+    step: int
+    total: int
+
+
+class ReplicaGaveUp(Exception):
+    """The gateway stopped waiting for a replica (frozen or silent); retry elsewhere."""
+
+
+@dataclass(kw_only=True, slots=True)
+class WatchdogPolicy:
+    multiple: float = 10.0
+    """A call may stay silent for this many times what it should take."""
+    min_seconds: float = 10.0
+    """...and never less than this (slow first calls, busy hosts)."""
+
+    def limit(self, expected: float) -> float | None:
+        """Seconds of silence allowed when `expected` seconds are expected; None: no limit."""
+        if expected <= 0:
+            return None
+        return max(self.min_seconds, self.multiple * expected)
+
+
+class Attempt:
+    """One call on one replica, registered with the replica while it runs."""
+
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
+        self.call = None
+        self.abandoned: str | None = None
+
+    def abandon(self, reason: str) -> None:
+        if self.abandoned is None:
+            self.abandoned = reason
+            if self.call is not None:
+                self.call.cancel()
+
+    def __enter__(self) -> Attempt:
+        self.replica.calls.add(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.replica.calls.discard(self)
+
+    async def read(self, limit: float | None):
+        """The call's next message (grpc.aio.EOF at the end), given up on after `limit` s."""
+        try:
+            if limit is None:
+                return await self.call.read()
+            return await asyncio.wait_for(self.call.read(), limit)
+        except TimeoutError:
+            self.abandon(f"sent nothing for {limit:.1f} s (progress watchdog)")
+            raise ReplicaGaveUp(f"{self.replica.address} {self.abandoned}") from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self.abandoned is not None and task is not None and not task.cancelling():
+                raise ReplicaGaveUp(f"{self.replica.address}: {self.abandoned}") from None
+            raise
+
+
+def _metadata(plan: RequestPlan) -> list[tuple[str, str]]:
+    return [(REQUEST_ID_KEY, plan.request_id)]
+
+
+async def encode(
+    plan: RequestPlan, attempt: Attempt, timeout: float, limit: float | None
+) -> dict[str, torch.Tensor]:
+    stub = encoder_pb2_grpc.EncoderStub(attempt.replica.channel)
+    req = encoder_pb2.EncodeRequest(
+        request_id=plan.request_id,
+        model=plan.model.name,
+        prompt=plan.prompt,
+        negative_prompt=plan.negative_prompt,
+        encode_negative=plan.encode_negative,
+    )
+    attempt.call = stub.Encode(req, timeout=timeout, metadata=_metadata(plan))
+    stream = codec.TensorStream("the encoder stage's answer")
+    while (msg := await attempt.read(limit)) is not grpc.aio.EOF:
+        if stream.feed(msg) is not None:
+            raise DitmeshError("the encoder stage sent an unknown message")
+    return _tensors(stream)
+
+
+class StepWatch:
+    """How long a denoiser may stay silent: a multiple of its slowest step so far."""
+
+    def __init__(self, policy: WatchdogPolicy, expected_first: float) -> None:
+        self.policy = policy
+        self._limit = policy.limit(expected_first)
+        self._last = time.monotonic()
+        self._slowest = 0.0
+
+    def limit(self) -> float | None:
+        return self._limit
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        self._slowest = max(self._slowest, now - self._last)
+        self._last = now
+        self._limit = self.policy.limit(self._slowest)
+
+
+async def denoise(
+    plan: RequestPlan,
+    cond: dict[str, torch.Tensor],
+    attempt: Attempt,
+    timeout: float,
+    watch: StepWatch,
+) -> AsyncIterator[StepDone | Done]:
+    """Yields a StepDone per step, then Done(latents)."""
+    params = denoiser_pb2.DenoiseParams(
+        request_id=plan.request_id,
+        model=plan.model.name,
+        height=plan.height,
+        width=plan.width,
+        steps=plan.steps,
+        guidance=plan.guidance,
+        true_cfg_scale=plan.true_cfg_scale,
+        seed=plan.seed,
+        num_images=plan.num_images,
+    )
+    stub = denoiser_pb2_grpc.DenoiserStub(attempt.replica.channel)
+    requests = codec.params_and_tensors_stream(denoiser_pb2.DenoiseRequest, params, cond)
+    attempt.call = stub.Denoise(requests, timeout=timeout, metadata=_metadata(plan))
+    stream = codec.TensorStream("the denoiser stage's answer")
+    while (msg := await attempt.read(watch.limit())) is not grpc.aio.EOF:
+        kind = stream.feed(msg)
+        if kind == "step":
+            watch.tick()
+            yield StepDone(msg.step.step, msg.step.total)
+        elif kind is not None:
+            raise DitmeshError(f"the denoiser stage sent an unknown message ({kind})")
+    latents = _tensors(stream).get("latents")
+    if latents is None:
+        raise DitmeshError("the denoiser stage answered without latents")
+    yield Done(latents)
+
+
+async def decode(
+    plan: RequestPlan,
+    latents: torch.Tensor,
+    attempt: Attempt,
+    timeout: float,
+    limit: float | None,
+) -> list[vae_pb2.ImageChunk]:
+    params = vae_pb2.DecodeParams(
+        request_id=plan.request_id,
+        model=plan.model.name,
+        height=plan.height,
+        width=plan.width,
+        output_format=plan.output_format,
+        quality=plan.quality,
+    )
+    stub = vae_pb2_grpc.VaeStub(attempt.replica.channel)
+    requests = codec.params_and_tensors_stream(vae_pb2.DecodeRequest, params, {"latents": latents})
+    attempt.call = stub.Decode(requests, timeout=timeout, metadata=_metadata(plan))
+    # Images are held until the stage answers whole, so a retry cannot send the client
+    # a second copy of an image.
+    chunks = []
+    while (msg := await attempt.read(limit)) is not grpc.aio.EOF:
+        chunks.append(msg)
+    finished = {c.index for c in chunks if c.last}
+    if finished != set(range(plan.num_images)):
+        raise DitmeshError(f"the vae stage returned images {sorted(finished)} of {plan.num_images}")
+    return chunks
+
+
+def _tensors(stream: codec.TensorStream) -> dict[str, torch.Tensor]:
+    try:
+        return stream.tensors()
+    except codec.StreamEndedEarly as exc:
+        raise DitmeshError(str(exc)) from None

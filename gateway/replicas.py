@@ -1,0 +1,179 @@
+"""The replicas of a stage and what the gateway knows of their health.
+
+Every replica is checked actively (grpc.health.v1 Check every `interval`), so a
+dead, draining or frozen replica is known before a request is spent on it:
+- refused connection (dead): down at once;
+- NOT_SERVING (draining, or its gang broke): down at once, its calls left to finish;
+- no answer within `timeout`, `frozen_after` times in a row (e.g. SIGSTOPped): down,
+  and its calls in flight are cancelled so their requests can be retried elsewhere;
+- SERVING again: up within one interval (channels reconnect with a back-off capped
+  at one second, not gRPC's default of two minutes).
+A call that fails with UNAVAILABLE, or that the progress watchdog gives up on,
+marks its replica down for at least `penalty_seconds` whatever the checks say.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ditmesh.common.server import channel_options
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+# Reconnect quickly once a stage is back, and notice a silent peer on an idle link.
+STAGE_CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.enable_retries", 0),
+]
+
+
+@dataclass(kw_only=True, slots=True)
+class HealthPolicy:
+    interval: float = 0.5
+    """Seconds between health checks of one replica."""
+    timeout: float = 2.0
+    """A check that takes longer counts as no answer."""
+    frozen_after: int = 3
+    """Unanswered checks in a row after which a replica is taken for frozen."""
+    penalty_seconds: float = 2.0
+    """A replica whose call failed stays down at least this long."""
+
+
+@dataclass(eq=False)
+class Replica:
+    """One address of a stage (a single process, or the leader of a gang)."""
+
+    stage: str
+    address: str
+    channel: grpc.aio.Channel
+    inflight: int = 0
+    served: int = 0
+    healthy: bool = True
+    """Optimistic until the first check answers: a fresh gateway serves at once."""
+    reason: str = ""
+    """Why the replica is down, for error sentences and logs."""
+    down_until: float = 0.0
+    unanswered: int = 0
+    calls: set = field(default_factory=set)
+    """Attempts in flight on this replica (objects with `abandon(reason)`), given up on if
+    the replica is found frozen."""
+
+    def is_up(self, now: float | None = None) -> bool:
+        return self.healthy and (now or time.monotonic()) >= self.down_until
+
+    def describe(self) -> str:
+        return f"{self.address} ({self.reason or 'down'})"
+
+
+class ReplicaSet:
+    """The replicas of one stage, with a health task for each."""
+
+    def __init__(
+        self,
+        stage: str,
+        addresses: list[str],
+        policy: HealthPolicy,
+        on_change: Callable[[], None],
+    ) -> None:
+        if not addresses:
+            raise ValueError(f"the {stage} stage needs at least one address")
+        self.stage = stage
+        self.policy = policy
+        self._on_change = on_change
+        self.replicas = [
+            Replica(
+                stage=stage,
+                address=a,
+                channel=grpc.aio.insecure_channel(
+                    a, options=[*channel_options(), *STAGE_CHANNEL_OPTIONS]
+                ),
+            )
+            for a in addresses
+        ]
+        self._tasks: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._watch(r), name=f"health-{r.address}") for r in self.replicas
+        ]
+
+    def up(self) -> list[Replica]:
+        now = time.monotonic()
+        return [r for r in self.replicas if r.is_up(now)]
+
+    def any_up(self) -> bool:
+        return bool(self.up())
+
+    def why_down(self) -> str:
+        return "; ".join(r.describe() for r in self.replicas if not r.is_up())
+
+    def mark_failed(self, replica: Replica, reason: str) -> None:
+        """A call on the replica failed: keep new work off it for the penalty time."""
+        replica.down_until = time.monotonic() + self.policy.penalty_seconds
+        replica.reason = reason
+        log.warning("%s replica %s is down: %s", self.stage, replica.address, reason)
+        self._on_change()
+        asyncio.get_running_loop().call_later(self.policy.penalty_seconds, self._on_change)
+
+    def _set(self, replica: Replica, healthy: bool, reason: str = "") -> None:
+        if healthy == replica.healthy:
+            if not healthy:
+                replica.reason = reason
+            return
+        replica.healthy = healthy
+        replica.reason = reason
+        if healthy:
+            log.info("%s replica %s is healthy", self.stage, replica.address)
+        else:
+            log.warning("%s replica %s is down: %s", self.stage, replica.address, reason)
+        self._on_change()
+
+    async def _watch(self, replica: Replica) -> None:
+        stub = health_pb2_grpc.HealthStub(replica.channel)
+        req = health_pb2.HealthCheckRequest(service="")
+        p = self.policy
+        while True:
+            try:
+                reply = await stub.Check(req, timeout=p.timeout)
+                replica.unanswered = 0
+                if reply.status == SERVING:
+                    self._set(replica, True)
+                else:
+                    self._set(replica, False, "not serving")
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as err:
+                if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    replica.unanswered += 1
+                    if replica.unanswered >= p.frozen_after:
+                        self._set(
+                            replica, False, f"no answer to {replica.unanswered} health checks"
+                        )
+                        for attempt in list(replica.calls):
+                            attempt.abandon(f"{self.stage} replica {replica.address} froze")
+                else:
+                    replica.unanswered = 0
+                    self._set(replica, False, err.details() or err.code().name.lower())
+            await asyncio.sleep(p.interval)
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except asyncio.CancelledError:
+                pass
+        for r in self.replicas:
+            await r.channel.close()
