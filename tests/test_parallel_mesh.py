@@ -7,8 +7,7 @@ import sys
 
 import pytest
 
-from ditmesh.denoiser.parallel.mesh import ParallelConfig, ParallelConfigError
-from ditmesh.denoiser.sampler import split_counts
+from ditmesh.denoiser.parallel.mesh import ParallelConfig, ParallelConfigError, split_counts
 
 
 def test_documented_example_layout():

@@ -89,7 +89,7 @@ def _rank_main(rank, world, port, model_dir, jobs, layouts, out_path):
             mesh = build_mesh(cfg, rank, world, timeout=timedelta(seconds=60))
             blocks = _blocks(adapter.transformer)
             attached = attach(adapter.transformer, adapter.plan, mesh)
-            stage = attach_pipefusion(adapter.transformer, mesh, attached.sp if attached else None)
+            stage = attach_pipefusion(adapter, mesh, attached.sp if attached else None)
             adapter.pipefusion_stage = stage
             kept = _blocks(adapter.transformer)
             # Each stage keeps only its own consecutive blocks.

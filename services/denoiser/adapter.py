@@ -1,15 +1,64 @@
-"""The family adapter's base class and what every adapter needs: conditioning lookup, seeded noise,
-schedulers, CFG."""
+"""What a family adapter is and what every adapter needs: the `Adapter` protocol the
+loops call, the `Prepared` request it makes, its base class, conditioning lookup, seeded
+noise, schedulers, CFG.
+
+The loops (sampler.py, parallel/pipefusion.py) know the mesh and nothing of a family;
+an adapter (flux.py, sd3.py, pixart.py) knows its model and nothing of the mesh beyond
+the plans it declares (its sequence plan, and a PipeFusion plan where it has one).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from ditmesh.common.errors import InvalidArgument
 from ditmesh.common.models import ModelRef
 from ditmesh.denoiser.job import DenoiseJob
+
+if TYPE_CHECKING:
+    from ditmesh.denoiser.parallel.pipefusion_stage import PipeFusionPlan, Stage
+
+
+@dataclass(kw_only=True)
+class Prepared:
+    """A request made ready for the loop, identical on every rank."""
+
+    latents: torch.Tensor
+    """Initial noise for all images of the request, in the transformer's layout."""
+    timesteps: torch.Tensor
+    scheduler: Any
+    do_cfg: bool
+    branches: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Transformer inputs of each branch ("cond", "uncond"), batch = all images."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Adapter(Protocol):
+    transformer: torch.nn.Module
+
+    def prepare(self, job: DenoiseJob) -> Prepared: ...
+
+    def predict(
+        self,
+        prep: Prepared,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        branches: list[str],
+        images: slice,
+    ) -> list[torch.Tensor]:
+        """The transformer's prediction of each branch for `images`, the family's one
+        transformer call. A family with a PipeFusion plan also takes `text=False` (no text
+        tokens in this pass), and with token patches `tokens=(start, stop)`."""
+        ...
+
+    def combine(
+        self, cond: torch.Tensor, uncond: torch.Tensor | None, prep: Prepared, job: DenoiseJob
+    ) -> torch.Tensor: ...
+
+    def finish(self, prep: Prepared, latents: torch.Tensor, job: DenoiseJob) -> torch.Tensor: ...
 
 
 def cond_tensor(job: DenoiseJob, name: str, device, dtype) -> torch.Tensor:
@@ -105,6 +154,12 @@ class TransformerAdapterBase:
     # Where the transformer's weights are; `device` is where the work runs. They differ
     # only between loading on the host and `to_device` (see load_adapter's `on_host`).
     weights_on: torch.device
+
+    pipefusion_plan: PipeFusionPlan | None = None
+    """What PipeFusion needs of this family (parallel/pipefusion_stage.py); None: the
+    family cannot run PipeFusion."""
+    pipefusion_stage: Stage | None = None
+    """This rank's PipeFusion stage, once attached (the gang's, or the one-rank form)."""
 
     def __init__(
         self,

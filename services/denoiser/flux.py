@@ -11,11 +11,19 @@ import numpy as np
 import torch
 
 from ditmesh.common.models import ModelRef
-from ditmesh.denoiser.adapter import TransformerAdapterBase, cond_tensor, do_cfg, initial_noise
+from ditmesh.denoiser.adapter import (
+    Prepared,
+    TransformerAdapterBase,
+    cond_tensor,
+    do_cfg,
+    initial_noise,
+)
 from ditmesh.denoiser.job import DenoiseJob
+from ditmesh.denoiser.parallel.pipefusion_attention import StaleKVProcessor
+from ditmesh.denoiser.parallel.pipefusion_patches import TokenPatches
+from ditmesh.denoiser.parallel.pipefusion_stage import PipeFusionPlan
 from ditmesh.denoiser.parallel.processors import FluxParallelProcessor
 from ditmesh.denoiser.parallel.sequence import SequencePlan
-from ditmesh.denoiser.sampler import Prepared
 
 # Image tokens enter as `hidden_states` with their positions `img_ids`; splitting
 # both splits the rotary embedding with them. Text tokens (`encoder_hidden_states`,
@@ -31,9 +39,18 @@ FLUX_PLAN = SequencePlan(
     },
 )
 
+# Double-stream blocks, then single-stream ones; the latents are packed tokens already,
+# so a patch is a run of them (with its positions, img_ids).
+FLUX_PIPEFUSION = PipeFusionPlan(
+    block_lists=("transformer_blocks", "single_transformer_blocks"),
+    processors={"attn": StaleKVProcessor},
+    patches=TokenPatches,
+)
+
 
 class FluxAdapter(TransformerAdapterBase):
     plan = FLUX_PLAN
+    pipefusion_plan = FLUX_PIPEFUSION
 
     def __init__(
         self, model: ModelRef, device: torch.device, dtype: torch.dtype, on_host: bool = False
@@ -114,24 +131,36 @@ class FluxAdapter(TransformerAdapterBase):
         )
 
     def predict(
-        self, prep: Prepared, latents, t, branches: list[str], images: slice
+        self,
+        prep: Prepared,
+        latents,
+        t,
+        branches: list[str],
+        images: slice,
+        *,
+        tokens: tuple[int, int] | None = None,
+        text: bool = True,
     ) -> list[torch.Tensor]:
+        """`tokens`: only these image tokens (a PipeFusion patch); `text` False: without the
+        text tokens (PipeFusion's later patches reuse the text's kept keys and values)."""
         # FluxPipeline runs the two branches as two calls; so do we.
         n = latents.shape[0]
         timestep = t.expand(n).to(latents.dtype) / 1000
         guidance = prep.extra["guidance"]
+        rows = slice(None) if tokens is None else slice(*tokens)
+        words = slice(None) if text else slice(0, 0)
         out = []
         for name in branches:
             b = prep.branches[name]
             out.append(
                 self.forward(
-                    hidden_states=latents,
+                    hidden_states=latents[:, rows],
                     timestep=timestep,
                     guidance=None if guidance is None else guidance[images],
                     pooled_projections=b["pooled_projections"][images],
-                    encoder_hidden_states=b["encoder_hidden_states"][images],
-                    txt_ids=b["txt_ids"],
-                    img_ids=prep.extra["img_ids"],
+                    encoder_hidden_states=b["encoder_hidden_states"][images][:, words],
+                    txt_ids=b["txt_ids"][words],
+                    img_ids=prep.extra["img_ids"][rows],
                     return_dict=False,
                 )[0]
             )

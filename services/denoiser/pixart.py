@@ -15,6 +15,7 @@ import torch
 
 from ditmesh.common.models import PIXART_ALPHA, ModelRef
 from ditmesh.denoiser.adapter import (
+    Prepared,
     SchedulerFactory,
     TransformerAdapterBase,
     cond_tensor,
@@ -28,7 +29,6 @@ from ditmesh.denoiser.adapter import (
 from ditmesh.denoiser.job import DenoiseJob
 from ditmesh.denoiser.parallel.processors import SelfParallelProcessor
 from ditmesh.denoiser.parallel.sequence import SequencePlan
-from ditmesh.denoiser.sampler import Prepared
 
 # Image tokens are born in `pos_embed` and leave through `proj_out`. Only the
 # self-attention (attn1) mixes image tokens; the cross-attention to the text

@@ -13,6 +13,7 @@ import torch
 
 from ditmesh.common.models import ModelRef
 from ditmesh.denoiser.adapter import (
+    Prepared,
     SchedulerFactory,
     TransformerAdapterBase,
     cond_tensor,
@@ -24,9 +25,14 @@ from ditmesh.denoiser.adapter import (
     unstack_branches,
 )
 from ditmesh.denoiser.job import DenoiseJob
+from ditmesh.denoiser.parallel.pipefusion_attention import (
+    StaleJointProcessor,
+    StaleSelfProcessor,
+)
+from ditmesh.denoiser.parallel.pipefusion_patches import RowBandPatches
+from ditmesh.denoiser.parallel.pipefusion_stage import PipeFusionPlan
 from ditmesh.denoiser.parallel.processors import JointParallelProcessor, SelfParallelProcessor
 from ditmesh.denoiser.parallel.sequence import SequencePlan
-from ditmesh.denoiser.sampler import Prepared
 
 
 def sd3_plan(transformer: torch.nn.Module) -> SequencePlan:
@@ -48,7 +54,19 @@ def sd3_plan(transformer: torch.nn.Module) -> SequencePlan:
     )
 
 
+# Joint blocks (SD3.5's with an image-only attn2 too); the model patchifies inside, so a
+# patch is a band of token rows, cut out after pos_embed and put back before proj_out.
+SD3_PIPEFUSION = PipeFusionPlan(
+    block_lists=("transformer_blocks",),
+    processors={"attn": StaleJointProcessor, "attn2": StaleSelfProcessor},
+    patches=RowBandPatches,
+    cut_at=("pos_embed", "proj_out"),
+)
+
+
 class SD3Adapter(TransformerAdapterBase):
+    pipefusion_plan = SD3_PIPEFUSION
+
     def __init__(
         self, model: ModelRef, device: torch.device, dtype: torch.dtype, on_host: bool = False
     ) -> None:
@@ -116,14 +134,17 @@ class SD3Adapter(TransformerAdapterBase):
         )
 
     def predict(
-        self, prep: Prepared, latents, t, branches: list[str], images: slice
+        self, prep: Prepared, latents, t, branches: list[str], images: slice, *, text: bool = True
     ) -> list[torch.Tensor]:
+        """`text` False: without the context tokens (PipeFusion's later patches reuse the
+        context's kept keys and values)."""
         order, inputs = stack_branches(prep, branches, images)
         x = torch.cat([latents] * len(order)) if len(order) > 1 else latents
+        context = inputs["encoder_hidden_states"]
         out = self.forward(
             hidden_states=x,
             timestep=t.expand(x.shape[0]),
-            encoder_hidden_states=inputs["encoder_hidden_states"],
+            encoder_hidden_states=context if text else context[:, :0],
             pooled_projections=inputs["pooled_projections"],
             return_dict=False,
         )[0]

@@ -1,0 +1,226 @@
+"""PipeFusion's stages: which blocks a rank keeps, and what is hooked onto them.
+
+Each of P ranks (one PipeFusion group) keeps a consecutive run of the transformer's
+blocks and drops the rest, in the model's own ModuleLists. Hooks swap in the activations
+received from the previous stage before the stage's first block and stop the forward
+after its last (`StageDone` carries them out to the loop, which sends them on). Every
+kept attention gets the stale-KV processor the family's plan names
+(pipefusion_attention.py); for a model that patchifies inside (SD3) two more hooks cut
+the patch's tokens out after the embedding and put them back before the output layer.
+
+A family declares what PipeFusion needs as data, a `PipeFusionPlan` on its adapter
+(flux.py, sd3.py); a family whose adapter has none cannot run PipeFusion. The loop that
+drives the stages is pipefusion.py; the rank layout is mesh.py's.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from ditmesh.denoiser.parallel.mesh import (
+    Group,
+    ParallelConfigError,
+    RankGroups,
+    single_process_mesh,
+)
+from ditmesh.denoiser.parallel.pipefusion_attention import PatchContext
+from ditmesh.denoiser.parallel.pipefusion_patches import patch_bounds
+from ditmesh.denoiser.parallel.usp import SequenceParallel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipeFusionPlan:
+    """What PipeFusion needs to know of a family's transformer."""
+
+    block_lists: tuple[str, ...]
+    """The transformer's block lists, in the order its forward runs them."""
+    processors: dict[str, type]
+    """A block's attention attribute -> its stale-KV processor class (ctx, sp); a block
+    whose attribute is None has no such attention (SD3.0's attn2)."""
+    patches: type
+    """How a patch is cut from the latents (pipefusion_patches.py)."""
+    cut_at: tuple[str, str] | None = None
+    """(embedding, output layer) of a model that patchifies inside: the patch's tokens are
+    cut out of the first's output and put back into the whole image before the second."""
+
+
+class StageDone(Exception):
+    """Raised by the hook after a non-last stage's last block: carries its outputs."""
+
+    def __init__(self, encoder_hidden_states: torch.Tensor, hidden_states: torch.Tensor) -> None:
+        super().__init__("stage done")
+        self.encoder_hidden_states = encoder_hidden_states
+        self.hidden_states = hidden_states
+
+
+@dataclass
+class Stage:
+    """This rank's part of a PipeFusion gang, attached to the transformer."""
+
+    ctx: PatchContext
+    group: Group
+    back: Group
+    """The same ranks on a second communicator: latents from the last stage to the first."""
+    first: bool
+    last: bool
+    blocks: tuple[int, int]
+    handles: list = field(default_factory=list)
+    processors: list = field(default_factory=list)
+
+    def forget(self) -> None:
+        """Drops every kept key and value (after a request: a few GB for Flux at 1024²)."""
+        for proc in self.processors:
+            proc.kv.clear()
+
+
+def stage_blocks(total: int, stages: int) -> list[tuple[int, int]]:
+    """Which of the model's `total` blocks (all lists, in order) each stage runs."""
+    return patch_bounds(total, stages)
+
+
+def plan_of(adapter) -> PipeFusionPlan:
+    """The family's PipeFusion plan; refuses a family that declares none."""
+    if adapter.pipefusion_plan is None:
+        raise ParallelConfigError("--pipefusion supports Flux and SD3 transformers only")
+    return adapter.pipefusion_plan
+
+
+def check_speed(compile: bool, cuda_graphs: bool) -> None:
+    if compile or cuda_graphs:
+        raise ParallelConfigError(
+            "--pipefusion runs eager so far: leave out --compile and --cuda-graphs"
+        )
+
+
+def attach_pipefusion(
+    adapter, mesh: RankGroups, sp: SequenceParallel | None = None
+) -> Stage | None:
+    """Keeps this stage's blocks of the adapter's transformer, hooks its ends, installs the
+    stale-KV processors; None if P = 1.
+
+    `sp`: the sequence plan's handle when Ulysses splits each patch further (attach the
+    plan first); the text tokens then stay whole on every rank.
+    """
+    group = mesh["pipefusion"]
+    if mesh.config.pipefusion == 1:
+        return None
+    plan, model = plan_of(adapter), adapter.transformer
+    lists = [getattr(model, name) for name in plan.block_lists]
+    everything = [
+        (name, blk) for name, lst in zip(plan.block_lists, lists, strict=True) for blk in lst
+    ]
+    if group.size > len(everything):
+        raise ParallelConfigError(
+            f"--pipefusion {group.size} is more stages than the model's {len(everything)} blocks"
+        )
+    lo, hi = stage_blocks(len(everything), group.size)[group.rank]
+    mine = everything[lo:hi]
+    for name in plan.block_lists:
+        setattr(model, name, torch.nn.ModuleList([blk for n, blk in mine if n == name]))
+    stage = Stage(
+        ctx=PatchContext(),
+        group=group,
+        back=mesh["pipefusion_back"],
+        first=group.rank == 0,
+        last=group.rank == group.size - 1,
+        blocks=(lo, hi),
+    )
+    _hook_stage_ends(stage, mine[0][1], mine[-1][1])
+    if sp is not None:
+        sp.text_whole = True
+    _install(model, plan, [blk for _, blk in mine], stage, sp)
+    log.info(
+        "PipeFusion stage %d of %d: blocks %d-%d of %d, %d patches, %d whole-image step(s)",
+        group.rank + 1,
+        group.size,
+        lo,
+        hi - 1,
+        len(everything),
+        mesh.config.num_patches,
+        mesh.config.pipefusion_warmup,
+    )
+    # The other stages' blocks go with these lists. The gang loads them on the host
+    # (load_adapter's on_host), so there is no GPU cache to give back here.
+    del lists, everything
+    return stage
+
+
+def local_stage(adapter) -> Stage:
+    """All blocks on this one rank, with the stale-KV processors: PipeFusion's patches
+    without stages (what the tests compare a gang with). Kept on the adapter for the
+    next request."""
+    plan, model = plan_of(adapter), adapter.transformer
+    one = single_process_mesh()
+    stage = Stage(
+        ctx=PatchContext(),
+        group=one["pipefusion"],
+        back=one["pipefusion_back"],
+        first=True,
+        last=True,
+        blocks=(0, 0),
+    )
+    blocks = [blk for name in plan.block_lists for blk in getattr(model, name)]
+    _install(model, plan, blocks, stage)
+    adapter.pipefusion_stage = stage
+    return stage
+
+
+def _hook_stage_ends(stage: Stage, first_block, last_block) -> None:
+    """A later stage takes its inputs from the previous stage; an earlier one stops after
+    its last block."""
+    group = stage.group
+    if not stage.first:
+
+        def take_inbound(module, args, kwargs):
+            # The previous stage's activations have the shapes this rank's own embedding
+            # of the (placeholder) inputs has: same rows, same split.
+            for name in ("hidden_states", "encoder_hidden_states"):
+                like = kwargs[name]
+                if like.shape[1]:
+                    got = torch.empty_like(like)
+                    dist.recv(got, group.global_rank(group.rank - 1), group=group.pg)
+                    kwargs[name] = got
+            return args, kwargs
+
+        stage.handles.append(first_block.register_forward_pre_hook(take_inbound, with_kwargs=True))
+    if not stage.last:
+
+        def stop(module, args, output):
+            raise StageDone(*output)
+
+        stage.handles.append(last_block.register_forward_hook(stop))
+
+
+def _install(model, plan: PipeFusionPlan, blocks: list, stage: Stage, sp=None) -> None:
+    """The plan's stale-KV processors on `blocks`; with `plan.cut_at` also the hooks that
+    cut the patch's tokens out of the embedding (whose positions need the whole latent
+    image) and put the prediction's rows back into a whole-image token sequence before
+    the output layer's unpatchify."""
+    ctx = stage.ctx
+    for blk in blocks:
+        for name, processor in plan.processors.items():
+            attn = getattr(blk, name)
+            if attn is not None:
+                stage.processors.append(processor(ctx, sp))
+                attn.set_processor(stage.processors[-1])
+    if plan.cut_at is None:
+        return
+    embed, output = plan.cut_at
+
+    def cut(module, args, out):
+        return out[:, ctx.start : ctx.stop]
+
+    def place(module, args, out):
+        whole = out.new_zeros((out.shape[0], ctx.image_total, out.shape[2]))
+        whole[:, ctx.start : ctx.stop] = out
+        return whole
+
+    # Before the sequence plan's own hooks: cut first, then shard; gather, then place.
+    stage.handles.append(getattr(model, embed).register_forward_hook(cut, prepend=True))
+    stage.handles.append(getattr(model, output).register_forward_hook(place))
