@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import inspect
 import io
 import time
@@ -399,6 +400,98 @@ def test_bad_arguments_fail_before_the_network(peer, client):
     assert peer.requests == []
 
 
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
+def test_a_lone_surrogate_is_an_invalid_argument_with_a_sentence(peer, client, field):
+    text = "a fox \ud800 in snow"  # e.g. bytes read with errors="surrogateescape"
+    kwargs = {"negative_prompt": text} if field == "negative_prompt" else {}
+    for call in (client.generate, client.generate_unary):
+        with pytest.raises(InvalidArgumentError) as info:
+            call(text if field == "prompt" else "p", **kwargs)
+        assert info.value.code == SC.INVALID_ARGUMENT
+        assert f"{field} has a lone surrogate '\\ud800' at character 6" in info.value.details
+        assert not isinstance(info.value, UnicodeError) and info.value.__cause__ is None
+    assert peer.requests == []
+
+
+@pytest.mark.parametrize("seed", [-1, -(2**63), 2**63, 2**64])
+def test_seeds_the_gateway_refuses_are_refused_before_sending(peer, client, seed):
+    with pytest.raises(InvalidArgumentError, match=r"seed must be between 0 and 2\*\*63-1"):
+        client.generate("p", seed=seed)
+    with pytest.raises(InvalidArgumentError, match=str(seed)):
+        client.generate_unary("p", seed=seed)
+    assert peer.requests == []
+
+
+def test_seed_bounds_reach_the_wire(peer, client):
+    peer.streams = [OK_SCRIPT]
+    for seed in (0, 2**63 - 1):
+        client.generate("p", seed=seed)
+    assert [r.seed for r in peer.requests] == [0, 2**63 - 1]
+
+
+@pytest.mark.parametrize("request_id", ["", "a b", "x" * 129, "caf\u00e9", "id/1", "a\nb"])
+def test_a_malformed_request_id_is_refused_with_the_rule(peer, client, request_id):
+    with pytest.raises(InvalidArgumentError) as info:
+        client.generate("p", request_id=request_id)
+    assert "1-128 characters of letters, digits, '.', '_', ':' or '-'" in info.value.details
+    assert f"got {len(request_id)} characters" in info.value.details
+    assert peer.requests == []
+
+
+def test_well_formed_request_ids_reach_the_wire(peer, client):
+    peer.streams = [OK_SCRIPT]
+    for request_id in ("a.b_c:d-9", "x" * 128, "Z"):
+        client.generate("p", request_id=request_id)
+    assert [r.request_id for r in peer.requests] == ["a.b_c:d-9", "x" * 128, "Z"]
+    assert [m["x-request-id"] for m in peer.metadata] == ["a.b_c:d-9", "x" * 128, "Z"]
+
+
+def test_params_object_with_fields_over_it(peer, client):
+    peer.streams = [OK_SCRIPT]
+    peer.unary = [
+        gateway_pb2.GenerateResponse(
+            images=[gateway_pb2.Image(index=0, data=PNG)], finished=finished().finished
+        )
+    ]
+    settings = GenerateParams(height=64, width=32, steps=3, seed=5, output_format="jpeg")
+    client.generate("p", settings)
+    client.generate("p", settings, seed=6, steps=4)
+    client.generate_unary("q", params=settings, width=48)
+    first, second, third = peer.requests
+    assert (first.height, first.width, first.steps, first.seed) == (64, 32, 3, 5)
+    assert first.output_format == vae_pb2.OUTPUT_FORMAT_JPEG
+    assert (second.height, second.steps, second.seed) == (64, 4, 6)
+    assert (third.prompt, third.width, third.seed) == ("q", 48, 5)
+    assert settings.seed == 5  # the caller's object is left as it was
+
+
+def test_an_unknown_field_is_a_type_error_naming_it(peer, client):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'stpes'.*steps"):
+        client.generate("p", stpes=4)
+    with pytest.raises(TypeError, match="generate_unary.*'on_progress'"):
+        client.generate_unary("p", on_progress=print)
+    with pytest.raises(TypeError, match="steps must be an integer"):
+        client.generate("p", steps=2.5)
+    with pytest.raises(TypeError, match="prompt must be str"):
+        client.generate(b"p")
+    assert peer.requests == []
+
+
+def test_params_are_checked_when_made():
+    with pytest.raises(InvalidArgumentError, match="height must be >= 0"):
+        GenerateParams(height=-16)
+    with pytest.raises(InvalidArgumentError, match="quality must be between 0 and 100"):
+        GenerateParams(quality=101)
+    with pytest.raises(InvalidArgumentError, match="guidance must be a finite number"):
+        GenerateParams(guidance=float("inf"))
+    with pytest.raises(InvalidArgumentError, match="seed must be between"):
+        GenerateParams(seed=-5)
+    with pytest.raises(InvalidArgumentError, match="request_id must be 1-128"):
+        GenerateParams(request_id="x" * 200)
+    with pytest.raises(TypeError, match="steps must be an integer"):
+        GenerateParams(steps=True)
+
+
 def test_generate_unary_retries_and_decodes(peer, client):
     response = gateway_pb2.GenerateResponse(
         request_id="rid",
@@ -501,6 +594,77 @@ def test_cli_takes_the_format_from_the_suffix(peer, tmp_path, capsys):
     args = cli_args("--gateway", peer.address, "p", "-o", str(tmp_path / "x.webp"))
     assert generate_cmd.run(args) == 0
     assert peer.requests[0].output_format == vae_pb2.OUTPUT_FORMAT_WEBP
+
+
+def test_cli_has_a_flag_for_every_request_field(peer, tmp_path):
+    peer.streams = [OK_SCRIPT]
+    flags = {
+        "--negative-prompt": "blur",
+        "--height": "64",
+        "--width": "32",
+        "--steps": "3",
+        "--guidance": "0",
+        "--true-cfg-scale": "4",
+        "--seed": "9",
+        "--num-images": "1",
+        "--format": "webp",
+        "--quality": "80",
+        "--model": "tiny-flux",
+        "--request-id": "cli-1",
+    }
+    args = cli_args("p", "--gateway", peer.address, "-o", str(tmp_path / "x.png"))
+    assert {f.name for f in dataclasses.fields(GenerateParams)} <= set(vars(args))
+    argv = [part for flag, value in flags.items() for part in (flag, value)]
+    args = cli_args("p", "--gateway", peer.address, "-o", str(tmp_path / "x.png"), *argv)
+    assert generate_cmd.run(args) == 0
+    sent = peer.requests[0]
+    assert (sent.negative_prompt, sent.height, sent.width, sent.steps) == ("blur", 64, 32, 3)
+    assert sent.HasField("guidance") and sent.guidance == 0.0 and sent.true_cfg_scale == 4.0
+    assert (sent.seed, sent.num_images, sent.quality, sent.model) == (9, 1, 80, "tiny-flux")
+    assert sent.output_format == vae_pb2.OUTPUT_FORMAT_WEBP and sent.request_id == "cli-1"
+
+
+@pytest.mark.parametrize(
+    ("argv", "sentence"),
+    [
+        (["--seed", "-1"], "seed must be between 0 and 2**63-1"),
+        (["--height", "-16"], "height must be >= 0"),
+        (["--num-images", "0"], "num_images must be >= 1"),
+        (["--request-id", "has space"], "request_id must be 1-128 characters"),
+        (["--quality", "101"], "quality must be between 0 and 100"),
+    ],
+)
+def test_cli_refuses_bad_flags_before_sending(peer, tmp_path, capsys, argv, sentence):
+    args = cli_args("--gateway", peer.address, "p", "-o", str(tmp_path / "x.png"), *argv)
+    assert generate_cmd.run(args) == 2
+    captured = capsys.readouterr()
+    [line] = captured.err.strip().splitlines()
+    assert line.startswith("error: INVALID_ARGUMENT: ") and sentence in line
+    assert "Traceback" not in captured.err + captured.out and peer.requests == []
+
+
+def test_cli_draws_a_bar_on_a_terminal_and_lines_elsewhere():
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    events = [
+        Progress(kind="queued", position=2),
+        Progress(kind="step", step=1, total=2),
+        Progress(kind="step", step=2, total=2),
+        Progress(kind="decoded", seconds=0.25),
+    ]
+    for stream in (Terminal(), io.StringIO()):
+        reporter = generate_cmd._ProgressReporter(stream)
+        for event in events:
+            reporter(event)
+        reporter.close()
+        text = stream.getvalue()
+        assert text.startswith("queued at position 2\n") and text.endswith("decoded in 0.25 s\n")
+        if isinstance(stream, Terminal):
+            assert "\rdenoising [" in text and "] 2/2 steps\n" in text
+        else:
+            assert "\r" not in text and "denoising 2 steps\n" in text
 
 
 @pytest.mark.parametrize(("code", "status"), [(SC.INVALID_ARGUMENT, 2), (SC.RESOURCE_EXHAUSTED, 1)])
