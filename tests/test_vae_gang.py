@@ -18,6 +18,7 @@ import multiprocessing as mp
 import re
 import signal
 import subprocess
+import threading
 import time
 
 import grpc
@@ -229,3 +230,57 @@ def test_up_with_a_vae_gang_matches_diffusers_then_a_dead_worker_stops_it(tiny_f
     finally:
         if mesh.proc.poll() is None:
             mesh.stop()
+
+
+def test_the_vae_stage_exits_when_a_request_is_stuck_on_a_dead_worker(tiny_flux, monkeypatch):
+    """The denoiser's policy, now the VAE stage's too (one watcher, common/gang_watch.py).
+
+    Collectives that never time out (CUDA graphs) cannot be made on CPU, so the gang is a
+    leader of fake processes whose decode blocks after its worker "dies"; the stage's own
+    watcher must end the process (here: record the exit and unblock the request).
+    """
+    from ditmesh.common import gang_watch
+    from ditmesh.common.gangs import GangLeader
+    from ditmesh.vae import service as vae_service
+
+    from .test_gang_watch import FakeMember, FakeWorkers
+
+    monkeypatch.setattr(dist, "barrier", lambda group=None: None)
+    monkeypatch.setattr(gang_watch, "STUCK_GRACE_S", 0.0)
+    release = threading.Event()
+    exits: list[int] = []
+
+    def exit_process(code: int) -> None:
+        exits.append(code)
+        release.set()
+
+    monkeypatch.setattr(gang_watch, "exit_process", exit_process)
+
+    class StuckGang(GangLeader):
+        def __init__(self, model_source: str, launch, *, name=None) -> None:
+            super().__init__("VAE gang", launch, FakeWorkers(), FakeMember)
+            self.model = resolve_model(model_source, name)
+
+        def check_latents(self, latents, height, width) -> None:
+            pass
+
+        def decode(self, latents):
+            def stuck():
+                self.workers.dead_names.append("vae-rank1")
+                release.wait(60)
+                return np.zeros((1, 64, 64, 3), np.uint8)
+
+            return self.exclusive(stuck, "unused", lambda exc: True)
+
+        def close(self) -> None:
+            pass  # no processes to stop
+
+    monkeypatch.setattr(vae_service, "VaeGang", StuckGang)
+    running = vae_service.serve(tiny_flux, parallel=2, device="cpu", collective_timeout_s=0.5)
+    try:
+        with grpc.insecure_channel(running.address) as ch:
+            stub = vae_pb2_grpc.VaeStub(ch)
+            list(stub.Decode(_decode_request(torch.randn(1, 16, 8, 8), 64, 64), timeout=60))
+        assert exits == [1]
+    finally:
+        running.stop(0)

@@ -6,6 +6,11 @@ gloo control group, then all ranks run the same sampling loop on their part of
 the mesh. Compute collectives have a timeout, so a dead worker makes the
 leader's request fail (UNAVAILABLE) and the leader exit non-zero instead of
 hanging. The control group waits for the next job without a practical timeout.
+
+What this gang shares with the VAE's (the launch, torchrun's environment, the
+leader's lock and broken state, the job broadcast, the dead-worker watcher) is in
+services/common/gangs.py and gang_watch.py; this module holds the model, the mesh
+and the job.
 """
 
 from __future__ import annotations
@@ -109,7 +114,7 @@ class GangMember:
         )
         self.attached = attach(self.adapter.transformer, self.adapter.plan, self.mesh)
         self.adapter.pipefusion_stage = attach_pipefusion(
-            self.adapter.transformer, self.mesh, self.attached.sp if self.attached else None
+            self.adapter, self.mesh, self.attached.sp if self.attached else None
         )
         self.adapter.to_device()
         self.warm = apply_speedups(self.adapter, spec.speed)
