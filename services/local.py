@@ -2,12 +2,31 @@
 
 Each stage is its own `ditmesh serve` process on a free port (it reports the
 port it bound on stdout, so there is no race for ports); the gateway starts
-once the three stages are listening and healthy. SIGINT / SIGTERM stop the
-gateway first, then the stages, each draining its work.
+once the three stages are listening and healthy.
+
+Stopping, as the README promises (Ctrl-C drains):
+- Every child runs in its own session, so the terminal's Ctrl-C reaches
+  `ditmesh up` alone. Were the stages in the terminal's process group they
+  would drain at the same moment as the gateway, and a request still held by
+  the gateway would find its VAE already gone (UNAVAILABLE).
+- The first SIGINT / SIGTERM stops the gateway first (it refuses new requests
+  and finishes those it holds, which needs the stages), waits for it, then
+  stops the stages. Each process may take its drain time plus a margin before
+  it is killed.
+- A second SIGINT / SIGTERM kills every child's process group at once.
+- If `ditmesh up` dies without a word (SIGKILL, OOM), each child gets SIGTERM
+  from the kernel (Linux PR_SET_PDEATHSIG, set between fork and exec) and
+  drains as if asked to; elsewhere children outlive such a death.
+
+What each stage does on SIGTERM (health NOT_SERVING, in-flight work finished
+within its grace) is `ditmesh.common.server`'s; the gateway's admission and
+its drain are the gateway's.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import re
 import signal
@@ -20,8 +39,16 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ditmesh.common.server import ServerConfig
+
 LISTENING = re.compile(r"^(\w+) listening on (\S+):(\d+)\s*$")
 STAGES = ("encoder", "denoiser", "vae")
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_SIGTERM = int(signal.SIGTERM)  # a plain int for ctypes
+
+
+class MeshAborted(RuntimeError):
+    """A stop was asked for while the mesh was still starting."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -34,19 +61,91 @@ class UpConfig:
     device: str = "auto"
     dtype: str = "auto"
     start_timeout_s: float = 300.0
-    stop_timeout_s: float = 30.0
+    stop_margin_s: float = 15.0
+    """Seconds a process may take to exit beyond its drain time before it is killed."""
+    drain_seconds: float | None = None
+    """Passed to every `serve` process as `--drain-seconds`; None: each drains for its
+    own default (`default_drain_seconds`)."""
     extra_env: dict[str, str] = field(default_factory=dict)
     denoiser_args: list[str] = field(default_factory=list)
     """Extra `serve denoiser` flags: the gang's degrees."""
+    denoiser_replicas: int = 1
+    """Denoiser processes (each a whole gang) behind the one gateway."""
     vae_args: list[str] = field(default_factory=list)
     """Extra `serve vae` flags: the VAE gang's size (`--parallel M`)."""
+    gateway_args: list[str] = field(default_factory=list)
+    """Extra `serve gateway` flags (admission limits and the like)."""
+
+    def __post_init__(self) -> None:
+        if self.stop_margin_s <= 0:
+            raise ValueError(f"stop_margin_s must be > 0, got {self.stop_margin_s}")
+        if self.denoiser_replicas < 1:
+            raise ValueError(f"denoiser_replicas must be >= 1, got {self.denoiser_replicas}")
+        if self.drain_seconds is not None:
+            if self.drain_seconds < 0:
+                raise ValueError(f"drain_seconds must be >= 0, got {self.drain_seconds}")
+            if not serve_accepts("--drain-seconds"):
+                raise ValueError("drain_seconds is set but `ditmesh serve` has no --drain-seconds")
+
+    def stop_timeout_s(self, stage: str) -> float:
+        """How long one process of `stage` may take to stop: its drain time plus the margin."""
+        drain = default_drain_seconds(stage) if self.drain_seconds is None else self.drain_seconds
+        return drain + self.stop_margin_s
+
+
+def default_drain_seconds(stage: str) -> float:
+    """How long `ditmesh serve STAGE` drains when not given --drain-seconds."""
+    if stage == "gateway":  # it holds whole requests: its drain outlasts their deadline
+        from ditmesh.gateway.main import DEFAULT_DRAIN_SECONDS
+
+        return DEFAULT_DRAIN_SECONDS
+    return ServerConfig(stage=stage).grace_seconds
+
+
+def serve_accepts(flag: str) -> bool:
+    """Whether `ditmesh serve` takes `flag` (with a value)."""
+    from ditmesh.cli import build_parser
+
+    _, unknown = build_parser().parse_known_args(["serve", "gateway", "--model", "m", flag, "1"])
+    return flag not in unknown
+
+
+@functools.cache
+def _prctl():
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
+def _die_with_parent(parent: int, prctl) -> None:
+    """preexec_fn: runs in the child between fork and exec, so it only calls prctl and kill."""
+    prctl(PR_SET_PDEATHSIG, _SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl: no signal will come
+        os.kill(os.getpid(), _SIGTERM)
+
+
+def _parent_watch():
+    # The death signal follows the *thread* that forks: start stages from a thread
+    # that lives as long as the mesh (run_up and the benchmarks use the main one).
+    if not sys.platform.startswith("linux"):
+        return None
+    return functools.partial(_die_with_parent, os.getpid(), _prctl())
 
 
 class StageProcess:
+    """One `ditmesh serve` child, in its own session (its pid is its process group)."""
+
     def __init__(self, stage: str, args: list[str], env: dict[str, str]) -> None:
         self.stage = stage
         cmd = [sys.executable, "-m", "ditmesh.cli", "serve", stage, *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, bufsize=1)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            bufsize=1,
+            start_new_session=True,
+            preexec_fn=_parent_watch(),
+        )
         self.address: str | None = None
         self._ready = threading.Event()
         threading.Thread(target=self._pump, daemon=True, name=f"pump-{stage}").start()
@@ -62,9 +161,20 @@ class StageProcess:
                 sys.stderr.write(f"[{self.stage}] {line}")
         self._ready.set()
 
-    def wait_listening(self, timeout: float) -> str:
-        if not self._ready.wait(timeout) or self.address is None:
+    def wait_listening(self, timeout: float, abort: threading.Event | None = None) -> str:
+        deadline = time.monotonic() + timeout
+        while not self._ready.wait(0.2):
+            if abort is not None and abort.is_set():
+                raise MeshAborted(f"stopped while the {self.stage} stage was starting")
+            if time.monotonic() > deadline:
+                break
+        if self.address is None:
             code = self.proc.poll()
+            if code is None and self._ready.is_set():  # its stdout closed: it is exiting
+                try:
+                    code = self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    pass
             why = (
                 f"exited with code {code}"
                 if code is not None
@@ -77,19 +187,31 @@ class StageProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
 
+    def kill(self) -> None:
+        """SIGKILL to the whole process group: the stage and any gang workers it started."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass  # the group is gone already
+
     def wait(self, timeout: float) -> int:
         try:
-            return self.proc.wait(timeout)
+            code = self.proc.wait(max(0.0, timeout))
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+            sys.stderr.write(f"the {self.stage} stage did not stop in time; killing it\n")
+            self.kill()
+            code = self.proc.wait()
+        self.kill()  # whatever it started and left behind
+        return code
 
 
-def wait_healthy(address: str, timeout: float) -> None:
+def wait_healthy(address: str, timeout: float, abort: threading.Event | None = None) -> None:
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while True:
+            if abort is not None and abort.is_set():
+                raise MeshAborted(f"stopped while waiting for {address} to become healthy")
             try:
                 r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
                 if r.status == health_pb2.HealthCheckResponse.SERVING:
@@ -102,10 +224,11 @@ def wait_healthy(address: str, timeout: float) -> None:
 
 
 class LocalMesh:
-    """The four stages as child processes."""
+    """The four stages as child processes; `abort` set by another thread cuts a start short."""
 
-    def __init__(self, config: UpConfig) -> None:
+    def __init__(self, config: UpConfig, abort: threading.Event | None = None) -> None:
         self.config = config
+        self.abort = abort
         self.procs: list[StageProcess] = []
         self.gateway_address: str | None = None
 
@@ -114,35 +237,36 @@ class LocalMesh:
         args = ["--model", c.model, "--host", c.host, "--device", c.device, "--dtype", c.dtype]
         if c.name:
             args += ["--name", c.name]
+        if c.drain_seconds is not None:
+            args += [f"--drain-seconds={c.drain_seconds:g}"]
         return args
 
     def _stage_args(self, stage: str) -> list[str]:
-        return {"denoiser": self.config.denoiser_args, "vae": self.config.vae_args}.get(stage, [])
+        c = self.config
+        return {"denoiser": c.denoiser_args, "vae": c.vae_args, "gateway": c.gateway_args}.get(
+            stage, []
+        )
 
     def start(self) -> str:
         c = self.config
         env = {**os.environ, **c.extra_env, "PYTHONUNBUFFERED": "1"}
+        replicas = {"denoiser": c.denoiser_replicas}
         try:
-            stages = [
-                StageProcess(
-                    s,
-                    [*self._common_args(), "--port", "0", *self._stage_args(s)],
-                    env,
-                )
-                for s in STAGES
-            ]
-            self.procs.extend(stages)
-            addrs = {}
-            for p in stages:
-                addrs[p.stage] = p.wait_listening(c.start_timeout_s)
-                wait_healthy(addrs[p.stage], c.start_timeout_s)
-            gw_args = [*self._common_args(), "--port", str(c.port)]
+            # Appended one by one, so a failure (or a kill) midway still sees every child.
             for s in STAGES:
-                gw_args += [f"--{s}", addrs[s]]
+                for _ in range(replicas.get(s, 1)):
+                    args = [*self._common_args(), "--port", "0", *self._stage_args(s)]
+                    self.procs.append(StageProcess(s, args, env))
+            gw_args = [*self._common_args(), "--port", str(c.port)]
+            for p in list(self.procs):
+                address = p.wait_listening(c.start_timeout_s, self.abort)
+                wait_healthy(address, c.start_timeout_s, self.abort)
+                gw_args += [f"--{p.stage}", address]
+            gw_args += self._stage_args("gateway")
             gw = StageProcess("gateway", gw_args, env)
             self.procs.append(gw)
-            self.gateway_address = gw.wait_listening(c.start_timeout_s)
-            wait_healthy(self.gateway_address, c.start_timeout_s)
+            self.gateway_address = gw.wait_listening(c.start_timeout_s, self.abort)
+            wait_healthy(self.gateway_address, c.start_timeout_s, self.abort)
         except BaseException:
             self.stop()
             raise
@@ -155,19 +279,26 @@ class LocalMesh:
         return None
 
     def stop(self) -> int:
-        """Gateway first (it stops taking requests), then the stages; returns the worst exit code."""
+        """Gateway first (it finishes what it holds, on live stages), then the stages;
+        returns 1 if any process exited other than cleanly or by SIGTERM, else 0."""
         worst = 0
         gateway = [p for p in self.procs if p.stage == "gateway"]
         stages = [p for p in self.procs if p.stage != "gateway"]
         for group in (gateway, stages):
             for p in group:
                 p.terminate()
+            started = time.monotonic()
             for p in group:
-                code = p.wait(self.config.stop_timeout_s)
+                code = p.wait(started + self.config.stop_timeout_s(p.stage) - time.monotonic())
                 if code not in (0, -signal.SIGTERM):
                     worst = 1
         self.procs.clear()
         return worst
+
+    def kill(self) -> None:
+        """Every child's process group gets SIGKILL now (safe from a signal handler)."""
+        for p in list(self.procs):
+            p.kill()
 
     def __enter__(self) -> LocalMesh:
         self.start()
@@ -177,17 +308,36 @@ class LocalMesh:
         self.stop()
 
 
+def _say(text: str) -> None:
+    # os.write, not print: a signal handler may interrupt a print to the same stream.
+    os.write(sys.stderr.fileno(), (text + "\n").encode())
+
+
 def run_up(config: UpConfig) -> int:
     stop = threading.Event()
+    mesh = LocalMesh(config, abort=stop)
+    signals = 0
 
     def handler(signum, frame):  # noqa: ARG001
-        stop.set()
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            _say(
+                f"{signal.Signals(signum).name}: draining (the gateway finishes the requests it "
+                "holds, then the stages stop); signal again to stop at once"
+            )
+            stop.set()
+        elif signals == 2:
+            _say(f"{signal.Signals(signum).name} again: killing every process of the mesh now")
+            mesh.kill()
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
-    mesh = LocalMesh(config)
     try:
         address = mesh.start()
+    except MeshAborted:
+        _say("stopped before the mesh was up")
+        return 1
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
