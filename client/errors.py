@@ -15,6 +15,7 @@ __all__ = [
     "DeadlineExceededError",
     "DitmeshClientError",
     "InvalidArgumentError",
+    "NotFoundError",
     "ProtocolError",
     "RequestCancelledError",
     "ResourceExhaustedError",
@@ -46,6 +47,11 @@ class InvalidArgumentError(DitmeshClientError, ValueError):
     """
 
 
+class NotFoundError(DitmeshClientError):
+    """The request names what the mesh does not serve (an unknown model); as it stands,
+    it will fail again: ListModels says what is served."""
+
+
 class UnavailableError(DitmeshClientError):
     """The gateway or a stage behind it is down or draining; try again later."""
 
@@ -71,6 +77,7 @@ class ProtocolError(DitmeshClientError):
 
 _ERROR_BY_CODE: dict[grpc.StatusCode, type[DitmeshClientError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,

@@ -3,7 +3,7 @@
 Progress goes to stderr and the results (paths, seed, seconds) to stdout, so
 `ditmesh generate ... | tail -1` and shell scripts see only the answer. Errors
 are one `error: CODE: sentence` line and an exit status (2 for a bad request,
-1 otherwise), never a traceback: the user can act on the sentence, not the stack.
+an unknown model included, 1 otherwise), never a traceback: the user can act on the sentence, not the stack.
 The flags are `GenerateParams`' fields (same names, dashes for underscores;
 `--format` for output_format), checked by `GenerateParams` like any SDK call, so
 a flag's value is refused with the sentence the SDK and the gateway use.
@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 import grpc
 
-from ditmesh.client.errors import DitmeshClientError, InvalidArgumentError
+from ditmesh.client.errors import DitmeshClientError, InvalidArgumentError, NotFoundError
 from ditmesh.client.params import FIELD_NAMES, GenerateParams
 from ditmesh.client.sdk import Client
 from ditmesh.client.types import FORMAT_BY_SUFFIX, GenerateResult, Progress
@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
     except DitmeshClientError as exc:  # InvalidArgumentError from the SDK's checks included
         reporter.close()
         _fail(exc.code.name, exc.details)
-        return 2 if isinstance(exc, InvalidArgumentError) else 1
+        return 2 if isinstance(exc, InvalidArgumentError | NotFoundError) else 1
     except KeyboardInterrupt:
         reporter.close()
         _fail(grpc.StatusCode.CANCELLED.name, "interrupted")

@@ -18,7 +18,14 @@ import pytest
 import torch
 from PIL import Image
 
-from ditmesh.client import AsyncClient, Client, GenerateResult, InvalidArgumentError, Progress
+from ditmesh.client import (
+    AsyncClient,
+    Client,
+    GenerateResult,
+    InvalidArgumentError,
+    NotFoundError,
+    Progress,
+)
 
 TOL = 1  # uint8 levels, i.e. 1/255
 
@@ -138,10 +145,12 @@ def test_size_not_a_multiple_of_16_is_invalid_argument(client):
     assert info.value.code.name == "INVALID_ARGUMENT"
 
 
-def test_unknown_model_is_invalid_argument(client):
-    with pytest.raises(InvalidArgumentError) as info:
+def test_unknown_model_is_not_found(client):
+    # The gateway answers NOT_FOUND for a model it does not serve (it was INVALID_ARGUMENT).
+    with pytest.raises(NotFoundError) as info:
         client.generate("a prompt", height=64, width=64, steps=2, seed=1, model="nope")
     assert "nope" in info.value.details
+    assert info.value.code.name == "NOT_FOUND"
 
 
 def test_list_models_and_wait_ready(client, tiny_flux):
@@ -192,3 +201,20 @@ def test_cli_bad_size_exits_2_without_traceback(up_mesh, tmp_path):
     assert "multiple of 16" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_cli_unknown_model_exits_2_without_traceback(up_mesh, tmp_path):
+    out = tmp_path / "out.png"
+    proc = _cli(up_mesh.address, "a prompt", "--model", "nope", "-o", str(out))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().startswith("error: NOT_FOUND: unknown model 'nope'")
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_sdk_checks_reach_the_cli_before_the_mesh(up_mesh, tmp_path):
+    proc = _cli(up_mesh.address, "a prompt", "--seed", "-1", "-o", str(tmp_path / "x.png"))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == (
+        "error: INVALID_ARGUMENT: seed must be between 0 and 2**63-1, "
+        "as the gateway requires; got -1"
+    )

@@ -35,6 +35,7 @@ from ditmesh.client import (
     DitmeshClientError,
     GenerateParams,
     InvalidArgumentError,
+    NotFoundError,
     Progress,
     RequestCancelledError,
     ResourceExhaustedError,
@@ -343,7 +344,8 @@ def test_gives_up_after_the_configured_retries(peer, connect):
         (SC.RESOURCE_EXHAUSTED, ResourceExhaustedError),
         (SC.CANCELLED, RequestCancelledError),
         (SC.DEADLINE_EXCEEDED, DeadlineExceededError),
-        (SC.NOT_FOUND, DitmeshClientError),
+        (SC.NOT_FOUND, NotFoundError),
+        (SC.PERMISSION_DENIED, DitmeshClientError),
         (SC.INTERNAL, DitmeshClientError),
     ],
 )
@@ -667,7 +669,9 @@ def test_cli_draws_a_bar_on_a_terminal_and_lines_elsewhere():
             assert "\r" not in text and "denoising 2 steps\n" in text
 
 
-@pytest.mark.parametrize(("code", "status"), [(SC.INVALID_ARGUMENT, 2), (SC.RESOURCE_EXHAUSTED, 1)])
+@pytest.mark.parametrize(
+    ("code", "status"), [(SC.INVALID_ARGUMENT, 2), (SC.NOT_FOUND, 2), (SC.RESOURCE_EXHAUSTED, 1)]
+)
 def test_cli_reports_errors_without_a_traceback(peer, tmp_path, capsys, code, status):
     peer.streams = [[Abort(code, "prompt is longer than 77 tokens")]]
     args = cli_args("--gateway", peer.address, "p", "-o", str(tmp_path / "x.png"))
