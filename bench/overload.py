@@ -2,7 +2,8 @@
 
 Starts a local mesh (`ditmesh.local.LocalMesh`, the code of `ditmesh up`) of a tiny
 random Flux (made with `ditmesh make-tiny flux` unless --model is given), measures
-its capacity (requests per second, one request at a time, after a warm-up), then
+its capacity (requests per second, one request at a time: 1 / the median time of
+--capacity-requests requests after a warm-up one, the median as the cores are shared), then
 offers open-loop load, Poisson arrivals at `level x capacity` requests per second,
 for --duration seconds per level. A request is sent when its arrival comes, whether
 or not earlier ones have been answered (asyncio + `ditmesh.client.AsyncClient`, no
@@ -174,7 +175,7 @@ async def run_level(address: str, args, level: float, capacity: float, seed: int
 
 
 async def measure_capacity(address: str, args) -> tuple[float, list[float]]:
-    """Requests per second one at a time, after one warm-up request."""
+    """Requests per second one at a time (1 / the median request time), after a warm-up."""
     async with AsyncClient(address, retries=0, timeout=600) as client:
         kw = dict(height=args.size, width=args.size, steps=args.steps, output_format="raw")
         await client.generate(PROMPT, seed=0, **kw)
@@ -183,7 +184,7 @@ async def measure_capacity(address: str, args) -> tuple[float, list[float]]:
             t = time.perf_counter()
             await client.generate(PROMPT, seed=1 + i, **kw)
             took.append(time.perf_counter() - t)
-    return len(took) / sum(took), took
+    return 1 / percentile(took, 50), took
 
 
 def fmt(v: float | None, unit: str = "s") -> str:
@@ -242,6 +243,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0, help="of the arrival times")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
+    if args.capacity_requests < 1 or not args.levels or min(args.levels) <= 0:
+        ap.error("--capacity-requests must be >= 1 and every level > 0")
 
     with tempfile.TemporaryDirectory(prefix="overload-") as tmp:
         model = args.model or make_model(tmp)
