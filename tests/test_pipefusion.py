@@ -165,6 +165,15 @@ def test_stale_patches_differ_from_exact_but_stay_close(model_dir, jobs):
     assert 1e-6 < err < 0.05, err
 
 
+def test_one_patch_a_step_is_exact(model_dir, jobs):
+    """One patch is the whole image through the patch path (every kept key and value
+    rewritten, the scheduler stepped through the patch's own copy of it): what plain
+    sampling computes, with and without CFG."""
+    picked = jobs[:3]
+    got = one_rank(model_dir, picked, patches=1, pipefusion_warmup=1)
+    _all_close(got, single(model_dir, picked), "one patch a step vs plain sampling")
+
+
 def test_two_stages(model_dir, jobs, tmp_path):
     no_cfg = [i for i, j in enumerate(jobs) if j.true_cfg_scale <= 1.0]
     layouts = {
