@@ -52,6 +52,11 @@ class Gateway:
         self._running: set[str] = set()
         self._finished: collections.OrderedDict[str, float] = collections.OrderedDict()
 
+    @property
+    def running(self) -> int:
+        """Requests admitted and not yet finished."""
+        return len(self._running)
+
     def healthy(self) -> bool:
         return all(pool.replicas.any_up() for pool in self.stages)
 

@@ -44,6 +44,12 @@ class QueueLimits:
         )
 
 
+class GatewayServer(AsyncServer):
+    """The running gateway: its server handle plus its state (`gateway`), for tools and tests."""
+
+    gateway: Gateway
+
+
 @dataclass(kw_only=True, slots=True)
 class GatewaySettings:
     """Everything `serve` takes beside the model and the stage addresses."""
@@ -64,11 +70,11 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 0,
     settings: GatewaySettings | None = None,
-) -> AsyncServer:
+) -> GatewayServer:
     """Starts the gateway and returns its running server (`address`, `stop`, ...)."""
     s = settings or GatewaySettings()
     model = resolve_model(model_source, name)
-    server = AsyncServer(
+    server = GatewayServer(
         ServerConfig(
             stage="gateway",
             host=host,
@@ -94,7 +100,7 @@ def serve(
             p.start()
         return Gateway({model.name: model}, model.name, stages, s.config)
 
-    gateway = server.run(build())
+    gateway = server.gateway = server.run(build())
 
     async def close() -> None:
         for p in gateway.stages:

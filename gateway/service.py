@@ -54,7 +54,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         except DitmeshError as exc:
             status = exc.code.name
             raise
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
             status = "CANCELLED by the client"
             raise
         finally:
