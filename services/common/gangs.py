@@ -1,22 +1,13 @@
 """What every process gang (the denoiser's, the VAE's) does the same way.
 
-A gang is N processes that serve one request at a time together: rank 0, the
-leader, serves gRPC; ranks 1..N-1 follow it. This module holds the shape both
-gangs share, so each gang's own module holds only what is its own (its model,
-its job, its collectives):
-
-- `TorchrunEnv`: torchrun's environment, read in one place (`torchrun_env`);
-- `GangLaunch`: what every rank needs to join (rendezvous, world, device, dtype,
-  collective timeout); plain values, so it crosses processes;
-- `broadcast_tensor_dict`: the leader's "header, then tensors" message on the
-  control group, which is also how it says stop (None);
-- `WorkerProcesses` and `follow_leader`: the workers' side;
-- `GangLeader`: the leader's life cycle (one request at a time, broken for good
-  once a process is lost, close together with the workers).
-
-What a leader does about workers that die between requests is gang_watch.py's.
-
-It lives in common so the VAE stage does not import the denoiser to run a gang.
+A gang is N processes that serve one request at a time together: rank 0, the leader,
+serves gRPC; ranks 1..N-1 follow it. Here: torchrun's environment read once
+(`torchrun_env`), what a rank needs to join (`GangLaunch`), the leader's "header, then
+tensors" message (`broadcast_tensor_dict`, None meaning stop), the workers' side
+(`WorkerProcesses`, `follow_leader`) and the leader's life cycle (`GangLeader`). Each
+gang's own module keeps its model, its job and its collectives; what a leader does
+about dead workers is gang_watch.py's. It lives in common so the VAE stage does not
+import the denoiser to run a gang.
 """
 
 from __future__ import annotations
