@@ -24,6 +24,7 @@ from ditmesh.common.errors import DitmeshError
 from ditmesh.common.server import REQUEST_ID_KEY
 from ditmesh.gateway.plan import RequestPlan
 from ditmesh.gateway.replicas import Replica
+from ditmesh.gateway.settings import WatchdogPolicy
 from ditmesh.v1 import (
     denoiser_pb2,
     denoiser_pb2_grpc,
@@ -49,20 +50,6 @@ class StepDone:
 
 class ReplicaGaveUp(Exception):
     """The gateway stopped waiting for a replica (frozen or silent); retry elsewhere."""
-
-
-@dataclass(kw_only=True, slots=True)
-class WatchdogPolicy:
-    multiple: float = 10.0
-    """A call may stay silent for this many times what it should take."""
-    min_seconds: float = 10.0
-    """...and never less than this (slow first calls, busy hosts)."""
-
-    def limit(self, expected: float) -> float | None:
-        """Seconds of silence allowed when `expected` seconds are expected; None: no limit."""
-        if expected <= 0:
-            return None
-        return max(self.min_seconds, self.multiple * expected)
 
 
 class Attempt:

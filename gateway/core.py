@@ -13,32 +13,15 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from dataclasses import dataclass, field
 
 from ditmesh.common.errors import FailedPrecondition, ResourceExhausted
-from ditmesh.common.limits import DEFAULT_LIMITS, Limits
 from ditmesh.common.models import ModelRef
-from ditmesh.gateway.calls import WatchdogPolicy
 from ditmesh.gateway.plan import RequestPlan
-from ditmesh.gateway.run import RequestRun, RetryPolicy, Stages
+from ditmesh.gateway.run import RequestRun, Stages
+from ditmesh.gateway.settings import GatewayConfig
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("ditmesh.access")
-
-DEFAULT_TIMEOUT_S = 600.0
-
-
-@dataclass(kw_only=True, slots=True)
-class GatewayConfig:
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-    watchdog: WatchdogPolicy = field(default_factory=WatchdogPolicy)
-    default_timeout_s: float = DEFAULT_TIMEOUT_S
-    """Deadline of a request whose client set none."""
-    limits: Limits = DEFAULT_LIMITS
-    remember_ids_s: float = 600.0
-    """How long the id of a request that succeeded stays taken."""
-    remember_ids: int = 100_000
-    """At most this many finished ids are remembered (oldest forgotten first)."""
 
 
 class Gateway:

@@ -24,6 +24,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ditmesh.common.server import channel_options
+from ditmesh.gateway.settings import HealthPolicy
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +37,6 @@ STAGE_CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.enable_retries", 0),
 ]
-
-
-@dataclass(kw_only=True, slots=True)
-class HealthPolicy:
-    interval: float = 0.5
-    """Seconds between health checks of one replica."""
-    timeout: float = 2.0
-    """A check that takes longer counts as no answer."""
-    frozen_after: int = 3
-    """Unanswered checks in a row after which a replica is taken for frozen."""
-    penalty_seconds: float = 2.0
-    """A replica whose call failed stays down at least this long."""
 
 
 @dataclass(eq=False)

@@ -21,18 +21,11 @@ import grpc
 from ditmesh.common.errors import DeadlineExceeded, from_rpc_error
 from ditmesh.gateway import calls
 from ditmesh.gateway.plan import RequestPlan
+from ditmesh.gateway.settings import RetryPolicy
 from ditmesh.gateway.stages import Reservation, StagePool, unavailable
 from ditmesh.v1 import gateway_pb2
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(kw_only=True, slots=True)
-class RetryPolicy:
-    attempts: int = 3
-    """Tries per stage call when a replica is unavailable or given up on."""
-    backoff_s: float = 0.2
-    """Pause before the second try; doubled for each further one."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -21,21 +21,10 @@ import time
 from dataclasses import dataclass, field
 
 from ditmesh.common.errors import DeadlineExceeded, ResourceExhausted, Unavailable
-from ditmesh.gateway.replicas import HealthPolicy, Replica, ReplicaSet
+from ditmesh.gateway.replicas import Replica, ReplicaSet
+from ditmesh.gateway.settings import HealthPolicy, StageLimits
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(kw_only=True, slots=True)
-class StageLimits:
-    slots_per_replica: int = 1
-    """Requests one replica (or gang) works on at once."""
-    max_queue: int = 64
-    """Requests admitted that have not yet started on this stage."""
-    max_queue_seconds: float = 600.0
-    """Estimated seconds of work queued for this stage, per slot; 0 turns the bound off."""
-    down_wait_seconds: float = 5.0
-    """How long queued requests wait for a stage with no healthy replica before failing."""
 
 
 @dataclass(eq=False)

@@ -167,6 +167,7 @@ def _parallel_config(args: argparse.Namespace):
 def build_parser() -> argparse.ArgumentParser:
     from ditmesh import __version__
     from ditmesh.client import generate_cmd
+    from ditmesh.gateway.flags import add_drain_flag, add_gateway_flags
 
     parser = argparse.ArgumentParser(
         prog="ditmesh", description="Serve Diffusion Transformers as a gRPC mesh."
@@ -193,12 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", action="append", default=[], help="gateway: vae address (repeatable)")
     _add_gang_args(p)
     _add_vae_gang_args(p, "--parallel")
+    add_gateway_flags(p)
+    add_drain_flag(p)
 
     p = sub.add_parser("up", help="run the whole mesh locally")
     _add_model_args(p)
     p.add_argument("--port", type=int, default=0, help="gateway port (default: a free one)")
     _add_gang_args(p)
     _add_vae_gang_args(p, "--vae-parallel")
+    add_gateway_flags(p)
+    add_drain_flag(p)
 
     generate_cmd.add_parser(sub)
     return parser
@@ -214,6 +219,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.stage == "gateway":
+            from ditmesh.gateway.flags import settings_from_flags
             from ditmesh.gateway.main import serve
 
             missing = [s for s in ("encoder", "denoiser", "vae") if not getattr(args, s)]
@@ -222,8 +228,18 @@ def _serve(args: argparse.Namespace) -> int:
                     f"error: the gateway needs --{' --'.join(missing)} addresses", file=sys.stderr
                 )
                 return 2
+            try:
+                settings = settings_from_flags(args)
+            except ValueError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
             running = serve(
-                args.model, encoder=args.encoder, denoiser=args.denoiser, vae=args.vae, **kwargs
+                args.model,
+                encoder=args.encoder,
+                denoiser=args.denoiser,
+                vae=args.vae,
+                settings=settings,
+                **kwargs,
             )
         else:
             if args.stage == "encoder":
@@ -279,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "up":
         from ditmesh.common.errors import InvalidArgument
         from ditmesh.denoiser.parallel.mesh import ParallelConfigError
+        from ditmesh.gateway.flags import flags_to_args
         from ditmesh.local import UpConfig, run_up
         from ditmesh.vae.gang import check_parallel
 
@@ -318,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"--parallel={args.vae_parallel}",
                     f"--collective-timeout={args.collective_timeout}",
                 ],
+                gateway_args=flags_to_args(args),
+                drain_seconds=args.drain_seconds,
             )
         )
     if args.command == "generate":

@@ -25,6 +25,7 @@ its drain are the gateway's.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
@@ -96,7 +97,7 @@ class UpConfig:
 def default_drain_seconds(stage: str) -> float:
     """How long `ditmesh serve STAGE` drains when not given --drain-seconds."""
     if stage == "gateway":  # it holds whole requests: its drain outlasts their deadline
-        from ditmesh.gateway.main import DEFAULT_DRAIN_SECONDS
+        from ditmesh.gateway.settings import DEFAULT_DRAIN_SECONDS
 
         return DEFAULT_DRAIN_SECONDS
     return ServerConfig(stage=stage).grace_seconds
@@ -108,11 +109,6 @@ def serve_accepts(flag: str) -> bool:
 
     _, unknown = build_parser().parse_known_args(["serve", "gateway", "--model", "m", flag, "1"])
     return flag not in unknown
-
-
-@functools.cache
-def _prctl():
-    return ctypes.CDLL(None, use_errno=True).prctl
 
 
 def _die_with_parent(parent: int, prctl) -> None:
@@ -127,7 +123,8 @@ def _parent_watch():
     # that lives as long as the mesh (run_up and the benchmarks use the main one).
     if not sys.platform.startswith("linux"):
         return None
-    return functools.partial(_die_with_parent, os.getpid(), _prctl())
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, not in the child
+    return functools.partial(_die_with_parent, os.getpid(), prctl)
 
 
 class StageProcess:
@@ -169,12 +166,10 @@ class StageProcess:
             if time.monotonic() > deadline:
                 break
         if self.address is None:
+            if self._ready.is_set():  # its stdout closed: it is exiting
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(10)
             code = self.proc.poll()
-            if code is None and self._ready.is_set():  # its stdout closed: it is exiting
-                try:
-                    code = self.proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    pass
             why = (
                 f"exited with code {code}"
                 if code is not None
@@ -231,6 +226,8 @@ class LocalMesh:
         self.abort = abort
         self.procs: list[StageProcess] = []
         self.gateway_address: str | None = None
+        # Known before any child starts: a stop must not be the first to need them.
+        self._stop_timeout = {s: config.stop_timeout_s(s) for s in (*STAGES, "gateway")}
 
     def _common_args(self) -> list[str]:
         c = self.config
@@ -289,7 +286,7 @@ class LocalMesh:
                 p.terminate()
             started = time.monotonic()
             for p in group:
-                code = p.wait(started + self.config.stop_timeout_s(p.stage) - time.monotonic())
+                code = p.wait(started + self._stop_timeout[p.stage] - time.monotonic())
                 if code not in (0, -signal.SIGTERM):
                     worst = 1
         self.procs.clear()
@@ -335,9 +332,9 @@ def run_up(config: UpConfig) -> int:
     signal.signal(signal.SIGINT, handler)
     try:
         address = mesh.start()
-    except MeshAborted:
+    except MeshAborted:  # start() has stopped what it started
         _say("stopped before the mesh was up")
-        return 1
+        return 1 if signals > 1 else 0
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -21,9 +21,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ditmesh.gateway.calls import WatchdogPolicy
-from ditmesh.gateway.core import GatewayConfig
-from ditmesh.gateway.main import GatewaySettings, QueueLimits, serve
+from ditmesh.gateway.main import serve
+from ditmesh.gateway.settings import GatewayConfig, GatewaySettings, QueueLimits, WatchdogPolicy
 from ditmesh.v1 import gateway_pb2, gateway_pb2_grpc
 
 pytestmark = pytest.mark.slow

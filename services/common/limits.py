@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ditmesh.common.errors import InvalidArgument
-from ditmesh.common.models import ModelRef
+
+if TYPE_CHECKING:
+    from ditmesh.common.models import ModelRef
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

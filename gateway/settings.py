@@ -1,0 +1,110 @@
+"""The gateway's settings: plain, typed values with a docstring per field.
+
+Kept apart from the code that uses them (and free of torch and gRPC imports), so the
+CLI can build its flags from these defaults in a client-only install.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ditmesh.common.limits import DEFAULT_LIMITS, Limits
+
+
+@dataclass(kw_only=True, slots=True)
+class RetryPolicy:
+    attempts: int = 3
+    """Tries per stage call when a replica is unavailable or given up on."""
+    backoff_s: float = 0.2
+    """Pause before the second try; doubled for each further one."""
+
+
+@dataclass(kw_only=True, slots=True)
+class WatchdogPolicy:
+    multiple: float = 10.0
+    """A call may stay silent for this many times what it should take."""
+    min_seconds: float = 10.0
+    """...and never less than this (slow first calls, busy hosts)."""
+
+    def limit(self, expected: float) -> float | None:
+        """Seconds of silence allowed when `expected` seconds are expected; None: no limit."""
+        if expected <= 0:
+            return None
+        return max(self.min_seconds, self.multiple * expected)
+
+
+DEFAULT_TIMEOUT_S = 600.0
+
+
+@dataclass(kw_only=True, slots=True)
+class GatewayConfig:
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    watchdog: WatchdogPolicy = field(default_factory=WatchdogPolicy)
+    default_timeout_s: float = DEFAULT_TIMEOUT_S
+    """Deadline of a request whose client set none."""
+    limits: Limits = DEFAULT_LIMITS
+    remember_ids_s: float = 600.0
+    """How long the id of a request that succeeded stays taken."""
+    remember_ids: int = 100_000
+    """At most this many finished ids are remembered (oldest forgotten first)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class HealthPolicy:
+    interval: float = 0.5
+    """Seconds between health checks of one replica."""
+    timeout: float = 2.0
+    """A check that takes longer counts as no answer."""
+    frozen_after: int = 3
+    """Unanswered checks in a row after which a replica is taken for frozen."""
+    penalty_seconds: float = 2.0
+    """A replica whose call failed stays down at least this long."""
+
+
+@dataclass(kw_only=True, slots=True)
+class StageLimits:
+    slots_per_replica: int = 1
+    """Requests one replica (or gang) works on at once."""
+    max_queue: int = 64
+    """Requests admitted that have not yet started on this stage."""
+    max_queue_seconds: float = 600.0
+    """Estimated seconds of work queued for this stage, per slot; 0 turns the bound off."""
+    down_wait_seconds: float = 5.0
+    """How long queued requests wait for a stage with no healthy replica before failing."""
+
+
+DEFAULT_DRAIN_SECONDS = 660.0
+"""Above the default request deadline (600 s), so a drain never cuts work off."""
+
+
+@dataclass(kw_only=True, slots=True)
+class QueueLimits:
+    """The admission bounds of the three stages (see `StageLimits`)."""
+
+    max_queue: int = 64
+    """Requests admitted and not yet started, per stage."""
+    max_queue_seconds: float = 600.0
+    """Estimated seconds of queued work per slot, per stage; 0 turns it off."""
+    encoder_slots: int = 4
+    denoiser_slots: int = 1
+    vae_slots: int = 2
+
+    def for_stage(self, stage: str) -> StageLimits:
+        slots = {"encoder": self.encoder_slots, "denoiser": self.denoiser_slots}.get(
+            stage, self.vae_slots
+        )
+        return StageLimits(
+            slots_per_replica=slots,
+            max_queue=self.max_queue,
+            max_queue_seconds=self.max_queue_seconds,
+        )
+
+
+@dataclass(kw_only=True, slots=True)
+class GatewaySettings:
+    """Everything `serve` takes beside the model and the stage addresses."""
+
+    config: GatewayConfig = field(default_factory=GatewayConfig)
+    queues: QueueLimits = field(default_factory=QueueLimits)
+    health: HealthPolicy = field(default_factory=HealthPolicy)
+    drain_seconds: float = DEFAULT_DRAIN_SECONDS
