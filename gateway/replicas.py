@@ -36,6 +36,11 @@ STAGE_CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.enable_retries", 0),
+    # Pings on a link with calls in flight: a peer that stops answering them (a frozen
+    # or partitioned host) fails its calls within about 15 s even between health checks.
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
 ]
 
 

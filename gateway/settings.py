@@ -8,7 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ditmesh.common.limits import DEFAULT_LIMITS, Limits
+from ditmesh.common.limits import (
+    DEFAULT_DRAIN_SECONDS,
+    DEFAULT_LIMITS,
+    DEFAULT_TIMEOUT_S,
+    Limits,
+)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -31,9 +36,6 @@ class WatchdogPolicy:
         if expected <= 0:
             return None
         return max(self.min_seconds, self.multiple * expected)
-
-
-DEFAULT_TIMEOUT_S = 600.0
 
 
 @dataclass(kw_only=True, slots=True)
@@ -71,10 +73,6 @@ class StageLimits:
     """Estimated seconds of work queued for this stage, per slot; 0 turns the bound off."""
     down_wait_seconds: float = 5.0
     """How long queued requests wait for a stage with no healthy replica before failing."""
-
-
-DEFAULT_DRAIN_SECONDS = 660.0
-"""Above the default request deadline (600 s), so a drain never cuts work off."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -214,6 +214,9 @@ def _serve(args: argparse.Namespace) -> int:
     from ditmesh.denoiser.parallel.mesh import ParallelConfigError
 
     kwargs = dict(name=args.name, host=args.host, port=args.port)
+    if args.drain_seconds < 0:
+        print(f"error: --drain-seconds must be >= 0; got {args.drain_seconds}", file=sys.stderr)
+        return 2
     if args.parallel != 1 and args.stage != "vae":
         print("error: --parallel applies to the vae stage only", file=sys.stderr)
         return 2
@@ -256,7 +259,13 @@ def _serve(args: argparse.Namespace) -> int:
                 )
             elif args.stage == "vae":
                 kwargs.update(parallel=args.parallel, collective_timeout_s=args.collective_timeout)
-            running = serve(args.model, device=args.device, dtype=args.dtype, **kwargs)
+            running = serve(
+                args.model,
+                device=args.device,
+                dtype=args.dtype,
+                drain_seconds=args.drain_seconds,
+                **kwargs,
+            )
             if running is None:  # a torchrun worker rank: it followed the leader until the end
                 return 0
     except (DitmeshError, ParallelConfigError) as exc:

@@ -21,11 +21,11 @@ import torch.distributed as dist
 import torch.multiprocessing as tmp
 
 from ditmesh.common.models import resolve_model
-from ditmesh.tiny import make_tiny
 from ditmesh.denoiser.parallel.mesh import ParallelConfig, build_mesh, single_process_mesh
 from ditmesh.denoiser.parallel.sequence import attach
 from ditmesh.denoiser.runner import load_adapter, warmup_job
 from ditmesh.denoiser.sampler import sample
+from ditmesh.tiny import make_tiny
 
 READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__")
 

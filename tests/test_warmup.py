@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from ditmesh.common.models import resolve_model
-from ditmesh.tiny import make_tiny
 from ditmesh.denoiser.parallel.mesh import single_process_mesh
 from ditmesh.denoiser.runner import load_adapter, warmup_job
 from ditmesh.denoiser.sampler import sample
+from ditmesh.tiny import make_tiny
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3", "pixart-sigma"])

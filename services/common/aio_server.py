@@ -30,19 +30,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from ditmesh.common.errors import DitmeshError
-from ditmesh.common.server import REQUEST_ID_KEY, ServerConfig, channel_options
+from ditmesh.common.server import (
+    KEEPALIVE_SERVER_OPTIONS,
+    REQUEST_ID_KEY,
+    ServerConfig,
+    channel_options,
+)
 
 log = logging.getLogger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-# Clients (the SDK, load balancers) may keep idle connections alive with pings.
-KEEPALIVE_SERVER_OPTIONS = [
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
-    ("grpc.http2.max_ping_strikes", 0),
-]
 
 
 def _request_id(context: grpc.aio.ServicerContext) -> str:

@@ -26,6 +26,12 @@ class Limits:
 
 DEFAULT_LIMITS = Limits()
 
+DEFAULT_TIMEOUT_S = 600.0
+"""Deadline of a request whose client set none."""
+DEFAULT_DRAIN_SECONDS = 660.0
+"""How long a server stopping lets its work in hand run on: above the default deadline,
+so a drain never cuts a request off."""
+
 
 def check_size(model: ModelRef, height: int, width: int, limits: Limits = DEFAULT_LIMITS) -> None:
     m = model.size_multiple

@@ -21,10 +21,19 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ditmesh.common.codec import MAX_MESSAGE_BYTES
 from ditmesh.common.errors import DitmeshError
+from ditmesh.common.limits import DEFAULT_DRAIN_SECONDS
 
 log = logging.getLogger(__name__)
 
 REQUEST_ID_KEY = "x-request-id"
+
+# The gateway pings its stages to notice a silent peer; allow it (gRPC's default
+# answers frequent pings with GOAWAY).
+KEEPALIVE_SERVER_OPTIONS = [
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
 
 
 def channel_options(
@@ -48,6 +57,11 @@ def _abort(context: grpc.ServicerContext, stage: str, exc: BaseException) -> Non
     if isinstance(exc, DitmeshError):
         context.abort(exc.code, str(exc))
     rid = request_id_of(context)
+    if not context.is_active():
+        # The client left (cancelled, or its deadline passed): what failed after that is
+        # the consequence of its leaving, not a fault of this stage.
+        log.info("%s: request %s ended by its client (%s)", stage, rid or "-", type(exc).__name__)
+        context.abort(grpc.StatusCode.CANCELLED, "the client left")
     log.exception("internal error in the %s stage (request %s)", stage, rid or "-")
     context.abort(
         grpc.StatusCode.INTERNAL,
@@ -134,7 +148,7 @@ class ServerConfig:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     max_receive_bytes: int | None = None
     """Receive limit when it differs from the send limit (the gateway takes only small requests)."""
-    grace_seconds: float = 30.0
+    grace_seconds: float = DEFAULT_DRAIN_SECONDS
     """How long in-flight requests may run on after a stop is asked for."""
 
 
@@ -221,7 +235,10 @@ def start_server(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix=config.stage),
         interceptors=[ErrorInterceptor(config.stage)],
-        options=channel_options(config.max_message_bytes, config.max_receive_bytes),
+        options=[
+            *channel_options(config.max_message_bytes, config.max_receive_bytes),
+            *KEEPALIVE_SERVER_OPTIONS,
+        ],
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

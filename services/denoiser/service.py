@@ -13,6 +13,7 @@ from ditmesh.common.errors import Cancelled
 from ditmesh.common.gang_watch import watch_gang
 from ditmesh.common.gangs import GangLeader, torchrun_env
 from ditmesh.common.limits import (
+    DEFAULT_DRAIN_SECONDS,
     check_guidance,
     check_num_images,
     check_seed,
@@ -112,6 +113,7 @@ def serve(
     parallel: ParallelConfig | None = None,
     collective_timeout_s: float = 120.0,
     speed: Speedups = EAGER,
+    drain_seconds: float = DEFAULT_DRAIN_SECONDS,
 ) -> RunningServer | None:
     """Starts the denoiser; with more than one process, rank 0 spawns the gang and serves.
 
@@ -142,7 +144,7 @@ def serve(
     holder: dict = {}
     service = DenoiserService(runner, on_fatal=lambda why: holder["server"].fail(why))
     running = start_server(
-        ServerConfig(stage="denoiser", host=host, port=port),
+        ServerConfig(stage="denoiser", host=host, port=port, grace_seconds=drain_seconds),
         [(denoiser_pb2_grpc.add_DenoiserServicer_to_server, service, "ditmesh.v1.Denoiser")],
     )
     holder["server"] = running

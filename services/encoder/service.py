@@ -16,6 +16,7 @@ import torch
 
 from ditmesh.common import codec
 from ditmesh.common.errors import InvalidArgument
+from ditmesh.common.limits import DEFAULT_DRAIN_SECONDS
 from ditmesh.common.models import (
     ModelRef,
     check_model_name,
@@ -112,11 +113,12 @@ def serve(
     port: int = 0,
     device: str = "auto",
     dtype: str = "auto",
+    drain_seconds: float = DEFAULT_DRAIN_SECONDS,
 ):
     model = resolve_model(model_source, name)
     encoder = load_text_encoder(model, device, dtype)
     return start_server(
-        ServerConfig(stage="encoder", host=host, port=port),
+        ServerConfig(stage="encoder", host=host, port=port, grace_seconds=drain_seconds),
         [
             (
                 encoder_pb2_grpc.add_EncoderServicer_to_server,

@@ -11,6 +11,7 @@ from ditmesh.common import codec
 from ditmesh.common.errors import InvalidArgument, Unavailable
 from ditmesh.common.gang_watch import watch_gang
 from ditmesh.common.gangs import GangLaunch, GangLeader
+from ditmesh.common.limits import DEFAULT_DRAIN_SECONDS
 from ditmesh.common.models import check_model_name, pick_device, pick_dtype, resolve_model
 from ditmesh.common.server import RunningServer, ServerConfig, start_server
 from ditmesh.v1 import vae_pb2, vae_pb2_grpc
@@ -97,6 +98,7 @@ def serve(
     dtype: str = "auto",
     parallel: int = 1,
     collective_timeout_s: float = 120.0,
+    drain_seconds: float = DEFAULT_DRAIN_SECONDS,
 ) -> RunningServer:
     """Starts the VAE stage; with `parallel` > 1 this process leads a gang of that many."""
     check_parallel(parallel)
@@ -115,7 +117,7 @@ def serve(
     service = VaeService(decoder, on_fatal=lambda why: holder["server"].fail(why))
     try:
         running = start_server(
-            ServerConfig(stage="vae", host=host, port=port),
+            ServerConfig(stage="vae", host=host, port=port, grace_seconds=drain_seconds),
             [(vae_pb2_grpc.add_VaeServicer_to_server, service, "ditmesh.v1.Vae")],
         )
     except BaseException:
