@@ -82,15 +82,15 @@ class UpConfig:
             raise ValueError(f"stop_margin_s must be > 0, got {self.stop_margin_s}")
         if self.denoiser_replicas < 1:
             raise ValueError(f"denoiser_replicas must be >= 1, got {self.denoiser_replicas}")
-        if self.drain_seconds is not None:
-            if self.drain_seconds < 0:
-                raise ValueError(f"drain_seconds must be >= 0, got {self.drain_seconds}")
-            if not serve_accepts("--drain-seconds"):
-                raise ValueError("drain_seconds is set but `ditmesh serve` has no --drain-seconds")
+        if self.drain_seconds is not None and self.drain_seconds < 0:
+            raise ValueError(f"drain_seconds must be >= 0, got {self.drain_seconds}")
+        if self.drain_seconds is not None and not serve_accepts("--drain-seconds"):
+            raise ValueError("drain_seconds is set but `ditmesh serve` has no --drain-seconds")
 
     def stop_timeout_s(self, stage: str) -> float:
-        """How long one process of `stage` may take to stop: its drain time plus the margin."""
-        drain = default_drain_seconds(stage) if self.drain_seconds is None else self.drain_seconds
+        """Its drain time plus the margin; the drain is the longer of what it is told and its
+        own default, as a stage may take --drain-seconds and not act on it."""
+        drain = max(self.drain_seconds or 0.0, default_drain_seconds(stage))
         return drain + self.stop_margin_s
 
 
