@@ -228,8 +228,15 @@ def main() -> int:
         default=[1.0, 2.0, 10.0],
         help="offered load as multiples of the capacity (default 1,2,10)",
     )
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--size", type=int, default=128, help="height and width of every request")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--size", type=int, default=256, help="height and width of every request")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per stage (OMP_NUM_THREADS): on a few busy cores, more threads "
+        "spin waiting for each other and steps get many times slower and unsteady",
+    )
     ap.add_argument("--deadline", type=float, default=20.0, help="seconds, per request")
     ap.add_argument("--capacity-requests", type=int, default=4)
     ap.add_argument(
@@ -251,6 +258,7 @@ def main() -> int:
         config = UpConfig(
             model=model,
             device=args.device,
+            extra_env={"OMP_NUM_THREADS": str(args.threads)},
             gateway_args=args.gateway_arg,
             denoiser_replicas=args.replicas,
         )
