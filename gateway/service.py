@@ -13,6 +13,7 @@ import contextlib
 import logging
 
 import grpc
+from grpc._cython import cygrpc
 
 from ditmesh.common.aio_server import rpc_errors
 from ditmesh.common.errors import DitmeshError
@@ -23,6 +24,10 @@ from ditmesh.v1 import gateway_pb2, gateway_pb2_grpc
 log = logging.getLogger(__name__)
 
 REQUEST_ID_KEY = "x-request-id"
+
+# What a write to a server stream raises once the stream is gone (gRPC names no public
+# class for it).
+WRITE_FAILED = cygrpc.ExecuteBatchError
 
 
 def _metadata_request_id(context: grpc.aio.ServicerContext) -> str:
@@ -62,9 +67,17 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
 
     @rpc_errors("gateway")
     async def Generate(self, request, context):
+        # Written with context.write rather than yielded: a client that leaves between two
+        # events fails the write here, where it is known for what it is, instead of inside
+        # gRPC's own loop (which logs it as an error).
         async with contextlib.aclosing(self._run(request, context)) as events:
             async for event in events:
-                yield event
+                try:
+                    await context.write(event)
+                except WRITE_FAILED:
+                    # The stream is closed under us: the client cancelled, its deadline
+                    # passed or its connection dropped (the context's flags lag behind).
+                    raise asyncio.CancelledError from None
 
     @rpc_errors("gateway")
     async def GenerateUnary(self, request, context):
