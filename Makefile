@@ -34,6 +34,10 @@ demo: install
 test: install
 	$(PY) -m pytest -q tests
 
+# Unit tests only (no processes, no meshes): under a minute.
+test-fast: install
+	$(PY) -m pytest -q -m 'not slow' tests
+
 lint: install
 	$(VENV)/bin/ruff check services gateway client tests tools bench
 	$(VENV)/bin/ruff format --check services gateway client tests tools bench

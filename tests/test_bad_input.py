@@ -11,6 +11,8 @@ import torch
 from ditmesh.common import codec
 from ditmesh.v1 import denoiser_pb2, denoiser_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 
+pytestmark = pytest.mark.slow  # every test runs against a whole mesh in this process
+
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 

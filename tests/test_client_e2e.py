@@ -27,6 +27,8 @@ from ditmesh.client import (
     Progress,
 )
 
+pytestmark = pytest.mark.slow  # every test runs against `ditmesh up`
+
 TOL = 1  # uint8 levels, i.e. 1/255
 
 # One request most tests share; 64x96 so height and width cannot be swapped unnoticed.

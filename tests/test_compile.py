@@ -15,8 +15,7 @@ from ditmesh.denoiser.runner import load_adapter
 from ditmesh.denoiser.sampler import sample
 from ditmesh.denoiser.speed import Speedups, compile_blocks
 
-from .parallel_harness import REL_TOL, relative_error, single, spawn_layouts
-from .test_parallel_flux import flux_jobs
+from .helpers import REL_TOL, flux_jobs, relative_error, single, spawn_layouts
 
 pytestmark = pytest.mark.slow
 

@@ -16,8 +16,9 @@ import torch
 
 from ditmesh.v1 import gateway_pb2, gateway_pb2_grpc, vae_pb2
 
-from .conftest import InProcessMesh
-from .tiny_variants import pixart_alpha_with_micro_conditions
+from .helpers import InProcessMesh, pixart_alpha_with_micro_conditions
+
+pytestmark = pytest.mark.slow  # every test runs a whole mesh of its family in this process
 
 TOL = 1  # uint8 levels, i.e. 1/255
 

@@ -26,8 +26,7 @@ from ditmesh.common.gangs import (
 )
 from ditmesh.v1 import denoiser_pb2, denoiser_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 
-from .conftest import UpProcess
-from .test_mesh import decode_events, max_diff, reference
+from .helpers import UpProcess, decode_events, max_diff, reference
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +43,7 @@ def pipe(tiny_flux):
     [["--ulysses", "2"], ["--cfg", "2"], ["--pipefusion", "2", "--pipefusion-warmup", "3"]],
     ids=["u2", "cfg2", "pf2-exact"],
 )
+@pytest.mark.slow
 def test_mesh_with_a_two_process_gang_matches_diffusers(tiny_flux, pipe, gang):
     mesh = UpProcess(tiny_flux, *gang)
     try:
@@ -135,6 +135,7 @@ class GangProcess:
             self.proc.kill()
 
 
+@pytest.mark.slow
 def test_a_worker_dying_mid_request_fails_it_with_unavailable_and_the_leader_exits(tiny_flux):
     gang = GangProcess(tiny_flux)
     try:
@@ -156,6 +157,7 @@ def test_a_worker_dying_mid_request_fails_it_with_unavailable_and_the_leader_exi
         gang.close()
 
 
+@pytest.mark.slow
 def test_a_worker_dying_while_idle_stops_the_leader(tiny_flux):
     gang = GangProcess(tiny_flux)
     try:
@@ -169,10 +171,11 @@ def test_a_worker_dying_while_idle_stops_the_leader(tiny_flux):
         gang.close()
 
 
+@pytest.mark.slow
 def test_a_gang_started_by_torchrun_serves_the_single_process_result(tiny_flux):
     from ditmesh.denoiser.job import DenoiseJob
 
-    from .parallel_harness import REL_TOL, relative_error, single
+    from .helpers import REL_TOL, relative_error, single
 
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     proc = subprocess.Popen(
@@ -300,6 +303,7 @@ def _broadcast_rank(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_broadcast_tensor_dict_round_trip_on_two_processes(tmp_path):
     tmp.spawn(_broadcast_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):

@@ -18,6 +18,8 @@ from ditmesh.common.errors import Cancelled, Unavailable
 from ditmesh.common.gang_watch import DeadWorkerWatch, watch_gang
 from ditmesh.common.gangs import GangLaunch, GangLeader
 
+from .helpers import FakeMember, FakeWorkers
+
 
 def test_dead_worker_while_idle_fails_the_server():
     assert DeadWorkerWatch(10.0).check(dead=True, busy=False, now=0.0) == "fail"
@@ -50,34 +52,6 @@ def test_the_stuck_clock_starts_when_the_worker_is_first_seen_dead():
 # ------------------------------------------- the shared watcher and leader, with fakes
 # A leader of fake processes: what the watcher and the leader decide needs no process
 # group, so these run in milliseconds. Real gangs run in test_gang.py / test_vae_gang.py.
-
-
-class FakeWorkers:
-    """WorkerProcesses' interface; `dead_names` says which have exited."""
-
-    def __init__(self) -> None:
-        self.dead_names: list[str] = []
-
-    def dead(self) -> list[str]:
-        return list(self.dead_names)
-
-    def join(self, timeout: float = 30.0) -> None:
-        pass
-
-    def kill(self) -> None:
-        pass
-
-
-class FakeMember:
-    """GangMember's interface with no process group."""
-
-    control = None
-
-    def follow(self) -> None:
-        pass
-
-    def leave(self) -> bool:
-        return True
 
 
 class FakeServer:

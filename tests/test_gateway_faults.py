@@ -8,124 +8,30 @@ can be inspected. Stage processes use one CPU thread each, leaving the gateway a
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
-from ditmesh.gateway.main import serve
-from ditmesh.gateway.settings import GatewayConfig, GatewaySettings, QueueLimits, WatchdogPolicy
-from ditmesh.v1 import gateway_pb2, gateway_pb2_grpc
+from ditmesh.gateway.settings import GatewayConfig, QueueLimits, WatchdogPolicy
+
+from .helpers import ProcessMesh, Stage, health, request, wait_for
 
 pytestmark = pytest.mark.slow
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Stage:
-    """`ditmesh serve STAGE` as a child process; its stderr goes to a file."""
-
-    def __init__(self, stage: str, model: str, log_dir, port: int = 0) -> None:
-        self.stage = stage
-        self.log_path = log_dir / f"{stage}-{port or 'any'}-{time.monotonic_ns()}.log"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        cmd = [sys.executable, "-m", "ditmesh.cli", "serve", stage, "--model", model]
-        cmd += ["--port", str(port)]
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=self._log, text=True, env=env
-        )
-        line = self.proc.stdout.readline()
-        if "listening on" not in line:
-            self.proc.kill()
-            raise RuntimeError(f"{stage} did not start:\n{self.log_path.read_text()[-3000:]}")
-        self.address = line.split()[-1]
-        self.port = int(self.address.rsplit(":", 1)[1])
-
-    def log_text(self) -> str:
-        return self.log_path.read_text()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.kill()
-        self.proc.wait(30)
-        self._log.close()
-
-
-def health(address: str, timeout: float = 1.0) -> int:
-    with grpc.insecure_channel(address) as ch:
-        return (
-            health_pb2_grpc.HealthStub(ch)
-            .Check(health_pb2.HealthCheckRequest(), timeout=timeout)
-            .status
-        )
-
-
-def wait_for(pred, timeout: float, step: float = 0.05) -> float:
-    """Seconds until `pred()` held; fails the test after `timeout`."""
-    t0 = time.monotonic()
-    while not pred():
-        if time.monotonic() - t0 > timeout:
-            pytest.fail(f"condition not met within {timeout} s")
-        time.sleep(step)
-    return time.monotonic() - t0
-
-
-def request(**kw) -> gateway_pb2.GenerateRequest:
-    base = dict(prompt="a red fox", height=64, width=64, steps=2, seed=7)
-    return gateway_pb2.GenerateRequest(**{**base, **kw})
-
-
-class Mesh:
-    def __init__(self, model: str, log_dir, *, denoisers: int = 1, **settings) -> None:
-        self.encoder = Stage("encoder", model, log_dir)
-        self.denoisers = [Stage("denoiser", model, log_dir) for _ in range(denoisers)]
-        self.vae = Stage("vae", model, log_dir)
-        self.gateway = serve(
-            model,
-            encoder=[self.encoder.address],
-            denoiser=[d.address for d in self.denoisers],
-            vae=[self.vae.address],
-            settings=GatewaySettings(**settings),
-        )
-        self.channel = grpc.insecure_channel(self.gateway.address)
-        self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
-
-    @property
-    def core(self):
-        return self.gateway.gateway
-
-    def stages(self) -> list[Stage]:
-        return [self.encoder, *self.denoisers, self.vae]
-
-    def stop(self) -> None:
-        self.channel.close()
-        self.gateway.stop(0)
-        for s in self.stages():
-            s.stop()
-
-
 @pytest.fixture
 def mesh_factory(tiny_flux, tmp_path):
     made = []
 
-    def make(**kw) -> Mesh:
-        m = Mesh(tiny_flux, tmp_path, **kw)
+    def make(**kw) -> ProcessMesh:
+        m = ProcessMesh(tiny_flux, tmp_path, **kw)
         made.append(m)
         return m
 

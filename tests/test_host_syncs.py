@@ -133,6 +133,7 @@ def _gang_rank(rank: int, port: int, model_dir: str, out_dir: str) -> None:
 GANG_LAYOUTS = {"u2": dict(ulysses=2), "r2": dict(ring=2), "cfg2": dict(cfg=2)}
 
 
+@pytest.mark.slow
 def test_gang_ranks_read_no_tensor_on_the_host_in_the_loop(tiny_flux, tmp_path):
     from ditmesh.common.gangs import free_port
 

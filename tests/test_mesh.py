@@ -13,12 +13,13 @@ import subprocess
 import grpc
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from ditmesh.v1 import gateway_pb2, gateway_pb2_grpc, vae_pb2
 
-from .conftest import UpProcess
+from .helpers import UpProcess, decode_events, max_diff, reference
+
+pytestmark = pytest.mark.slow  # every test runs against `ditmesh up`
 
 TOL = 1  # uint8 levels, i.e. 1/255
 
@@ -39,44 +40,6 @@ def pipe(tiny_flux):
     p = FluxPipeline.from_pretrained(tiny_flux)
     p.set_progress_bar_config(disable=True)
     return p
-
-
-def reference(pipe, prompt, *, height, width, steps, seed, guidance=3.5, **kw) -> list[np.ndarray]:
-    out = pipe(
-        prompt,
-        height=height,
-        width=width,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        generator=torch.Generator().manual_seed(seed),
-        **kw,
-    )
-    return [np.asarray(im.convert("RGB")) for im in out.images]
-
-
-def decode_events(events) -> tuple[list[np.ndarray], list[str]]:
-    kinds = [e.WhichOneof("event") for e in events]
-    data: dict[int, bytes] = {}
-    meta: dict[int, gateway_pb2.GenerateEvent] = {}
-    for e in events:
-        if e.WhichOneof("event") == "image":
-            data[e.image.index] = data.get(e.image.index, b"") + e.image.data
-            if e.image.offset == 0:
-                meta[e.image.index] = e.image
-    images = []
-    for i in sorted(data):
-        if meta[i].format == vae_pb2.OUTPUT_FORMAT_RAW:
-            images.append(
-                np.frombuffer(data[i], np.uint8).reshape(meta[i].height, meta[i].width, 3)
-            )
-        else:
-            images.append(np.asarray(Image.open(io.BytesIO(data[i])).convert("RGB")))
-    return images, kinds
-
-
-def max_diff(a: np.ndarray, b: np.ndarray) -> int:
-    assert a.shape == b.shape
-    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
 
 
 def test_image_matches_plain_diffusers(stub, pipe):

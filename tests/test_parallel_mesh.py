@@ -54,6 +54,7 @@ def test_split_counts():
     assert sum(split_counts(7, 3)) == 7
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_bad_layout_before_starting(tiny_flux):
     out = subprocess.run(
         [

@@ -1,6 +1,6 @@
 """PixArt-Sigma and PixArt-alpha under every gang layout equal the single process.
 
-See parallel_harness. The text masks have padding, as the encoder's do, so the
+See helpers.ParallelEquivalence. The text masks have padding, as the encoder's do, so the
 cross-attention's mask is exercised on split image tokens.
 """
 
@@ -11,8 +11,9 @@ import torch
 
 from ditmesh.denoiser.job import DenoiseJob
 
-from .parallel_harness import ParallelEquivalence
-from .tiny_variants import pixart_alpha_with_micro_conditions
+from .helpers import ParallelEquivalence, pixart_alpha_with_micro_conditions
+
+pytestmark = pytest.mark.slow  # gloo gangs of 2 and 4 processes
 
 
 def pixart_jobs(model_dir: str) -> list[DenoiseJob]:

@@ -37,8 +37,7 @@ from ditmesh.denoiser.parallel.sequence import attach
 from ditmesh.denoiser.runner import load_adapter
 from ditmesh.denoiser.sampler import sample
 
-from .parallel_harness import REL_TOL, join_gloo, relative_error, single
-from .test_parallel_flux import flux_jobs
+from .helpers import REL_TOL, flux_jobs, join_gloo, relative_error, single
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +151,7 @@ def test_patch_bounds_cover_the_tokens_in_order():
     assert patch_bounds(5, 2) == [(0, 3), (3, 5)]
 
 
+@pytest.mark.slow  # seconds of sampling
 def test_stale_patches_differ_from_exact_but_stay_close(model_dir, jobs):
     """The staleness is real (else the gang tests below would prove nothing about it)."""
     picked = _no_cfg(jobs)[:1]
@@ -165,6 +165,7 @@ def test_stale_patches_differ_from_exact_but_stay_close(model_dir, jobs):
     assert 1e-6 < err < 0.05, err
 
 
+@pytest.mark.slow  # seconds of sampling
 def test_one_patch_a_step_is_exact(model_dir, jobs):
     """One patch is the whole image through the patch path (every kept key and value
     rewritten, the scheduler stepped through the patch's own copy of it): what plain
@@ -174,6 +175,7 @@ def test_one_patch_a_step_is_exact(model_dir, jobs):
     _all_close(got, single(model_dir, picked), "one patch a step vs plain sampling")
 
 
+@pytest.mark.slow
 def test_two_stages(model_dir, jobs, tmp_path):
     no_cfg = [i for i, j in enumerate(jobs) if j.true_cfg_scale <= 1.0]
     layouts = {
@@ -192,6 +194,7 @@ def test_two_stages(model_dir, jobs, tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_four_stages_and_cfg_and_dp(model_dir, jobs, tmp_path):
     no_cfg = [i for i, j in enumerate(jobs) if j.true_cfg_scale <= 1.0]
     with_cfg = [i for i, j in enumerate(jobs) if j.true_cfg_scale > 1.0]
@@ -216,6 +219,7 @@ def test_four_stages_and_cfg_and_dp(model_dir, jobs, tmp_path):
         _all_close(got[name], want, f"{name} vs the same patches on one rank", picked)
 
 
+@pytest.mark.slow
 def test_cfg_x_pipefusion_x_ulysses_on_eight_ranks(model_dir, jobs, tmp_path):
     """The hybrid of the 8-GPU runs (cfg 2 x pipefusion 2 x ulysses 2), gloo on 8 processes."""
     picked = [0, 1, 2]  # true CFG (two sizes, several images) and no CFG
@@ -253,9 +257,10 @@ def sd3_dir(tmp_path_factory) -> str:
     return str(make_tiny("sd3", tmp_path_factory.mktemp("sd3") / "model"))
 
 
+@pytest.mark.slow
 def test_sd3_stages_and_ulysses_and_cfg(sd3_dir, tmp_path):
     """SD3: patches are bands of latent rows (token rows); CFG is on in jobs a and b."""
-    from .test_parallel_sd3 import sd3_jobs
+    from .helpers import sd3_jobs
 
     jobs = sd3_jobs(sd3_dir)
     every = list(range(len(jobs)))
@@ -274,8 +279,9 @@ def test_sd3_stages_and_ulysses_and_cfg(sd3_dir, tmp_path):
         _all_close(got[name], want, f"SD3 {name} vs the same patches on one rank")
 
 
+@pytest.mark.slow
 def test_sd3_two_stages_whole_and_stale(sd3_dir, tmp_path):
-    from .test_parallel_sd3 import sd3_jobs
+    from .helpers import sd3_jobs
 
     jobs = sd3_jobs(sd3_dir)
     every = list(range(len(jobs)))
@@ -295,12 +301,12 @@ def test_sd3_two_stages_whole_and_stale(sd3_dir, tmp_path):
     assert relative_error(stale[0], single(sd3_dir, jobs[:1])[0]) > 1e-6  # really stale
 
 
+@pytest.mark.slow
 def test_sd35_second_attention(tmp_path_factory, tmp_path):
     """SD3.5-medium layout: each block's image-only `attn2` keeps its own keys and values."""
     from ditmesh.tiny import make_tiny
 
-    from .test_parallel_sd3 import sd3_jobs
-    from .tiny_variants import sd35_medium_style
+    from .helpers import sd3_jobs, sd35_medium_style
 
     model_dir = str(sd35_medium_style(make_tiny("sd3", tmp_path_factory.mktemp("sd35") / "m")))
     jobs = sd3_jobs(model_dir)[:2]

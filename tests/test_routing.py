@@ -11,7 +11,7 @@ from ditmesh.common.errors import DeadlineExceeded, ResourceExhausted
 from ditmesh.gateway.stages import StageLimits, StagePool
 from ditmesh.v1 import gateway_pb2, gateway_pb2_grpc
 
-from .conftest import InProcessMesh
+from .helpers import InProcessMesh
 
 REQ = dict(prompt="a cat", height=64, width=64, steps=2, seed=1)
 
@@ -23,6 +23,7 @@ def unary(address: str, **kw):
         )
 
 
+@pytest.mark.slow
 def test_a_down_replica_is_routed_around(tiny_flux):
     mesh = InProcessMesh(tiny_flux, denoisers=2)
     try:
@@ -35,6 +36,7 @@ def test_a_down_replica_is_routed_around(tiny_flux):
         mesh.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["encoder", "denoiser", "vae"])
 def test_a_stage_that_is_down_is_named(tiny_flux, stage):
     mesh = InProcessMesh(tiny_flux)
@@ -49,6 +51,7 @@ def test_a_stage_that_is_down_is_named(tiny_flux, stage):
         mesh.stop()
 
 
+@pytest.mark.slow
 def test_deadline_is_reported(inproc_mesh):
     with grpc.insecure_channel(inproc_mesh.address) as ch:
         stub = gateway_pb2_grpc.GatewayStub(ch)

@@ -35,8 +35,7 @@ from ditmesh.denoiser.speed import (
     release,
 )
 
-from .parallel_harness import REL_TOL, relative_error, spawn_layouts
-from .test_parallel_flux import flux_jobs
+from .helpers import REL_TOL, flux_jobs, relative_error, spawn_layouts
 
 FUSED_TOL = 1e-5
 KERNEL_TOL = 1e-4

@@ -35,8 +35,7 @@ from ditmesh.v1 import gateway_pb2, gateway_pb2_grpc, vae_pb2, vae_pb2_grpc
 from ditmesh.vae.decoder import VaeDecoder, to_uint8
 from ditmesh.vae.gang import VaeGangSpec, VaeMember, init_gang, split_fits
 
-from .conftest import UpProcess
-from .test_mesh import decode_events, max_diff, reference
+from .helpers import UpProcess, decode_events, max_diff, reference
 
 PRELOAD = [
     "tests.test_vae_gang",
@@ -130,6 +129,7 @@ def test_the_split_rule():
     assert not split_fits(1, 2) and not split_fits(3, 4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_gang_decode_matches_single_process(models, single, world, tmp_path):
     out_path = str(tmp_path / f"vae-world{world}.pt")
@@ -189,6 +189,7 @@ def _decode_request(latents: torch.Tensor, height: int, width: int):
     return codec.params_and_tensors_stream(vae_pb2.DecodeRequest, params, {"latents": latents})
 
 
+@pytest.mark.slow
 def test_up_with_a_vae_gang_matches_diffusers_then_a_dead_worker_stops_it(tiny_flux, pipe):
     mesh = UpProcess(tiny_flux, "--vae-parallel", "2")
     try:
@@ -232,6 +233,7 @@ def test_up_with_a_vae_gang_matches_diffusers_then_a_dead_worker_stops_it(tiny_f
             mesh.stop()
 
 
+@pytest.mark.slow
 def test_the_vae_stage_exits_when_a_request_is_stuck_on_a_dead_worker(tiny_flux, monkeypatch):
     """The denoiser's policy, now the VAE stage's too (one watcher, common/gang_watch.py).
 
@@ -243,7 +245,7 @@ def test_the_vae_stage_exits_when_a_request_is_stuck_on_a_dead_worker(tiny_flux,
     from ditmesh.common.gangs import GangLeader
     from ditmesh.vae import service as vae_service
 
-    from .test_gang_watch import FakeMember, FakeWorkers
+    from .helpers import FakeMember, FakeWorkers
 
     monkeypatch.setattr(dist, "barrier", lambda group=None: None)
     monkeypatch.setattr(gang_watch, "STUCK_GRACE_S", 0.0)
