@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from ditmesh import tiny
+from ditmesh import tiny_text
 
 SIZES = {
     # (CLIP width, layers, heads, FFN), (T5 width, layers, heads, d_kv, FFN)
@@ -44,11 +44,11 @@ def main() -> None:
         if not (out / part).exists():
             os.symlink(src / part, out / part)
     (clip_w, clip_l, clip_h, clip_ff), (t5_w, t5_l, t5_h, t5_kv, t5_ff) = SIZES[args.size]
-    clip_tok, t5_tok = tiny.clip_tokenizer(), tiny.t5_tokenizer(512)
+    clip_tok, t5_tok = tiny_text.clip_tokenizer(), tiny_text.t5_tokenizer(512)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # The project's own tiny-model builders, at the real sizes, built on the GPU if any.
     with torch.device(device):
-        clip = tiny._clip_encoder(
+        clip = tiny_text.clip_encoder(
             clip_tok,
             clip_w,
             with_projection=False,
@@ -57,15 +57,15 @@ def main() -> None:
             heads=clip_h,
             ffn=clip_ff,
         ).to(torch.bfloat16)
-        t5 = tiny._t5_encoder(t5_tok, t5_w, 0, layers=t5_l, heads=t5_h, d_kv=t5_kv, d_ff=t5_ff).to(
-            torch.bfloat16
-        )
+        t5 = tiny_text.t5_encoder(
+            t5_tok, t5_w, 0, layers=t5_l, heads=t5_h, d_kv=t5_kv, d_ff=t5_ff
+        ).to(torch.bfloat16)
     clip.save_pretrained(out / "text_encoder")
     t5.save_pretrained(out / "text_encoder_2", max_shard_size="10GB")
     clip_tok.save_pretrained(out / "tokenizer")
     t5_tok.save_pretrained(out / "tokenizer_2")
-    tiny._write_clip_vocab_files(clip_tok, out / "tokenizer")
-    tiny._write_spiece_model(out / "tokenizer_2")
+    tiny_text.write_clip_vocab_files(clip_tok, out / "tokenizer")
+    tiny_text.write_spiece_model(out / "tokenizer_2")
     index = json.loads((src / "model_index.json").read_text())
     index.update(
         text_encoder=["transformers", "CLIPTextModel"],

@@ -26,7 +26,7 @@ from diffusers import (
 from safetensors.torch import load_file
 from tokenizers.models import BPE
 
-from ditmesh import tiny
+from ditmesh import tiny, tiny_text
 
 PIPELINES = {
     "flux": FluxPipeline,
@@ -154,7 +154,10 @@ def test_tokenizers_reload_with_built_vocab(family: str, folders: dict[str, path
     index = _model_index(folder)
     names = _tokenizer_names(folder)
     assert names, "every family has at least one tokenizer"
-    built = {"CLIPTokenizer": len(tiny.clip_tokenizer()), "T5Tokenizer": len(tiny.t5_tokenizer(8))}
+    built = {
+        "CLIPTokenizer": len(tiny_text.clip_tokenizer()),
+        "T5Tokenizer": len(tiny_text.t5_tokenizer(8)),
+    }
     for name in names:
         library, class_name = index[name]
         assert library == "transformers"
