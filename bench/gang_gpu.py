@@ -169,7 +169,9 @@ def main() -> None:
         if parallel.world_size == 1:
             runner = LocalRunner(resolve_model(args.model), "cuda", "bfloat16", speed=speed)
         else:
-            runner = GangRunner(args.model, parallel, device="cuda", dtype="bfloat16", speed=speed)
+            runner = GangRunner.of(
+                args.model, parallel, device="cuda", dtype="bfloat16", speed=speed
+            )
         load_s = time.perf_counter() - t0
         latents = runner.run(warm)
         if vae is not None:

@@ -247,7 +247,7 @@ def test_too_many_stages_fail_before_any_process_starts(model_dir):
 
     assert resolve_model(model_dir).blocks == 4  # the tiny Flux: 2 double + 2 single
     with pytest.raises(ParallelConfigError, match="more stages than the model's 4 blocks"):
-        GangRunner(model_dir, ParallelConfig(pipefusion=5), device="cpu", dtype="float32")
+        GangRunner.of(model_dir, ParallelConfig(pipefusion=5), device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")

@@ -373,7 +373,7 @@ def test_comm_overlap_this_torch_cannot_do_is_refused_before_the_gang_starts(
     with pytest.raises(InvalidArgument, match="no overlap scheduler"):
         check_comm_overlap("schedule")
     with pytest.raises(InvalidArgument, match="no overlap scheduler"):
-        GangRunner(
+        GangRunner.of(
             tiny_flux,
             ParallelConfig(ulysses=2),
             device="cpu",

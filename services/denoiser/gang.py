@@ -161,35 +161,14 @@ class GangRunner(GangLeader):
 
     member: GangMember
 
-    def __init__(
-        self,
-        model_source: str,
-        parallel: ParallelConfig,
-        *,
-        name: str | None = None,
-        device: str = "auto",
-        dtype: str = "auto",
-        collective_timeout_s: float = 120.0,
-        speed: Speedups = EAGER,
-    ) -> None:
-        """Starts a gang of `parallel.world_size` processes (see `GangSpec.of`)."""
-        spec = GangSpec.of(
-            model_source,
-            parallel,
-            name=name,
-            device=device,
-            dtype=dtype,
-            collective_timeout_s=collective_timeout_s,
-            speed=speed,
-        )
-        self._start(spec, torchrun_env())
+    def __init__(self, spec: GangSpec, env: TorchrunEnv | None = None) -> None:
+        """Starts a gang of `spec.parallel.world_size` processes."""
+        self._start(spec, env or torchrun_env())
 
     @classmethod
-    def from_spec(cls, spec: GangSpec, env: TorchrunEnv) -> GangRunner:
-        """Starts a gang from a spec already built (the service builds one for every rank)."""
-        runner = cls.__new__(cls)
-        runner._start(spec, env)
-        return runner
+    def of(cls, model_source: str, parallel: ParallelConfig, **kw) -> GangRunner:
+        """Starts a gang from `GangSpec.of`'s arguments (tools and tests)."""
+        return cls(GangSpec.of(model_source, parallel, **kw))
 
     def _start(self, spec: GangSpec, env: TorchrunEnv) -> None:
         parallel, speed = spec.parallel, spec.speed

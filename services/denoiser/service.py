@@ -140,7 +140,7 @@ def serve(
         if env.active and env.rank != 0:
             run_torchrun_worker(spec, env)
             return None
-        runner = GangRunner.from_spec(spec, env)
+        runner = GangRunner(spec, env)
     holder: dict = {}
     service = DenoiserService(runner, on_fatal=lambda why: holder["server"].fail(why))
     running = start_server(
