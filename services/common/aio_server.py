@@ -20,7 +20,6 @@ import contextlib
 import functools
 import inspect
 import logging
-import signal
 import threading
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
@@ -35,6 +34,7 @@ from ditmesh.common.server import (
     REQUEST_ID_KEY,
     ServerConfig,
     channel_options,
+    wait_for_stop_signal,
 )
 
 log = logging.getLogger(__name__)
@@ -111,9 +111,13 @@ class AsyncServer:
         self.exit_code = 0
         self.on_stop: list[Callable[[], Any]] = []
         """Cleanups run on the loop after the server has drained (coroutine functions allowed)."""
-        self.stopping = threading.Event()
-        """Set once a stop was asked for; public, for watchers that end with the server."""
+        self._stopping = threading.Event()
         self._done = threading.Event()
+
+    @property
+    def stopping(self) -> bool:
+        """True once a stop was asked for (as `RunningServer.stopping`)."""
+        return self._stopping.is_set()
 
     @property
     def address(self) -> str:
@@ -149,16 +153,16 @@ class AsyncServer:
 
     async def set_serving(self, serving: bool) -> None:
         """Health of the server and of each of its services (never SERVING once stopping)."""
-        status = SERVING if serving and not self.stopping.is_set() else NOT_SERVING
+        status = SERVING if serving and not self._stopping.is_set() else NOT_SERVING
         for name in ("", *self.services):
             await self.health.set(name, status)
 
     def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING at once, then lets in-flight requests finish for `grace` seconds."""
-        if self.stopping.is_set():
+        if self._stopping.is_set():
             self._done.wait()
             return
-        self.stopping.set()
+        self._stopping.set()
         grace = self.config.grace_seconds if grace is None else grace
         try:
             self.run(self._stop(grace))
@@ -181,16 +185,7 @@ class AsyncServer:
 
     def serve_until_signal(self) -> int:
         """Blocks until SIGTERM/SIGINT, drains for the configured grace; returns the exit code."""
-        asked = threading.Event()
-
-        def handler(signum, frame):  # noqa: ARG001
-            asked.set()
-
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
-        while not asked.wait(0.5):
-            if self.stopping.is_set():
-                break
+        wait_for_stop_signal(self._stopping.is_set)
         log.info("%s: stopping (drain up to %.0f s)", self.config.stage, self.config.grace_seconds)
         self.stop()
         return self.exit_code

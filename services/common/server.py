@@ -135,6 +135,20 @@ def _aborted(context: grpc.ServicerContext, exc: BaseException) -> bool:
     return type(exc) is Exception and context.code() is not None
 
 
+def wait_for_stop_signal(stopped: Callable[[], bool]) -> None:
+    """Blocks until SIGTERM or SIGINT arrives, or `stopped()` (the server stopped itself)."""
+    asked = threading.Event()
+
+    def handler(signum, frame):  # noqa: ARG001
+        asked.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    while not asked.wait(0.5):
+        if stopped():
+            return
+
+
 @dataclass(kw_only=True, slots=True)
 class ServerConfig:
     """Where and how a stage listens."""
@@ -208,16 +222,7 @@ class RunningServer:
 
     def serve_until_signal(self) -> int:
         """Blocks until SIGTERM/SIGINT (or a failure), stops gracefully; returns the exit code."""
-        stop_requested = threading.Event()
-
-        def handler(signum, frame):  # noqa: ARG001
-            stop_requested.set()
-
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
-        while not stop_requested.wait(0.5):
-            if self.stopping:
-                break
+        wait_for_stop_signal(lambda: bool(self.stopping))
         log.info("%s: stopping (grace %.0fs)", self.config.stage, self.config.grace_seconds)
         self.stop()
         self._done.wait(self.config.grace_seconds + 60)
