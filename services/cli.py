@@ -4,6 +4,9 @@ Works in a client-only install (`pip install ditmesh`, no torch): building the
 parser and `generate` import only the client SDK; every server piece is imported
 inside the subcommand that needs it, and those subcommands first check that the
 `server` extra is installed, saying so in one line when it is not.
+
+A little over 350 lines on purpose: every flag of `serve` and `up` is declared here,
+where an operator reads them in one place (the gateway's own live in gateway/flags.py).
 """
 
 from __future__ import annotations
@@ -213,7 +216,6 @@ def _serve(args: argparse.Namespace) -> int:
     from ditmesh.common.errors import DitmeshError
     from ditmesh.denoiser.parallel.mesh import ParallelConfigError
 
-    kwargs = dict(name=args.name, host=args.host, port=args.port)
     if args.drain_seconds < 0:
         print(f"error: --drain-seconds must be >= 0; got {args.drain_seconds}", file=sys.stderr)
         return 2
@@ -242,7 +244,9 @@ def _serve(args: argparse.Namespace) -> int:
                 denoiser=args.denoiser,
                 vae=args.vae,
                 settings=settings,
-                **kwargs,
+                name=args.name,
+                host=args.host,
+                port=args.port,
             )
         else:
             if args.stage == "encoder":
@@ -251,21 +255,26 @@ def _serve(args: argparse.Namespace) -> int:
                 from ditmesh.denoiser.service import serve
             else:
                 from ditmesh.vae.service import serve
+            from ditmesh.common.server import StageOptions
+
+            options = StageOptions(
+                name=args.name,
+                host=args.host,
+                port=args.port,
+                device=args.device,
+                dtype=args.dtype,
+                drain_seconds=args.drain_seconds,
+            )
+            gang: dict = {}
             if args.stage == "denoiser":
-                kwargs.update(
+                gang = dict(
                     parallel=_parallel_config(args),
                     collective_timeout_s=args.collective_timeout,
                     speed=_speedups(args),
                 )
             elif args.stage == "vae":
-                kwargs.update(parallel=args.parallel, collective_timeout_s=args.collective_timeout)
-            running = serve(
-                args.model,
-                device=args.device,
-                dtype=args.dtype,
-                drain_seconds=args.drain_seconds,
-                **kwargs,
-            )
+                gang = dict(parallel=args.parallel, collective_timeout_s=args.collective_timeout)
+            running = serve(args.model, options, **gang)
             if running is None:  # a torchrun worker rank: it followed the leader until the end
                 return 0
     except (DitmeshError, ParallelConfigError) as exc:

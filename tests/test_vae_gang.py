@@ -31,6 +31,7 @@ import torch.multiprocessing as tmp
 from ditmesh.common import codec
 from ditmesh.common.gangs import GangLaunch, free_port
 from ditmesh.common.models import ModelRef, resolve_model
+from ditmesh.common.server import StageOptions
 from ditmesh.v1 import gateway_pb2, gateway_pb2_grpc, vae_pb2, vae_pb2_grpc
 from ditmesh.vae.decoder import VaeDecoder, to_uint8
 from ditmesh.vae.gang import VaeGangSpec, VaeMember, init_gang, split_fits
@@ -278,7 +279,9 @@ def test_the_vae_stage_exits_when_a_request_is_stuck_on_a_dead_worker(tiny_flux,
             pass  # no processes to stop
 
     monkeypatch.setattr(vae_service, "VaeGang", StuckGang)
-    running = vae_service.serve(tiny_flux, parallel=2, device="cpu", collective_timeout_s=0.5)
+    running = vae_service.serve(
+        tiny_flux, StageOptions(device="cpu"), parallel=2, collective_timeout_s=0.5
+    )
     try:
         with grpc.insecure_channel(running.address) as ch:
             stub = vae_pb2_grpc.VaeStub(ch)

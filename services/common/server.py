@@ -166,6 +166,28 @@ class ServerConfig:
     """How long in-flight requests may run on after a stop is asked for."""
 
 
+@dataclass(kw_only=True, slots=True)
+class StageOptions:
+    """What every stage's `serve` takes the same way (the common `ditmesh serve` flags)."""
+
+    name: str | None = None
+    """Name clients use for the model (default: the folder's name)."""
+    host: str = "127.0.0.1"
+    port: int = 0
+    """0 picks a free port; the bound one is on `RunningServer.port`."""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N."""
+    dtype: str = "auto"
+    """auto (bfloat16 on a GPU, float32 on a CPU), float32, bfloat16 or float16."""
+    drain_seconds: float = DEFAULT_DRAIN_SECONDS
+    """How long work in hand may run on after a stop is asked for."""
+
+    def server_config(self, stage: str) -> ServerConfig:
+        return ServerConfig(
+            stage=stage, host=self.host, port=self.port, grace_seconds=self.drain_seconds
+        )
+
+
 @dataclass(slots=True)
 class RunningServer:
     server: grpc.Server

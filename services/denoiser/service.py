@@ -13,7 +13,6 @@ from ditmesh.common.errors import Cancelled
 from ditmesh.common.gang_watch import watch_gang
 from ditmesh.common.gangs import GangLeader, torchrun_env
 from ditmesh.common.limits import (
-    DEFAULT_DRAIN_SECONDS,
     check_guidance,
     check_num_images,
     check_seed,
@@ -21,7 +20,7 @@ from ditmesh.common.limits import (
     check_steps,
 )
 from ditmesh.common.models import check_model_name, resolve_model
-from ditmesh.common.server import RunningServer, ServerConfig, start_server
+from ditmesh.common.server import RunningServer, StageOptions, start_server
 from ditmesh.denoiser.gang import GangRunner, GangSpec, run_torchrun_worker
 from ditmesh.denoiser.job import DenoiseJob
 from ditmesh.denoiser.parallel.mesh import ParallelConfig
@@ -104,35 +103,31 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
 
 def serve(
     model_source: str,
+    options: StageOptions | None = None,
     *,
-    name: str | None = None,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    device: str = "auto",
-    dtype: str = "auto",
     parallel: ParallelConfig | None = None,
     collective_timeout_s: float = 120.0,
     speed: Speedups = EAGER,
-    drain_seconds: float = DEFAULT_DRAIN_SECONDS,
 ) -> RunningServer | None:
     """Starts the denoiser; with more than one process, rank 0 spawns the gang and serves.
 
     Under torchrun (WORLD_SIZE > 1), ranks other than 0 follow the leader and return None.
     """
+    o = options or StageOptions()
     parallel = parallel or ParallelConfig()
     env = torchrun_env()
     if env.active:
         parallel.check_world(env.world_size)
     if parallel.world_size == 1:
-        model = resolve_model(model_source, name)
-        runner: Runner = LocalRunner(model, device, dtype, speed=speed)
+        model = resolve_model(model_source, o.name)
+        runner: Runner = LocalRunner(model, o.device, o.dtype, speed=speed)
     else:
         spec = GangSpec.of(
             model_source,
             parallel,
-            name=name,
-            device=device,
-            dtype=dtype,
+            name=o.name,
+            device=o.device,
+            dtype=o.dtype,
             collective_timeout_s=collective_timeout_s,
             speed=speed,
             env=env,
@@ -144,7 +139,7 @@ def serve(
     holder: dict = {}
     service = DenoiserService(runner, on_fatal=lambda why: holder["server"].fail(why))
     running = start_server(
-        ServerConfig(stage="denoiser", host=host, port=port, grace_seconds=drain_seconds),
+        o.server_config("denoiser"),
         [(denoiser_pb2_grpc.add_DenoiserServicer_to_server, service, "ditmesh.v1.Denoiser")],
     )
     holder["server"] = running

@@ -16,7 +16,6 @@ import torch
 
 from ditmesh.common import codec
 from ditmesh.common.errors import InvalidArgument
-from ditmesh.common.limits import DEFAULT_DRAIN_SECONDS
 from ditmesh.common.models import (
     ModelRef,
     check_model_name,
@@ -25,7 +24,7 @@ from ditmesh.common.models import (
     pick_dtype,
     resolve_model,
 )
-from ditmesh.common.server import ServerConfig, start_server
+from ditmesh.common.server import RunningServer, StageOptions, start_server
 from ditmesh.v1 import encoder_pb2, encoder_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -105,20 +104,12 @@ class EncoderService(encoder_pb2_grpc.EncoderServicer):
         yield encoder_pb2.EncodeResponse(done=codec.done_message(tensors))
 
 
-def serve(
-    model_source: str,
-    *,
-    name: str | None = None,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    device: str = "auto",
-    dtype: str = "auto",
-    drain_seconds: float = DEFAULT_DRAIN_SECONDS,
-):
-    model = resolve_model(model_source, name)
-    encoder = load_text_encoder(model, device, dtype)
+def serve(model_source: str, options: StageOptions | None = None) -> RunningServer:
+    o = options or StageOptions()
+    model = resolve_model(model_source, o.name)
+    encoder = load_text_encoder(model, o.device, o.dtype)
     return start_server(
-        ServerConfig(stage="encoder", host=host, port=port, grace_seconds=drain_seconds),
+        o.server_config("encoder"),
         [
             (
                 encoder_pb2_grpc.add_EncoderServicer_to_server,

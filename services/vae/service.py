@@ -11,9 +11,8 @@ from ditmesh.common import codec
 from ditmesh.common.errors import InvalidArgument, Unavailable
 from ditmesh.common.gang_watch import watch_gang
 from ditmesh.common.gangs import GangLaunch, GangLeader
-from ditmesh.common.limits import DEFAULT_DRAIN_SECONDS
 from ditmesh.common.models import check_model_name, pick_device, pick_dtype, resolve_model
-from ditmesh.common.server import RunningServer, ServerConfig, start_server
+from ditmesh.common.server import RunningServer, StageOptions, start_server
 from ditmesh.v1 import vae_pb2, vae_pb2_grpc
 from ditmesh.vae.decoder import MIME, Decoder, VaeDecoder, encode_image, normalise_format
 from ditmesh.vae.gang import VaeGang, check_parallel
@@ -90,34 +89,33 @@ class VaeService(vae_pb2_grpc.VaeServicer):
 
 def serve(
     model_source: str,
+    options: StageOptions | None = None,
     *,
-    name: str | None = None,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    device: str = "auto",
-    dtype: str = "auto",
     parallel: int = 1,
     collective_timeout_s: float = 120.0,
-    drain_seconds: float = DEFAULT_DRAIN_SECONDS,
 ) -> RunningServer:
     """Starts the VAE stage; with `parallel` > 1 this process leads a gang of that many."""
+    o = options or StageOptions()
     check_parallel(parallel)
     if parallel == 1:
-        dev = pick_device(device)
+        dev = pick_device(o.device)
         decoder: Decoder = VaeDecoder(
-            resolve_model(model_source, name), dev, pick_dtype(dtype, dev)
+            resolve_model(model_source, o.name), dev, pick_dtype(o.dtype, dev)
         )
     else:
         launch = GangLaunch(
-            world=parallel, device=device, dtype=dtype, collective_timeout_s=collective_timeout_s
+            world=parallel,
+            device=o.device,
+            dtype=o.dtype,
+            collective_timeout_s=collective_timeout_s,
         )
         # Always a fresh loopback port: MASTER_PORT may belong to a denoiser gang.
-        decoder = VaeGang(model_source, launch.rendezvous(), name=name)
+        decoder = VaeGang(model_source, launch.rendezvous(), name=o.name)
     holder: dict[str, RunningServer] = {}
     service = VaeService(decoder, on_fatal=lambda why: holder["server"].fail(why))
     try:
         running = start_server(
-            ServerConfig(stage="vae", host=host, port=port, grace_seconds=drain_seconds),
+            o.server_config("vae"),
             [(vae_pb2_grpc.add_VaeServicer_to_server, service, "ditmesh.v1.Vae")],
         )
     except BaseException:
