@@ -10,6 +10,12 @@ dead, draining or frozen replica is known before a request is spent on it:
   at one second, not gRPC's default of two minutes).
 A call that fails with UNAVAILABLE, or that the progress watchdog gives up on,
 marks its replica down for at least `penalty_seconds` whatever the checks say.
+
+The set changes while the gateway runs (gateway/discovery.py drives it from Kubernetes
+EndpointSlices): `add` brings a replica in, down until its first check answers SERVING
+(only the static list given at start is trusted before any check); `drain` keeps new
+work off a terminating one and lets its calls finish; `remove` drops it and closes its
+channel once its calls are done. Who calls them, and when, is left to the caller.
 """
 
 from __future__ import annotations
@@ -55,6 +61,8 @@ class Replica:
     served: int = 0
     healthy: bool = True
     """Optimistic until the first check answers: a fresh gateway serves at once."""
+    draining: bool = False
+    """Leaving (terminating, or no longer ready): no new work, its calls in flight finish."""
     reason: str = ""
     """Why the replica is down, for error sentences and logs."""
     down_until: float = 0.0
@@ -64,10 +72,11 @@ class Replica:
     the replica is found frozen."""
 
     def is_up(self, now: float | None = None) -> bool:
-        return self.healthy and (now or time.monotonic()) >= self.down_until
+        return self.healthy and not self.draining and (now or time.monotonic()) >= self.down_until
 
     def describe(self) -> str:
-        return f"{self.address} ({self.reason or 'down'})"
+        reason = "draining" if self.draining else self.reason or "down"
+        return f"{self.address} ({reason})"
 
 
 class ReplicaSet:
@@ -79,28 +88,99 @@ class ReplicaSet:
         addresses: list[str],
         policy: HealthPolicy,
         on_change: Callable[[], None],
+        *,
+        discovered: bool = False,
     ) -> None:
-        if not addresses:
+        """`discovered`: replicas come from discovery, so the set may start (and become) empty."""
+        if not addresses and not discovered:
             raise ValueError(f"the {stage} stage needs at least one address")
         self.stage = stage
         self.policy = policy
         self._on_change = on_change
-        self.replicas = [
-            Replica(
-                stage=stage,
-                address=a,
-                channel=grpc.aio.insecure_channel(
-                    a, options=[*channel_options(), *STAGE_CHANNEL_OPTIONS]
-                ),
-            )
-            for a in addresses
-        ]
-        self._tasks: list[asyncio.Task] = []
+        self.replicas = [self._replica(a) for a in addresses]
+        self._tasks: dict[Replica, asyncio.Task] = {}
+        self._retiring: dict[Replica, asyncio.Task] = {}
+        self._started = False
+
+    def _replica(self, address: str) -> Replica:
+        channel = grpc.aio.insecure_channel(
+            address, options=[*channel_options(), *STAGE_CHANNEL_OPTIONS]
+        )
+        return Replica(stage=self.stage, address=address, channel=channel)
 
     def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(self._watch(r), name=f"health-{r.address}") for r in self.replicas
-        ]
+        self._started = True
+        for r in self.replicas:
+            self._check(r)
+
+    def _check(self, replica: Replica) -> None:
+        self._tasks[replica] = asyncio.create_task(
+            self._watch(replica), name=f"health-{replica.address}"
+        )
+
+    def get(self, address: str) -> Replica | None:
+        return next((r for r in self.replicas if r.address == address), None)
+
+    # -- membership (discovery) ------------------------------------------------------------------
+
+    def add(self, address: str) -> None:
+        """A replica joins; it gets work once a health check answers SERVING.
+
+        Present already: nothing changes, unless it was draining (a pod that is ready
+        again, or a reused address), which returns it to work as its checks say."""
+        replica = self.get(address)
+        if replica is not None:
+            if replica.draining:
+                replica.draining = False
+                log.info("%s replica %s is back from draining", self.stage, address)
+                self._on_change()
+            return
+        replica = self._replica(address)
+        replica.healthy = False
+        replica.reason = "not checked yet"
+        self.replicas.append(replica)
+        log.info("%s replica %s joins (up once a health check answers)", self.stage, address)
+        if self._started:
+            self._check(replica)
+        self._on_change()
+
+    def drain(self, address: str) -> None:
+        """The replica gets no new work; its calls in flight finish. Unknown: nothing."""
+        replica = self.get(address)
+        if replica is None or replica.draining:
+            return
+        replica.draining = True
+        log.info(
+            "%s replica %s is draining (%d calls in flight)", self.stage, address, replica.inflight
+        )
+        self._on_change()
+
+    def remove(self, address: str) -> None:
+        """The replica leaves: no new work, no more checks, its channel closes once its
+        calls in flight are done. Unknown: nothing."""
+        replica = self.get(address)
+        if replica is None:
+            return
+        self.replicas.remove(replica)
+        replica.draining = True
+        task = self._tasks.pop(replica, None)
+        if task is not None:
+            task.cancel()
+        log.info("%s replica %s leaves (%d calls in flight)", self.stage, address, replica.inflight)
+        self._retiring[replica] = asyncio.create_task(
+            self._retire(replica, task), name=f"retire-{address}"
+        )
+        self._on_change()
+
+    async def _retire(self, replica: Replica, health: asyncio.Task | None) -> None:
+        if health is not None:
+            await _finish(health)
+        # The count of calls in flight is kept by the stage pool's leases, which have no
+        # hook here; looking at it once per health interval is soon enough to free a channel.
+        while replica.inflight > 0:
+            await asyncio.sleep(self.policy.interval)
+        await replica.channel.close()
+        del self._retiring[replica]
 
     def up(self) -> list[Replica]:
         now = time.monotonic()
@@ -110,6 +190,8 @@ class ReplicaSet:
         return bool(self.up())
 
     def why_down(self) -> str:
+        if not self.replicas:
+            return "no replica known"
         return "; ".join(r.describe() for r in self.replicas if not r.is_up())
 
     def mark_failed(self, replica: Replica, reason: str) -> None:
@@ -162,12 +244,20 @@ class ReplicaSet:
             await asyncio.sleep(p.interval)
 
     async def close(self) -> None:
-        for t in self._tasks:
+        tasks = [*self._tasks.values(), *self._retiring.values()]
+        for t in tasks:
             t.cancel()
-        for t in self._tasks:
-            try:
-                await t
-            except asyncio.CancelledError:
-                pass
-        for r in self.replicas:
+        for t in tasks:
+            await _finish(t)
+        for r in [*self.replicas, *self._retiring]:
             await r.channel.close()
+        self._tasks.clear()
+        self._retiring.clear()
+
+
+async def _finish(task: asyncio.Task) -> None:
+    """Waits for a cancelled task; an error it raised (a bug) still comes out."""
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
