@@ -1,0 +1,246 @@
+"""The autoscaler's policy on synthetic snapshots: bounds, hysteresis, bursts, zero, budget."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+
+from ditmesh.gateway.autoscale_policy import (
+    AutoscalePolicy,
+    AutoscaleSettings,
+    StageScaling,
+    StageSnapshot,
+)
+
+PERIOD = 5.0
+WINDOW = 60.0
+
+
+def settings(**stages: StageScaling) -> AutoscaleSettings:
+    return AutoscaleSettings(
+        stages=stages or {"denoiser": StageScaling(min_replicas=1, max_replicas=10)},
+        decision_period_s=PERIOD,
+        scale_down_window_s=WINDOW,
+        ready_timeout_s=120.0,
+    )
+
+
+class Mesh:
+    """Applies the policy's targets and makes every replica ready at once (unless told)."""
+
+    def __init__(self, policy: AutoscalePolicy, replicas: dict[str, int]) -> None:
+        self.policy = policy
+        self.replicas = dict(replicas)
+        self.now = 0.0
+        self.history: list[dict[str, int]] = []
+
+    def step(self, **load: StageSnapshot) -> dict[str, int]:
+        self.now += PERIOD
+        snaps = {
+            name: dataclasses.replace(s, replicas=self.replicas[name], ready=self.replicas[name])
+            for name, s in load.items()
+        }
+        for d in self.policy.decide(self.now, snaps):
+            assert d.reason and d.inputs is snaps[d.stage]
+            self.replicas[d.stage] = d.target
+        self.history.append(dict(self.replicas))
+        return self.replicas
+
+
+def load(
+    rate: float, service: float = 2.0, queued: int = 0, stage: str = "denoiser"
+) -> StageSnapshot:
+    return StageSnapshot(
+        stage=stage,
+        arrival_rate=rate,
+        service_s=service,
+        queued=queued,
+        backlog_s=queued * service,
+        inflight=min(1, round(rate * service)),
+    )
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="min_replicas"):
+        StageScaling(min_replicas=0)
+    with pytest.raises(ValueError, match="max_replicas"):
+        StageScaling(min_replicas=3, max_replicas=2)
+    with pytest.raises(ValueError, match="budget"):
+        AutoscaleSettings(
+            stages={"d": StageScaling(min_replicas=2, gpus_per_replica=4)}, gpu_budget=4
+        )
+
+
+def test_bounds_min_and_max():
+    mesh = Mesh(
+        AutoscalePolicy(settings(denoiser=StageScaling(min_replicas=2, max_replicas=4))),
+        {"denoiser": 2},
+    )
+    assert mesh.step(denoiser=load(rate=100.0))["denoiser"] == 4  # huge load: capped at max
+    for _ in range(100):
+        mesh.step(denoiser=load(rate=0.0))
+    assert mesh.replicas["denoiser"] == 2  # no load: never below min
+    mesh.replicas["denoiser"] = 7  # someone set it out of bounds by hand
+    assert mesh.step(denoiser=load(rate=0.0))["denoiser"] == 4
+
+
+def test_steady_noisy_load_does_not_flap():
+    rng = random.Random(7)
+    mesh = Mesh(AutoscalePolicy(settings()), {"denoiser": 1})
+    # 1.1 requests/s x 2 s each = 2.2 busy replicas: 3 at 75 % utilisation; +-15 % noise.
+    for _ in range(400):
+        mesh.step(denoiser=load(rate=1.1 * rng.uniform(0.85, 1.15), queued=rng.choice([0, 0, 1])))
+    counts = [h["denoiser"] for h in mesh.history[20:]]
+    changes = sum(1 for a, b in zip(counts, counts[1:], strict=False) if a != b)
+    assert changes <= 2, counts
+    assert min(counts) >= 3
+
+
+def test_scale_up_within_one_period_of_a_burst():
+    mesh = Mesh(AutoscalePolicy(settings()), {"denoiser": 1})
+    for _ in range(10):
+        mesh.step(denoiser=load(rate=0.2))
+    assert mesh.replicas["denoiser"] == 1
+    # A burst: 20 requests queued (40 s of work), objective 5 s: 8 drain it in time.
+    assert mesh.step(denoiser=load(rate=2.0, queued=20))["denoiser"] >= 8
+
+
+def test_scale_down_only_after_the_window_and_if_n_minus_1_meets_the_objective():
+    policy = AutoscalePolicy(settings())
+    mesh = Mesh(policy, {"denoiser": 1})
+    mesh.step(denoiser=load(rate=2.0, queued=10))
+    high = mesh.replicas["denoiser"]
+    assert high >= 6
+    # Load falls to 0.5/s (2 replicas at 75 %): nothing moves for a whole window.
+    steps_held = 0
+    while mesh.step(denoiser=load(rate=0.5))["denoiser"] == high:
+        steps_held += 1
+    assert steps_held * PERIOD >= WINDOW - PERIOD
+    assert mesh.replicas["denoiser"] == 2
+
+
+def test_n_minus_1_check_holds_a_scale_down_that_desired_allows():
+    policy = AutoscalePolicy(settings(denoiser=StageScaling(target_wait_s=2.0)))
+    # 0.3/s x 2 s = 0.6 busy: one replica is enough by utilisation (desired 1), but its
+    # queue wait (2 x 0.6 / 0.4 = 3 s) would miss the 2 s objective: 2 stay.
+    snap = StageSnapshot(
+        stage="denoiser", arrival_rate=0.3, service_s=2.0, inflight=1, replicas=2, ready=2
+    )
+    decisions = [policy.decide(t, {"denoiser": snap})[0] for t in range(0, 200, 5)]
+    assert decisions[-1].desired == 1
+    assert all(d.target == 2 for d in decisions)
+    assert "would miss the objective" in decisions[-1].reason
+    # The same load with a looser objective goes down to 1 once the window has passed.
+    loose = AutoscalePolicy(settings(denoiser=StageScaling(target_wait_s=5.0)))
+    decisions = [loose.decide(t, {"denoiser": snap})[0] for t in range(0, 200, 5)]
+    assert [d.target for d in decisions if d.now < WINDOW] == [2] * int(WINDOW / PERIOD)
+    first_down = next(d for d in decisions if d.target != 2)
+    assert first_down.target == 1 and first_down.now >= WINDOW
+
+
+def test_traffic_dropping_to_zero_scales_down():
+    mesh = Mesh(AutoscalePolicy(settings()), {"denoiser": 1})
+    for _ in range(5):
+        mesh.step(denoiser=load(rate=2.0))
+    assert mesh.replicas["denoiser"] >= 6
+    for _ in range(int(WINDOW / PERIOD) + 2):
+        mesh.step(denoiser=load(rate=0.0))
+    assert mesh.replicas["denoiser"] == 1
+
+
+def test_scale_to_zero_and_cold_start():
+    stages = {"vae": StageScaling(min_replicas=0, max_replicas=4, scale_to_zero=True)}
+    mesh = Mesh(AutoscalePolicy(settings(**stages)), {"vae": 2})
+    for _ in range(int(WINDOW / PERIOD) + 2):
+        mesh.step(vae=load(rate=0.0, stage="vae"))
+    assert mesh.replicas["vae"] == 0
+    # Work arrives for a stage at zero, whose service time is not known yet: it starts one.
+    cold = StageSnapshot(stage="vae", queued=1, arrival_rate=0.1)
+    assert mesh.step(vae=cold)["vae"] == 1
+
+
+def test_without_scale_to_zero_a_stage_keeps_one():
+    mesh = Mesh(AutoscalePolicy(settings()), {"denoiser": 3})
+    for _ in range(100):
+        mesh.step(denoiser=load(rate=0.0))
+    assert mesh.replicas["denoiser"] == 1
+
+
+def test_a_replica_not_ready_in_time_stops_blocking():
+    policy = AutoscalePolicy(settings())
+    # 4 asked for, 2 ready; demand has fallen to 1.
+    snap = StageSnapshot(stage="denoiser", arrival_rate=0.1, service_s=2.0, replicas=4, ready=2)
+    held = [policy.decide(t, {"denoiser": snap})[0] for t in range(0, 115, 5)]
+    assert all(d.target == 4 for d in held)  # the two starting ones hold the scale-down back
+    assert "still starting" in held[-1].reason
+    late = policy.decide(125.0, {"denoiser": snap})[0]
+    assert late.target < 4  # past ready_timeout they no longer do
+
+
+def test_a_replica_not_ready_in_time_is_not_counted_as_capacity():
+    policy = AutoscalePolicy(settings())
+    # Demand of 3 replicas; 3 asked for but one is stuck (no node for it).
+    snap = StageSnapshot(stage="denoiser", arrival_rate=1.0, service_s=2.0, replicas=3, ready=2)
+    assert policy.decide(0.0, {"denoiser": snap})[0].target == 3
+    d = policy.decide(125.0, {"denoiser": snap})[0]
+    assert d.target == 4 and "not ready" in d.reason
+
+
+def test_gpu_budget_whole_gangs_shared_by_backlog():
+    stages = {
+        "encoder": StageScaling(min_replicas=1, max_replicas=8, gpus_per_replica=1),
+        "denoiser": StageScaling(min_replicas=1, max_replicas=8, gpus_per_replica=4),
+        "vae": StageScaling(min_replicas=1, max_replicas=8, gpus_per_replica=2),
+    }
+    cfg = settings(**stages)
+    cfg.gpu_budget = 16
+    policy = AutoscalePolicy(cfg)
+    snaps = {
+        "encoder": StageSnapshot(
+            stage="encoder",
+            arrival_rate=2.0,
+            service_s=0.1,
+            queued=2,
+            backlog_s=0.2,
+            replicas=1,
+            ready=1,
+        ),
+        "denoiser": StageSnapshot(
+            stage="denoiser",
+            arrival_rate=2.0,
+            service_s=4.0,
+            queued=40,
+            backlog_s=160.0,
+            replicas=1,
+            ready=1,
+        ),
+        "vae": StageSnapshot(
+            stage="vae",
+            arrival_rate=2.0,
+            service_s=1.0,
+            queued=10,
+            backlog_s=10.0,
+            replicas=1,
+            ready=1,
+        ),
+    }
+    decisions = {d.stage: d for d in policy.decide(0.0, snaps)}
+    targets = {n: d.target for n, d in decisions.items()}
+    gpus = sum(targets[n] * stages[n].gpus_per_replica for n in targets)
+    assert gpus <= 16
+    short = [n for n, d in decisions.items() if d.target < d.desired]
+    assert short and all("GPU budget" in decisions[n].reason for n in short)
+    # What is left could not hold another whole gang of any stage still short of desired.
+    assert 16 - gpus < min(stages[n].gpus_per_replica for n in short)
+    assert targets["denoiser"] >= 2  # the most queued GPU-seconds got gangs
+    assert all(targets[n] >= 1 for n in targets)
+
+
+def test_every_decision_logs_its_inputs():
+    policy = AutoscalePolicy(settings())
+    d = policy.decide(0.0, {"denoiser": load(rate=1.0, queued=2)})[0]
+    line = d.log_line()
+    for word in ("denoiser", "desired", "queued=2", "backlog=", "p95_wait=", "forecast="):
+        assert word in line
