@@ -1,0 +1,163 @@
+"""The autoscaler's loop: read, decide, apply, log; and who among the gateways may do it.
+
+`Autoscaler.step()` reads one load snapshot per stage (a callable the gateway supplies,
+from its StagePools), fills in the replica counts from the backend, asks the policy,
+logs one line per decision with its inputs, and applies the changes through the backend.
+`Autoscaler.run()` does that every `decision_period_s` on an asyncio loop (the blocking
+backend calls go to a thread). `backend_for(mode, ...)` maps `--autoscale off|dry-run|on`.
+
+`LeaseElector` keeps a `coordination.k8s.io/v1` Lease so that only one of several gateway
+replicas scales. It reads, then patches: the API server's optimistic concurrency
+(resourceVersion) is what makes two racing takeovers safe on a real cluster; kmock does
+not check resourceVersion, so that race is untested here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ditmesh.gateway.autoscale_backends import DryRunBackend, NoopBackend, ScaleBackend
+from ditmesh.gateway.autoscale_policy import AutoscalePolicy, Decision, StageSnapshot
+
+log = logging.getLogger(__name__)
+
+MODES = ("off", "dry-run", "on")
+
+
+def backend_for(
+    mode: str, real: ScaleBackend | None, counts: Callable[[str], tuple[int, int]]
+) -> ScaleBackend:
+    """off: a no-op; dry-run: reads `real` (or `counts`), logs; on: `real` itself."""
+    if mode == "off":
+        return NoopBackend(counts)
+    if mode == "dry-run":
+        return DryRunBackend(real if real is not None else NoopBackend(counts))
+    if mode == "on":
+        if real is None:
+            raise ValueError("--autoscale on needs a backend (Kubernetes or local processes)")
+        return real
+    raise ValueError(f"--autoscale must be one of {', '.join(MODES)}, got {mode!r}")
+
+
+class Autoscaler:
+    def __init__(
+        self,
+        policy: AutoscalePolicy,
+        backend: ScaleBackend,
+        read: Callable[[], dict[str, StageSnapshot]],
+        clock: Callable[[], float] = time.monotonic,
+        leader: Callable[[], bool] | None = None,
+    ) -> None:
+        self.policy = policy
+        self.backend = backend
+        self.read = read
+        self.clock = clock
+        self.leader = leader
+        self.last: list[Decision] = []
+
+    def step(self) -> list[Decision]:
+        """One decision period; blocking (backend calls)."""
+        if self.leader is not None and not self.leader():
+            log.debug("autoscale: not the leader; no decision")
+            return []
+        snaps = {}
+        for name, snap in self.read().items():
+            if name not in self.policy.settings.stages:
+                continue
+            replicas, ready = self.backend.current(name)
+            snaps[name] = dataclasses.replace(snap, replicas=replicas, ready=ready)
+        decisions = self.policy.decide(self.clock(), snaps)
+        for d in decisions:
+            log.info("%s", d.log_line())
+            if d.changes:
+                self.backend.scale(d.stage, d.target, d.reason)
+        self.last = decisions
+        return decisions
+
+    async def run(self, stop: asyncio.Event) -> None:
+        period = self.policy.settings.decision_period_s
+        while not stop.is_set():
+            await asyncio.to_thread(self.step)
+            try:
+                await asyncio.wait_for(stop.wait(), period)
+            except TimeoutError:
+                pass
+
+
+class LeaseElector:
+    """Holds a Lease named `name` as `identity`; `__call__` renews it and says if we lead."""
+
+    def __init__(
+        self,
+        api_client: Any,
+        namespace: str,
+        name: str,
+        identity: str,
+        duration_s: int = 15,
+        clock: Callable[[], datetime.datetime] | None = None,
+    ) -> None:
+        from kubernetes import client
+
+        self._client = client
+        self.api = client.CoordinationV1Api(api_client)
+        self.namespace = namespace
+        self.name = name
+        self.identity = identity
+        self.duration_s = duration_s
+        self.clock = clock or (lambda: datetime.datetime.now(datetime.timezone.utc))
+
+    def __call__(self) -> bool:
+        c = self._client
+        now = self.clock()
+        try:
+            lease = self.api.read_namespaced_lease(self.name, self.namespace)
+        except c.ApiException as exc:
+            if exc.status != 404:
+                raise
+            body = c.V1Lease(
+                metadata=c.V1ObjectMeta(name=self.name, namespace=self.namespace),
+                spec=self._spec(now, acquired=now, transitions=0),
+            )
+            self.api.create_namespaced_lease(self.namespace, body)
+            log.info("autoscale: %s took the lease %s (new)", self.identity, self.name)
+            return True
+        spec = lease.spec
+        renewed = spec.renew_time or spec.acquire_time
+        expired = renewed is None or (now - renewed).total_seconds() > (
+            spec.lease_duration_seconds or 0
+        )
+        if spec.holder_identity != self.identity and not expired:
+            return False
+        if spec.holder_identity == self.identity:
+            new = self._spec(
+                now, acquired=spec.acquire_time or now, transitions=spec.lease_transitions or 0
+            )
+        else:
+            log.info(
+                "autoscale: %s takes the lease %s from %s",
+                self.identity,
+                self.name,
+                spec.holder_identity,
+            )
+            new = self._spec(now, acquired=now, transitions=(spec.lease_transitions or 0) + 1)
+        patch = {
+            "metadata": {"resourceVersion": lease.metadata.resource_version},
+            "spec": self.api.api_client.sanitize_for_serialization(new),
+        }
+        self.api.patch_namespaced_lease(self.name, self.namespace, patch)
+        return True
+
+    def _spec(self, now: datetime.datetime, acquired: datetime.datetime, transitions: int) -> Any:
+        return self._client.V1LeaseSpec(
+            holder_identity=self.identity,
+            lease_duration_seconds=self.duration_s,
+            acquire_time=acquired,
+            renew_time=now,
+            lease_transitions=transitions,
+        )
