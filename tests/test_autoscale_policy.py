@@ -244,3 +244,92 @@ def test_every_decision_logs_its_inputs():
     line = d.log_line()
     for word in ("denoiser", "desired", "queued=2", "backlog=", "p95_wait=", "forecast="):
         assert word in line
+
+
+# -- the loop and the local backend, with stand-ins for processes ---------------------------
+
+
+class FakeProcess:
+    """Stands in for ditmesh.local.StageProcess: listens at once on a made-up address."""
+
+    count = 0
+
+    def __init__(self, stage: str) -> None:
+        FakeProcess.count += 1
+        self.stage = stage
+        self.address = f"127.0.0.1:{50000 + FakeProcess.count}"
+        self.terminated = False
+
+    def wait_listening(self, timeout: float) -> str:
+        return self.address
+
+    def terminate(self) -> None:
+        self.terminated = True
+
+    def wait(self, timeout: float) -> int:
+        return 0
+
+
+def test_local_process_backend_starts_and_stops_and_reports_addresses():
+    from ditmesh.gateway.autoscale_backends import LocalProcessBackend
+
+    pool: dict[str, set[str]] = {"denoiser": set()}
+    backend = LocalProcessBackend(
+        spawn=FakeProcess,
+        on_added=lambda stage, addr: pool[stage].add(addr),
+        on_removed=lambda stage, addr: pool[stage].discard(addr),
+        wait_healthy=lambda addr, timeout: None,
+    )
+    backend.scale("denoiser", 3, "up")
+    for t in backend.threads:
+        t.join(5)
+    assert backend.current("denoiser") == (3, 3)
+    assert pool["denoiser"] == {p.address for p in backend.procs["denoiser"]}
+    first = backend.procs["denoiser"][0]
+    backend.scale("denoiser", 1, "down")
+    for t in backend.threads:
+        t.join(5)
+    assert backend.current("denoiser") == (1, 1)
+    assert pool["denoiser"] == {first.address}  # the oldest stays
+    backend.stop_all()
+    assert pool["denoiser"] == set() and first.terminated
+
+
+def test_autoscaler_run_decides_every_period_and_stops():
+    import asyncio
+
+    from ditmesh.gateway.autoscale_loop import Autoscaler, backend_for
+
+    scaled: list[tuple[str, int]] = []
+    counts = {"denoiser": 1}
+
+    class Backend:
+        def current(self, stage):
+            return counts[stage], counts[stage]
+
+        def scale(self, stage, replicas, reason):
+            scaled.append((stage, replicas))
+            counts[stage] = replicas
+
+    cfg = settings()
+    cfg.decision_period_s = 0.01
+    auto = Autoscaler(
+        AutoscalePolicy(cfg), Backend(), lambda: {"denoiser": load(rate=1.0, queued=5)}
+    )
+
+    async def main():
+        stop = asyncio.Event()
+        task = asyncio.create_task(auto.run(stop))
+        await asyncio.sleep(0.2)
+        stop.set()
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(main())
+    assert scaled and scaled[0][1] > 1
+    assert len(scaled) == 1  # one scale-up, then steady
+    assert auto.last and auto.last[0].inputs.replicas == counts["denoiser"]
+    with pytest.raises(ValueError, match="needs a backend"):
+        backend_for("on", None, counts=lambda s: (0, 0))
+    with pytest.raises(ValueError, match="must be one of"):
+        backend_for("sometimes", None, counts=lambda s: (0, 0))
+    assert backend_for("off", None, counts=lambda s: (2, 1)).current("vae") == (2, 1)
