@@ -377,3 +377,37 @@ def test_endpoint_slices_change_the_live_pool(emulator):
         assert await asyncio.to_thread(watcher.join, 15)
 
     asyncio.run(main())
+
+
+@pytest.mark.slow
+def test_an_expired_watch_lists_again_without_a_warning(emulator, caplog):
+    # The first watch is answered 410 Gone, as an API server answers a resourceVersion
+    # it no longer has: the watcher lists again at once, and is not "lost".
+    gone = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Expired"}
+    emulator.handler[kmock.action.WATCH][:1] << 410 << {**gone, "code": 410}
+    k8s = client.DiscoveryV1Api(emulator.api())
+
+    async def main():
+        a = await HealthServer().start()
+        pool = discovered_pool()
+        pool.start()
+        watcher = EndpointSliceWatcher(
+            "encoder", NS, SERVICE, "grpc", pool.replicas, emulator.api(), watch_seconds=1
+        )
+        watcher.start()
+        try:
+            await asyncio.sleep(0.5)
+            body = eps("enc-a", [("127.0.0.1", True, False)], port=a.port)
+            await asyncio.to_thread(k8s.create_namespaced_endpoint_slice, NS, body)
+            await until(lambda: up(pool) == {a.address}, what="a up")
+        finally:
+            watcher.stop()
+            await pool.close()
+            await a.stop()
+        assert not watcher.lost
+        assert len(emulator.handler[kmock.action.LIST]) >= 2  # the first, and after 410
+
+    with caplog.at_level("INFO", logger="ditmesh.gateway.discovery"):
+        asyncio.run(main())
+    assert "watch expired" in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
