@@ -19,6 +19,8 @@ from ditmesh.gateway.settings import (
     WatchdogPolicy,
 )
 
+STAGES = ("encoder", "denoiser", "vae")
+
 FLAGS = (
     "max_queue",
     "max_queue_seconds",
@@ -80,6 +82,25 @@ def add_gateway_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_discovery_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "gateway: replicas from Kubernetes (instead of, or besides, addresses)"
+    )
+    for stage in STAGES:
+        g.add_argument(
+            f"--{stage}-service",
+            default=None,
+            metavar="NAMESPACE/NAME:PORT",
+            help=f"the {stage} stage's Service: its ready EndpointSlice endpoints are the "
+            "replicas (PORT a number or a port name; NAMESPACE defaults to the gateway's own)",
+        )
+    g.add_argument(
+        "--kubeconfig",
+        default=None,
+        help="kubeconfig file for discovery (default: the pod's service account)",
+    )
+
+
 def add_drain_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--drain-seconds",
@@ -106,6 +127,12 @@ def settings_from_flags(args: argparse.Namespace) -> GatewaySettings:
         queues=QueueLimits(max_queue=args.max_queue, max_queue_seconds=args.max_queue_seconds),
         health=HealthPolicy(interval=args.health_interval),
         drain_seconds=args.drain_seconds,
+        services={
+            stage: ref
+            for stage in STAGES
+            if (ref := getattr(args, f"{stage}_service", None)) is not None
+        },
+        kubeconfig=getattr(args, "kubeconfig", None),
     )
 
 

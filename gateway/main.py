@@ -19,7 +19,7 @@ MAX_REQUEST_BYTES = 4 * 1024 * 1024
 class GatewayServer(AsyncServer):
     """The running gateway: its server handle plus its state (`gateway`), for tools and tests."""
 
-    gateway: Gateway
+    gateway: Gateway | None = None
 
 
 def serve(
@@ -47,10 +47,20 @@ def serve(
     )
 
     def on_health_change() -> None:
-        server.loop.create_task(server.set_serving(gateway.healthy()))
+        if server.gateway is not None:  # None while the pools are being built
+            server.loop.create_task(server.set_serving(server.gateway.healthy()))
 
     def pool(stage: str, addresses: list[str]) -> StagePool:
-        return StagePool(stage, addresses, s.queues.for_stage(stage), s.health, on_health_change)
+        return StagePool(
+            stage,
+            addresses,
+            s.queues.for_stage(stage),
+            s.health,
+            on_health_change,
+            discovered=stage in s.services,
+        )
+
+    watchers: list = []
 
     async def build() -> Gateway:
         stages = Stages(
@@ -60,11 +70,23 @@ def serve(
         )
         for p in stages:
             p.start()
+        if s.services:
+            # Imported only here: the kubernetes client is needed only with discovery.
+            from ditmesh.gateway.discovery import ServiceRef, watch_stage
+
+            for p in stages:
+                if p.name in s.services:
+                    ref = ServiceRef.parse(s.services[p.name])
+                    watchers.append(
+                        watch_stage(p, ref, kubeconfig=s.kubeconfig, watch_seconds=s.watch_seconds)
+                    )
         return Gateway({model.name: model}, model.name, stages, s.config)
 
     gateway = server.gateway = server.run(build())
 
     async def close() -> None:
+        for w in watchers:
+            w.stop()
         for p in gateway.stages:
             await p.close()
 

@@ -106,3 +106,11 @@ class GatewaySettings:
     queues: QueueLimits = field(default_factory=QueueLimits)
     health: HealthPolicy = field(default_factory=HealthPolicy)
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
+    services: dict[str, str] = field(default_factory=dict)
+    """Stage -> its Kubernetes Service, `NAMESPACE/NAME:PORT`: the stage's replicas are the
+    ready endpoints of its EndpointSlices (besides any addresses given)."""
+    kubeconfig: str | None = None
+    """Kubeconfig file for discovery; None: the pod's service account."""
+    watch_seconds: int = 30
+    """How long one EndpointSlice watch request stays open before it is renewed (a stopping
+    gateway's watcher ends within this plus a few seconds)."""

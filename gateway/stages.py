@@ -72,11 +72,16 @@ class StagePool:
         limits: StageLimits | None = None,
         health: HealthPolicy | None = None,
         on_health_change=None,
+        *,
+        discovered: bool = False,
     ) -> None:
+        """`discovered`: replicas come and go through discovery (the list may start empty)."""
         self.name = name
         self.limits = limits or StageLimits()
         self._on_health_change = on_health_change
-        self.replicas = ReplicaSet(name, addresses, health or HealthPolicy(), self._changed)
+        self.replicas = ReplicaSet(
+            name, addresses, health or HealthPolicy(), self._changed, discovered=discovered
+        )
         self.pending = 0
         self.pending_units = 0.0
         self.seconds_per_unit = 0.0

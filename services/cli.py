@@ -170,7 +170,7 @@ def _parallel_config(args: argparse.Namespace):
 def build_parser() -> argparse.ArgumentParser:
     from ditmesh import __version__
     from ditmesh.client import generate_cmd
-    from ditmesh.gateway.flags import add_drain_flag, add_gateway_flags
+    from ditmesh.gateway.flags import add_discovery_flags, add_drain_flag, add_gateway_flags
 
     parser = argparse.ArgumentParser(
         prog="ditmesh", description="Serve Diffusion Transformers as a gRPC mesh."
@@ -198,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_gang_args(p)
     _add_vae_gang_args(p, "--parallel")
     add_gateway_flags(p)
+    add_discovery_flags(p)
     add_drain_flag(p)
 
     p = sub.add_parser("up", help="run the whole mesh locally")
@@ -227,11 +228,14 @@ def _serve(args: argparse.Namespace) -> int:
             from ditmesh.gateway.flags import settings_from_flags
             from ditmesh.gateway.main import serve
 
-            missing = [s for s in ("encoder", "denoiser", "vae") if not getattr(args, s)]
+            missing = [
+                s
+                for s in ("encoder", "denoiser", "vae")
+                if not getattr(args, s) and not getattr(args, f"{s}_service")
+            ]
             if missing:
-                print(
-                    f"error: the gateway needs --{' --'.join(missing)} addresses", file=sys.stderr
-                )
+                need = ", ".join(f"--{s} or --{s}-service" for s in missing)
+                print(f"error: the gateway needs {need}", file=sys.stderr)
                 return 2
             try:
                 settings = settings_from_flags(args)

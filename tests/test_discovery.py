@@ -411,3 +411,66 @@ def test_an_expired_watch_lists_again_without_a_warning(emulator, caplog):
         asyncio.run(main())
     assert "watch expired" in caplog.text
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+# -- the gateway, its stages found through the API ----------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_gateway_finds_its_stages_in_endpoint_slices(emulator, tiny_flux, tmp_path):
+    """`serve gateway --X-service NS/NAME:PORT`: no addresses given, an image comes back."""
+    from ditmesh.denoiser.service import serve as serve_denoiser
+    from ditmesh.encoder.service import serve as serve_encoder
+    from ditmesh.gateway.main import serve as serve_gateway
+    from ditmesh.gateway.settings import GatewaySettings
+    from ditmesh.v1 import gateway_pb2, gateway_pb2_grpc
+    from ditmesh.vae.service import serve as serve_vae
+
+    stages = {"encoder": serve_encoder(tiny_flux), "denoiser": serve_denoiser(tiny_flux)}
+    stages["vae"] = serve_vae(tiny_flux)
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [
+                    {"name": "e", "cluster": {"server": f"http://127.0.0.1:{emulator.port}"}}
+                ],
+                "users": [{"name": "u", "user": {"token": "t"}}],
+                "contexts": [{"name": "e", "context": {"cluster": "e", "user": "u"}}],
+                "current-context": "e",
+            }
+        )
+    )
+    k8s = client.DiscoveryV1Api(emulator.api())
+    for stage, running in stages.items():
+        body = eps(f"{stage}-1", [("127.0.0.1", True, False)], port=running.port, service=stage)
+        k8s.create_namespaced_endpoint_slice(NS, body)
+    gateway = serve_gateway(
+        tiny_flux,
+        encoder=[],
+        denoiser=[],
+        vae=[],
+        settings=GatewaySettings(
+            services={s: f"{NS}/{s}:grpc" for s in stages},
+            kubeconfig=str(kubeconfig),
+            watch_seconds=1,
+        ),
+    )
+    try:
+        with grpc.insecure_channel(gateway.address) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            end = time.monotonic() + 20
+            while health.Check(health_pb2.HealthCheckRequest(), timeout=2).status != SERVING:
+                assert time.monotonic() < end, "the gateway never found its stages"
+                time.sleep(0.05)
+            reply = gateway_pb2_grpc.GatewayStub(ch).GenerateUnary(
+                gateway_pb2.GenerateRequest(prompt="a cat", height=64, width=64, steps=2, seed=1),
+                timeout=60,
+            )
+        assert reply.images[0].data.startswith(b"\x89PNG")
+    finally:
+        gateway.stop(0)
+        for running in stages.values():
+            running.stop(0)
