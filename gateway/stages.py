@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from ditmesh.common.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from ditmesh.gateway.replicas import Replica, ReplicaSet
+from ditmesh.gateway.routing import Candidate, route
 from ditmesh.gateway.settings import HealthPolicy, StageLimits
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class Reservation:
 class _Waiter:
     future: asyncio.Future
     exclude: set[int]
+    units: float
 
 
 class StagePool:
@@ -90,6 +92,8 @@ class StagePool:
         """Measured service seconds of one request (EMA), for retry hints."""
         self._waiters: collections.deque[_Waiter] = collections.deque()
         self._leases: set[Lease] = set()
+        self._speed: dict[int, float] = {}
+        """Measured seconds per unit of work of each replica (by id), for routing."""
         self._down_timer: asyncio.TimerHandle | None = None
 
     # -- admission ------------------------------------------------------------------------------
@@ -145,7 +149,7 @@ class StagePool:
                 f"the {self.name} stage is unavailable: no healthy replica ({self.replicas.why_down()})"
             )
         future = asyncio.get_running_loop().create_future()
-        waiter = _Waiter(future, exclude)
+        waiter = _Waiter(future, exclude, units)
         self._waiters.append(waiter)
         self._dispatch()
         try:
@@ -170,22 +174,56 @@ class StagePool:
     def waiting(self) -> int:
         return len(self._waiters)
 
+    def _candidate(self, replica: Replica, now: float, claimed: float) -> Candidate:
+        """`claimed`: seconds of work that requests ahead in the queue wait to run there."""
+        if replica.inflight < self.limits.slots_per_replica:
+            frees_in = 0.0
+        else:
+            spu = self._speed.get(id(replica), self.seconds_per_unit)
+            frees_in = (
+                min(
+                    (
+                        max(0.0, lease.units * spu - (now - lease.started))
+                        for lease in self._leases
+                        if lease.replica is replica
+                    ),
+                    default=0.0,
+                )
+                + claimed
+            )
+        return Candidate(
+            key=replica,
+            frees_in=frees_in,
+            seconds_per_unit=self._speed.get(id(replica), 0.0),
+            load=(replica.inflight, replica.served),
+        )
+
     def _dispatch(self) -> None:
         cap = self.limits.slots_per_replica
+        now = time.monotonic()
+        claims: dict[int, float] = {}
         for waiter in list(self._waiters):
             if waiter.future.done():
                 self._waiters.remove(waiter)
                 continue
-            free = [r for r in self.replicas.up() if r.inflight < cap]
-            if not free:
+            up = self.replicas.up()
+            if not any(r.inflight < cap for r in up):
                 return
             # A retry avoids the replica that just failed, unless it is the only one up.
-            allowed = [r for r in free if id(r) not in waiter.exclude]
-            if not allowed and any(id(r) not in waiter.exclude for r in self.replicas.up()):
+            allowed = [r for r in up if id(r) not in waiter.exclude] or up
+            candidates = [self._candidate(r, now, claims.get(id(r), 0.0)) for r in allowed]
+            best = route(candidates, waiter.units, self.seconds_per_unit)
+            if best is None:
                 continue
-            replica = min(allowed or free, key=lambda r: (r.inflight, r.served))
+            if best.frees_in > 0:
+                # It finishes soonest on a busy replica: it waits for that one, and the
+                # requests behind it count its work there.
+                spu = best.seconds_per_unit or self.seconds_per_unit
+                claims[id(best.key)] = claims.get(id(best.key), 0.0) + waiter.units * spu / cap
+                continue
+            replica = best.key
             replica.inflight += 1
-            lease = Lease(self, replica, units=0.0)
+            lease = Lease(self, replica, units=waiter.units)
             self._leases.add(lease)
             waiter.future.set_result(lease)
             self._waiters.remove(waiter)
@@ -202,6 +240,8 @@ class StagePool:
             self.request_seconds = _ema(self.request_seconds, took)
             if lease.units > 0:
                 self.seconds_per_unit = _ema(self.seconds_per_unit, took / lease.units)
+                key = id(lease.replica)
+                self._speed[key] = _ema(self._speed.get(key, 0.0), took / lease.units)
         self._dispatch()
 
     # -- health ---------------------------------------------------------------------------------
