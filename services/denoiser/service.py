@@ -21,6 +21,7 @@ from ditmesh.common.limits import (
 )
 from ditmesh.common.models import check_model_name, resolve_model
 from ditmesh.common.server import RunningServer, StageOptions, start_server
+from ditmesh.common.stage_info import stage_info
 from ditmesh.denoiser.gang import GangRunner, GangSpec, run_torchrun_worker
 from ditmesh.denoiser.job import DenoiseJob
 from ditmesh.denoiser.parallel.mesh import ParallelConfig
@@ -140,7 +141,10 @@ def serve(
     service = DenoiserService(runner, on_fatal=lambda why: holder["server"].fail(why))
     running = start_server(
         o.server_config("denoiser"),
-        [(denoiser_pb2_grpc.add_DenoiserServicer_to_server, service, "ditmesh.v1.Denoiser")],
+        [
+            (denoiser_pb2_grpc.add_DenoiserServicer_to_server, service, "ditmesh.v1.Denoiser"),
+            stage_info("denoiser", runner.model, parallel.world_size),
+        ],
     )
     holder["server"] = running
     running.on_stop.append(runner.close)

@@ -25,6 +25,7 @@ from ditmesh.common.models import (
     resolve_model,
 )
 from ditmesh.common.server import RunningServer, StageOptions, start_server
+from ditmesh.common.stage_info import stage_info
 from ditmesh.v1 import encoder_pb2, encoder_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ def serve(model_source: str, options: StageOptions | None = None) -> RunningServ
                 encoder_pb2_grpc.add_EncoderServicer_to_server,
                 EncoderService(encoder),
                 "ditmesh.v1.Encoder",
-            )
+            ),
+            stage_info("encoder", model),
         ],
     )

@@ -13,6 +13,7 @@ from ditmesh.common.gang_watch import watch_gang
 from ditmesh.common.gangs import GangLaunch, GangLeader
 from ditmesh.common.models import check_model_name, pick_device, pick_dtype, resolve_model
 from ditmesh.common.server import RunningServer, StageOptions, start_server
+from ditmesh.common.stage_info import stage_info
 from ditmesh.v1 import vae_pb2, vae_pb2_grpc
 from ditmesh.vae.decoder import MIME, Decoder, VaeDecoder, encode_image, normalise_format
 from ditmesh.vae.gang import VaeGang, check_parallel
@@ -116,7 +117,10 @@ def serve(
     try:
         running = start_server(
             o.server_config("vae"),
-            [(vae_pb2_grpc.add_VaeServicer_to_server, service, "ditmesh.v1.Vae")],
+            [
+                (vae_pb2_grpc.add_VaeServicer_to_server, service, "ditmesh.v1.Vae"),
+                stage_info("vae", decoder.model, parallel),
+            ],
         )
     except BaseException:
         decoder.close()
