@@ -28,6 +28,7 @@ replica here is one GPU), admission refusals (queues are unbounded), GPU interfe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import heapq
 import math
 import random
@@ -190,6 +191,7 @@ class Pool:
     scale_events: int = 0
     # measurements over the last decision period, as the gateway's StagePool keeps them
     arrivals: int = 0
+    arrivals_total: int = 0
     waits: list = field(default_factory=list)
     service: deque = field(default_factory=lambda: deque(maxlen=100))
     busy_window: float = 0.0
@@ -214,6 +216,7 @@ class Sim:
         self.completed: list[Request] = []
         self.samples: list[dict] = []
         self.max_queue_seen = 0
+        self.decisions: list = []  # (c): the policy's decisions, for the log
 
     def at(self, t: float, kind: str, *payload) -> None:
         self.seq += 1
@@ -257,6 +260,7 @@ class Sim:
         pool = self.pools[self.path(r)[r.hop]]
         pool.queue.append((r, self.now))
         pool.arrivals += 1
+        pool.arrivals_total += 1
         self.dispatch(pool)
 
     def dispatch(self, pool: Pool) -> None:
@@ -377,6 +381,13 @@ class SimSettings:
     max_replicas: int = 64
     decision_period_s: float = 5.0
     scale_down_window_s: float = 120.0
+    hpa_target_utilisation: float | None = None
+    """(b)'s utilisation target when not `target_utilisation` (to find its equal-p95 point)."""
+    share_adjusted_service: bool = False
+    """(c'): the snapshot reports a model's denoiser pool's service seconds per mesh request
+    (x its share of arrivals), since the policy sizes every stage from the mesh's one rate."""
+    hpa_equal_p95: float = 0.5
+    """(b) run again at this utilisation target: where its p95 matches (a) and (c)."""
     hpa_sync_s: float = 15.0
     hpa_stabilisation_s: float = 300.0
     hpa_tolerance: float = 0.1
@@ -416,7 +427,7 @@ def run_hpa(trace: list[Request], cfg: SimSettings, until: float) -> Sim:
             busy = busy_so_far(p, s.now)
             used, last_busy[name] = busy - last_busy[name], busy
             util = used / (len(ready) * cfg.hpa_sync_s) if ready else 0.0
-            ratio = util / cfg.target_utilisation
+            ratio = util / (cfg.hpa_target_utilisation or cfg.target_utilisation)
             rec = spec if abs(ratio - 1) <= cfg.hpa_tolerance else math.ceil(len(ready) * ratio)
             if not ready:
                 rec = spec
@@ -453,7 +464,7 @@ def policy_settings(cfg: SimSettings) -> AutoscaleSettings:
     )
 
 
-def snapshot(p: Pool, now: float, period: float) -> StageSnapshot:
+def snapshot(p: Pool, now: float, period: float, share: float = 1.0) -> StageSnapshot:
     """What the gateway's StagePool would report for this stage over the last period."""
     waits = list(p.waits) + [now - t0 for _, t0 in p.queue]  # waiting ones count too
     waits.sort()
@@ -464,7 +475,7 @@ def snapshot(p: Pool, now: float, period: float) -> StageSnapshot:
         queued=len(p.queue),
         backlog_s=sum(p.seconds(r) for r, _ in p.queue),
         inflight=sum(1 for x in p.replicas if x.running is not None and not x.removed),
-        service_s=sum(p.service) / len(p.service) if p.service else 0.0,
+        service_s=share * sum(p.service) / len(p.service) if p.service else 0.0,
         p95_wait_s=p95,
         arrival_rate=p.arrivals / period,
         replicas=len(live),
@@ -474,14 +485,23 @@ def snapshot(p: Pool, now: float, period: float) -> StageSnapshot:
     return snap
 
 
-def run_ditmesh(trace: list[Request], cfg: SimSettings, until: float) -> tuple[Sim, list]:
+def run_ditmesh(trace: list[Request], cfg: SimSettings, until: float) -> Sim:
     pools = _stage_pools()
     sim = Sim(pools, _stage_path)
     policy = AutoscalePolicy(policy_settings(cfg))
     log: list = []
 
     def tick(s: Sim) -> None:
-        snaps = {n: snapshot(p, s.now, cfg.decision_period_s) for n, p in pools.items()}
+        total = max(p.arrivals_total for p in pools.values()) or 1
+        snaps = {
+            n: snapshot(
+                p,
+                s.now,
+                cfg.decision_period_s,
+                p.arrivals_total / total if cfg.share_adjusted_service else 1.0,
+            )
+            for n, p in pools.items()
+        }
         for d in policy.decide(s.now, snaps):
             log.append(d)
             if d.changes:
@@ -491,7 +511,8 @@ def run_ditmesh(trace: list[Request], cfg: SimSettings, until: float) -> tuple[S
         sim.add(p, 1, cold=False)
     _feed(sim, trace)
     sim.run(until, cfg.decision_period_s, tick)
-    return sim, log
+    sim.decisions = log
+    return sim
 
 
 def _feed(sim: Sim, trace: list[Request]) -> None:
@@ -544,21 +565,26 @@ def simulate(spec: TraceSpec, cfg: SimSettings) -> dict:
         return [Request(r.rid, r.t, r.model, r.size) for r in base]
 
     out = {"trace": base, "bursts": bursts}
-    for name, fn in (("static", run_static), ("hpa", run_hpa)):
+    variants = (
+        ("static", run_static, cfg),
+        ("hpa", run_hpa, cfg),
+        ("hpa-eq", run_hpa, dataclasses.replace(cfg, hpa_target_utilisation=cfg.hpa_equal_p95)),
+        ("ditmesh", run_ditmesh, cfg),
+        ("ditmesh-share", run_ditmesh, dataclasses.replace(cfg, share_adjusted_service=True)),
+    )
+    for name, fn, c in variants:
         tr = fresh()
-        sim = fn(tr, cfg, until)
-        out[name] = (sim, tr, summarise(sim, tr, cfg))
-    tr = fresh()
-    sim, log = run_ditmesh(tr, cfg, until)
-    out["ditmesh"] = (sim, tr, summarise(sim, tr, cfg))
-    out["decisions"] = log
+        sim = fn(tr, c, until)
+        out[name] = (sim, tr, summarise(sim, tr, c))
     return out
 
 
 LABELS = {
     "static": "(a) static for the peak",
-    "hpa": "(b) whole pipelines, HPA",
+    "hpa": "(b) whole pipelines, HPA at 75%",
+    "hpa-eq": "(b') whole pipelines, HPA at 50%",
     "ditmesh": "(c) ditmesh per-stage",
+    "ditmesh-share": "(c') per-stage, share-adjusted snapshot",
 }
 
 
@@ -568,7 +594,7 @@ def table(res: dict) -> str:
         "denoiser / vae | scale events |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for k in ("static", "hpa", "ditmesh"):
+    for k in LABELS:
         m = res[k][2]
         b = m["busy"]
         rows.append(
@@ -597,7 +623,7 @@ def plot(res: dict, path: str) -> None:
     ax[0].set_title("(c) ditmesh per-stage autoscaler: replicas per stage")
     ax[1].set_ylabel("queued requests")
     ax[1].set_title("(c) queue depth per stage")
-    for k in ("static", "hpa", "ditmesh"):
+    for k in LABELS:
         s = res[k][0]
         total = [sum(v for n, v in row.items() if n in s.pools) for row in s.samples]
         ax[2].step([row["t"] / 3600 for row in s.samples], total, where="post", label=LABELS[k])
