@@ -60,20 +60,25 @@ class Autoscaler:
         self.clock = clock
         self.leader = leader
         self.last: list[Decision] = []
+        self.desired: dict[str, int] = {}
+        """The replicas the autoscaler wants per stage now (after bounds, hysteresis and the
+        GPU budget), also in dry-run: for export, so KEDA or an HPA can act on them."""
 
-    def step(self) -> list[Decision]:
-        """One decision period; blocking (backend calls)."""
+    def step(self, read: dict[str, StageSnapshot] | None = None) -> list[Decision]:
+        """One decision period; blocking (backend calls). `read`: the snapshots, when the
+        caller took them already (on the thread that owns the pools)."""
         if self.leader is not None and not self.leader():
             log.debug("autoscale: not the leader; no decision")
             return []
         snaps = {}
-        for name, snap in self.read().items():
+        for name, snap in (self.read() if read is None else read).items():
             if name not in self.policy.settings.stages:
                 continue
             replicas, ready = self.backend.current(name)
             snaps[name] = dataclasses.replace(snap, replicas=replicas, ready=ready)
         decisions = self.policy.decide(self.clock(), snaps)
         for d in decisions:
+            self.desired[d.stage] = d.target
             log.info("%s", d.log_line())
             if d.changes:
                 self.backend.scale(d.stage, d.target, d.reason)
@@ -83,7 +88,12 @@ class Autoscaler:
     async def run(self, stop: asyncio.Event) -> None:
         period = self.policy.settings.decision_period_s
         while not stop.is_set():
-            await asyncio.to_thread(self.step)
+            # Read on the loop (the pools are the loop's), decide and apply in a thread.
+            try:
+                await asyncio.to_thread(self.step, self.read())
+            except Exception:  # noqa: BLE001 - an API outage must not end autoscaling: the
+                # error is logged whole every period, and the next period tries again.
+                log.exception("autoscale: this decision failed; trying again next period")
             try:
                 await asyncio.wait_for(stop.wait(), period)
             except TimeoutError:

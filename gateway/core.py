@@ -2,7 +2,8 @@
 
 Admission is explicit and immediate: a request is refused at once (never left to
 expire in a hidden queue) when any stage it needs has no healthy replica
-(UNAVAILABLE), when a stage's queue is over its bound (RESOURCE_EXHAUSTED with a
+(UNAVAILABLE; a stage scaled to zero by an active autoscaler admits and waits for a
+replica instead: gateway/stages.py), when a stage's queue is over its bound (RESOURCE_EXHAUSTED with a
 retry hint), or when the estimated wait already exceeds the request's deadline
 (RESOURCE_EXHAUSTED with that estimate). Request ids are unique while a request
 runs and for a while after it succeeded, so a retried id is never run twice.
@@ -41,7 +42,8 @@ class Gateway:
         return len(self._running)
 
     def healthy(self) -> bool:
-        return all(pool.replicas.any_up() for pool in self.stages)
+        # A stage scaled to zero by the autoscaler is healthy: it admits and starts a replica.
+        return all(pool.can_take_work() for pool in self.stages)
 
     def deadline_of(self, time_remaining: float | None) -> float:
         budget = self.config.default_timeout_s if time_remaining is None else time_remaining

@@ -7,15 +7,19 @@ only calls `add_gateway_flags` and `settings_from_flags`.
 from __future__ import annotations
 
 import argparse
+import shlex
 
 from ditmesh.gateway.settings import (
+    AUTOSCALE_MODES,
     DEFAULT_DRAIN_SECONDS,
     DEFAULT_TIMEOUT_S,
+    AutoscaleOptions,
     GatewayConfig,
     GatewaySettings,
     HealthPolicy,
     QueueLimits,
     RetryPolicy,
+    StageAutoscale,
     WatchdogPolicy,
 )
 
@@ -29,6 +33,19 @@ FLAGS = (
     "watchdog_multiple",
     "watchdog_min_seconds",
     "health_interval",
+)
+
+# The autoscaler's flags that `ditmesh up` hands on to its gateway (not the Kubernetes ones).
+AUTOSCALE_FLAGS = (
+    "autoscale",
+    "autoscale_period",
+    "scale_down_window",
+    "ready_timeout",
+    "cold_start_wait",
+    "gpu_budget",
+    "scale_to_zero",
+    *(f"{stage}_{knob}" for stage in STAGES for knob in ("replicas_min", "replicas_max")),
+    *(f"{stage}_{knob}" for stage in STAGES for knob in ("target_wait", "gpus")),
 )
 
 
@@ -101,6 +118,149 @@ def add_discovery_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_autoscale_flags(p: argparse.ArgumentParser, *, kubernetes: bool) -> None:
+    """The autoscaler's knobs; `kubernetes`: also the workloads to scale and the Lease."""
+    g = p.add_argument_group("gateway: the autoscaler (docs/autoscaling.md)")
+    a, st = AutoscaleOptions(), StageAutoscale()
+    g.add_argument(
+        "--autoscale",
+        choices=AUTOSCALE_MODES,
+        default=a.mode,
+        help="off: fixed replicas; dry-run: decide and log only; on: apply (Kubernetes "
+        "workloads, or under `ditmesh up` the gateway starts and stops stage processes)",
+    )
+    g.add_argument(
+        "--autoscale-period",
+        type=float,
+        default=a.decision_period_s,
+        help="seconds between decisions (and the window of the p95 queue wait)",
+    )
+    g.add_argument(
+        "--scale-down-window",
+        type=float,
+        default=a.scale_down_window_s,
+        help="seconds fewer replicas must suffice before a scale-down",
+    )
+    g.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=a.ready_timeout_s,
+        help="a replica asked for and not ready after this long no longer blocks decisions",
+    )
+    g.add_argument(
+        "--cold-start-wait",
+        type=float,
+        default=a.cold_start_wait_s,
+        help="seconds a request waits for a stage scaled to zero to start, then "
+        "UNAVAILABLE with a retry hint",
+    )
+    g.add_argument(
+        "--gpu-budget",
+        type=int,
+        default=a.gpu_budget,
+        help="GPUs all stages together may hold (0: no budget)",
+    )
+    g.add_argument(
+        "--scale-to-zero",
+        action="append",
+        choices=STAGES,
+        default=None,
+        metavar="STAGE",
+        help="this stage may go to zero replicas when idle "
+        "(repeatable); its --STAGE-replicas-min may then be 0",
+    )
+    for stage in STAGES:
+        g.add_argument(
+            f"--{stage}-replicas-min",
+            type=int,
+            default=st.min_replicas,
+            help=f"fewest {stage} replicas (gangs)",
+        )
+        g.add_argument(
+            f"--{stage}-replicas-max",
+            type=int,
+            default=st.max_replicas,
+            help=f"most {stage} replicas (gangs)",
+        )
+        g.add_argument(
+            f"--{stage}-target-wait",
+            type=float,
+            default=st.target_wait_s,
+            help=f"objective: p95 seconds a request waits in the {stage} queue",
+        )
+        g.add_argument(
+            f"--{stage}-gpus",
+            type=int,
+            default=st.gpus_per_replica,
+            help=f"GPUs one {stage} replica holds (a whole gang), for the budget",
+        )
+    if not kubernetes:
+        return
+    for stage in STAGES:
+        g.add_argument(
+            f"--{stage}-workload",
+            default=None,
+            metavar="KIND/NAME",
+            help=f"the {stage} stage's Deployment, StatefulSet or LeaderWorkerSet "
+            "(e.g. deployment/ditmesh-" + stage + "), scaled through its scale "
+            "subresource; it must be labelled as this mesh's stage",
+        )
+    g.add_argument(
+        "--autoscale-namespace",
+        default=None,
+        help="namespace of the workloads and the Lease (default: the gateway's)",
+    )
+    g.add_argument(
+        "--autoscale-lease",
+        default=None,
+        metavar="NAME",
+        help="a coordination.k8s.io Lease: only its holder among several gateways scales",
+    )
+    g.add_argument(
+        "--local-stage",
+        action="append",
+        default=[],
+        metavar="STAGE=ARGS",
+        help="set by `ditmesh up --autoscale on`: the gateway starts and stops "
+        "`ditmesh serve STAGE ARGS` processes itself (ARGS shell-quoted)",
+    )
+
+
+def autoscale_from_flags(args: argparse.Namespace) -> AutoscaleOptions:
+    local: dict[str, list[str]] = {}
+    for item in getattr(args, "local_stage", None) or []:
+        stage, sep, rest = item.partition("=")
+        if not sep or stage not in STAGES:
+            raise ValueError(
+                f"--local-stage takes STAGE=ARGS with STAGE one of {STAGES}; got {item!r}"
+            )
+        local[stage] = shlex.split(rest)
+    zero = set(args.scale_to_zero or ())
+    stages = {
+        stage: StageAutoscale(
+            min_replicas=getattr(args, f"{stage}_replicas_min"),
+            max_replicas=getattr(args, f"{stage}_replicas_max"),
+            target_wait_s=getattr(args, f"{stage}_target_wait"),
+            gpus_per_replica=getattr(args, f"{stage}_gpus"),
+            scale_to_zero=stage in zero,
+            workload=getattr(args, f"{stage}_workload", None),
+            local_args=local.get(stage),
+        )
+        for stage in STAGES
+    }
+    return AutoscaleOptions(
+        mode=args.autoscale,
+        stages=stages,
+        gpu_budget=args.gpu_budget,
+        decision_period_s=args.autoscale_period,
+        scale_down_window_s=args.scale_down_window,
+        ready_timeout_s=args.ready_timeout,
+        cold_start_wait_s=args.cold_start_wait,
+        namespace=getattr(args, "autoscale_namespace", None),
+        lease=getattr(args, "autoscale_lease", None),
+    )
+
+
 def add_drain_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--drain-seconds",
@@ -133,9 +293,15 @@ def settings_from_flags(args: argparse.Namespace) -> GatewaySettings:
             if (ref := getattr(args, f"{stage}_service", None)) is not None
         },
         kubeconfig=getattr(args, "kubeconfig", None),
+        autoscale=autoscale_from_flags(args) if hasattr(args, "autoscale") else AutoscaleOptions(),
     )
 
 
 def flags_to_args(args: argparse.Namespace) -> list[str]:
     """The same settings as `serve gateway` flags (for `ditmesh up`, which starts it)."""
-    return [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in FLAGS]
+    out = []
+    for name in (*FLAGS, *AUTOSCALE_FLAGS):
+        value = getattr(args, name, None)
+        for v in value if isinstance(value, list) else [] if value is None else [value]:
+            out.append(f"--{name.replace('_', '-')}={v}")
+    return out

@@ -1,4 +1,5 @@
-"""Starts the gateway: its stage pools, its state, and the asyncio gRPC server."""
+"""Starts the gateway: its stage pools, its state, the asyncio gRPC server, and (with
+`--autoscale dry-run|on`) the autoscaler on the same loop (gateway/autoscale_gateway.py)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ class GatewayServer(AsyncServer):
     """The running gateway: its server handle plus its state (`gateway`), for tools and tests."""
 
     gateway: Gateway | None = None
+    autoscaler = None
+    """The running `AutoscalerHandle` (its `desired` replicas per stage), or None when off."""
 
 
 def serve(
@@ -57,7 +60,8 @@ def serve(
             s.queues.for_stage(stage),
             s.health,
             on_health_change,
-            discovered=stage in s.services,
+            # Discovered, or started by the gateway's own autoscaler: the list may be empty.
+            discovered=stage in s.services or s.autoscale.local,
         )
 
     watchers: list = []
@@ -80,11 +84,17 @@ def serve(
                     watchers.append(
                         watch_stage(p, ref, kubeconfig=s.kubeconfig, watch_seconds=s.watch_seconds)
                     )
+        if s.autoscale.active:
+            from ditmesh.gateway.autoscale_gateway import start_autoscaler
+
+            server.autoscaler = start_autoscaler(s.autoscale, stages, kubeconfig=s.kubeconfig)
         return Gateway({model.name: model}, model.name, stages, s.config)
 
     gateway = server.gateway = server.run(build())
 
     async def close() -> None:
+        if server.autoscaler is not None:
+            await server.autoscaler.stop()  # before the pools: local stages leave them first
         for w in watchers:
             w.stop()
         for p in gateway.stages:
@@ -100,4 +110,6 @@ def serve(
             )
         ]
     )
+    if s.autoscale.local:  # its stages start only now: not SERVING until they are up
+        server.run(server.set_serving(gateway.healthy()))
     return server

@@ -114,3 +114,90 @@ class GatewaySettings:
     watch_seconds: int = 30
     """How long one EndpointSlice watch request stays open before it is renewed (a stopping
     gateway's watcher ends within this plus a few seconds)."""
+    autoscale: AutoscaleOptions = field(default_factory=lambda: AutoscaleOptions())
+    """The autoscaler (off by default)."""
+
+
+AUTOSCALE_MODES = ("off", "dry-run", "on")
+
+
+@dataclass(kw_only=True, slots=True)
+class StageAutoscale:
+    """One stage's autoscaling bounds and objective (the policy's `StageScaling`), and where
+    its replicas come from when the gateway scales them."""
+
+    min_replicas: int = 1
+    """Fewest replicas (gangs) kept; 0 allowed only with `scale_to_zero`."""
+    max_replicas: int = 8
+    """Most replicas (gangs) asked for."""
+    target_wait_s: float = 5.0
+    """Latency objective: p95 seconds a request may wait in this stage's queue."""
+    gpus_per_replica: int = 1
+    """GPUs one replica (a whole gang) holds, for the GPU budget."""
+    scale_to_zero: bool = False
+    """May go to zero replicas when idle; requests then wait up to `cold_start_wait_s`."""
+    workload: str | None = None
+    """The Kubernetes object to scale, `KIND/NAME` (deployment/, statefulset/,
+    leaderworkerset/); None: not scaled through Kubernetes."""
+    local_args: list[str] | None = None
+    """`ditmesh serve STAGE` arguments: the gateway itself starts and stops this stage's
+    processes (`ditmesh up --autoscale on`); None: it does not."""
+
+
+@dataclass(kw_only=True, slots=True)
+class AutoscaleOptions:
+    """`--autoscale off|dry-run|on` and the autoscaler's knobs (gateway/autoscale_setup.py)."""
+
+    mode: str = "off"
+    """off: no autoscaler; dry-run: decides and logs, changes nothing; on: applies."""
+    stages: dict[str, StageAutoscale] = field(default_factory=dict)
+    """Per stage; a stage not named keeps the replicas it has."""
+    gpu_budget: int = 0
+    """GPUs all stages together may hold; 0: no budget."""
+    decision_period_s: float = 5.0
+    """Seconds between decisions (also the window of the measured p95 queue wait)."""
+    scale_down_window_s: float = 120.0
+    """How long fewer replicas must suffice before a scale-down."""
+    ready_timeout_s: float = 300.0
+    """A replica asked for and not ready after this long no longer blocks decisions."""
+    cold_start_wait_s: float = 300.0
+    """How long a request waits for a stage scaled to zero to start before UNAVAILABLE."""
+    namespace: str | None = None
+    """Namespace of the workloads and the Lease; None: the gateway pod's own."""
+    lease: str | None = None
+    """Name of a coordination.k8s.io Lease: only its holder among the gateways scales."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in AUTOSCALE_MODES:
+            raise ValueError(
+                f"--autoscale must be one of {', '.join(AUTOSCALE_MODES)}, got {self.mode!r}"
+            )
+        if self.cold_start_wait_s <= 0:
+            raise ValueError(f"cold_start_wait_s must be > 0, got {self.cold_start_wait_s}")
+        if self.active:  # the policy's own checks, at start rather than at the first decision
+            from ditmesh.gateway.autoscale_policy import StageScaling
+
+            for a in self.stages.values():
+                StageScaling(
+                    min_replicas=a.min_replicas,
+                    max_replicas=a.max_replicas,
+                    gpus_per_replica=a.gpus_per_replica,
+                    target_wait_s=a.target_wait_s,
+                    scale_to_zero=a.scale_to_zero,
+                )
+        k8s = [s for s, a in self.stages.items() if a.workload]
+        local = [s for s, a in self.stages.items() if a.local_args is not None]
+        if k8s and local:
+            raise ValueError(
+                f"stages scaled through Kubernetes ({', '.join(k8s)}) and as local processes "
+                f"({', '.join(local)}) cannot be mixed"
+            )
+
+    @property
+    def active(self) -> bool:
+        return self.mode != "off"
+
+    @property
+    def local(self) -> bool:
+        """The gateway starts the stages' processes itself."""
+        return any(a.local_args is not None for a in self.stages.values())

@@ -7,9 +7,19 @@ estimated work (`max_queue_seconds` of this stage's measured service time per
 slot); what is over it is refused at once with RESOURCE_EXHAUSTED and a retry hint.
 
 Slots (replicas x concurrency each) are handed out in FIFO order to the replica
-that is up and least loaded; a waiter that leaves (cancel, deadline) leaves the
-queue at once. Service time is learned per unit of work (`RequestPlan.work_units`),
-so estimates scale with steps, sizes and image counts.
+where the request finishes soonest (gateway/routing.py); a waiter that leaves (cancel,
+deadline) leaves the queue at once. Service time is learned per unit of work
+(`RequestPlan.work_units`), so estimates scale with steps, sizes and image counts.
+
+What the autoscaler reads (gateway/autoscale_read.py turns it into a snapshot):
+`admitted` (a running count of requests that took a place here), each request's queue
+wait (acquire to slot) in a sliding window (`p95_wait`), and `inflight`. Warm-up work
+never reaches these numbers: the stages warm up before they answer SERVING.
+
+Scale-to-zero: with `cold_start_wait_s` set (an active autoscaler may start this stage
+from zero), a stage with no replica at all admits requests and holds them in its queue
+up to that long while a replica starts; past it they get UNAVAILABLE with a retry hint.
+Replicas that exist but are all down are a fault, held only `down_wait_seconds`.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -64,6 +75,8 @@ class _Waiter:
     future: asyncio.Future
     exclude: set[int]
     units: float
+    since: float
+    """When it began to wait (monotonic), for the queue-wait percentiles."""
 
 
 class StagePool:
@@ -95,6 +108,14 @@ class StagePool:
         self._speed: dict[int, float] = {}
         """Measured seconds per unit of work of each replica (by id), for routing."""
         self._down_timer: asyncio.TimerHandle | None = None
+        self.admitted = 0
+        """Requests that took a place in this stage's queue (a running count, for rates)."""
+        self._waits: collections.deque[tuple[float, float]] = collections.deque()
+        """(when, seconds) of each request's wait from acquire to a slot, for `p95_wait`."""
+        self.wait_window_s = 60.0
+        """How far back `p95_wait` looks (the autoscaler sets its decision period)."""
+        self.cold_start_wait_s: float | None = None
+        """Set while an autoscaler may start this stage from zero replicas (see above)."""
 
     # -- admission ------------------------------------------------------------------------------
 
@@ -118,9 +139,36 @@ class StagePool:
         per = self.request_seconds or 5.0
         return f"retry in about {max(1, round(per / self.slots))} s"
 
+    def scaled_to_zero(self) -> bool:
+        """No replica at all (none known, or all leaving) and an autoscaler may start one."""
+        return self.cold_start_wait_s is not None and all(
+            r.draining for r in self.replicas.replicas
+        )
+
+    def can_take_work(self) -> bool:
+        """A replica is up, or one will be started for the work (scale-to-zero)."""
+        return self.replicas.any_up() or self.scaled_to_zero()
+
+    @property
+    def inflight(self) -> int:
+        return len(self._leases)
+
+    def p95_wait(self, now: float | None = None) -> float:
+        """The 95th percentile of the queue waits that ended within `wait_window_s`,
+        counting those still waiting by how long they have waited so far."""
+        now = time.monotonic() if now is None else now
+        while self._waits and self._waits[0][0] < now - self.wait_window_s:
+            self._waits.popleft()
+        waits = [w for _, w in self._waits]
+        waits += [now - w.since for w in self._waiters if not w.future.done()]
+        if not waits:
+            return 0.0
+        waits.sort()
+        return waits[min(len(waits) - 1, math.ceil(0.95 * len(waits)) - 1)]
+
     def check_admission(self, units: float) -> None:
         """Raises ResourceExhausted (with a hint) or Unavailable if a request cannot join."""
-        if not self.replicas.any_up():
+        if not self.can_take_work():
             raise Unavailable(
                 f"the {self.name} stage is unavailable: no healthy replica ({self.replicas.why_down()})"
             )
@@ -138,20 +186,22 @@ class StagePool:
                 )
 
     def reserve(self, units: float) -> Reservation:
+        self.admitted += 1
         return Reservation(self, units)
 
     # -- slots ----------------------------------------------------------------------------------
 
     async def acquire(self, units: float, timeout: float, exclude: set[int]) -> Lease:
         """Waits in FIFO order for a slot on an up replica not in `exclude` (ids)."""
-        if not self.replicas.any_up():
+        if not self.can_take_work():
             raise Unavailable(
                 f"the {self.name} stage is unavailable: no healthy replica ({self.replicas.why_down()})"
             )
         future = asyncio.get_running_loop().create_future()
-        waiter = _Waiter(future, exclude, units)
+        waiter = _Waiter(future, exclude, units, time.monotonic())
         self._waiters.append(waiter)
         self._dispatch()
+        self._arm_down_timer()
         try:
             lease = await asyncio.wait_for(asyncio.shield(future), timeout)
         except BaseException as exc:
@@ -168,6 +218,7 @@ class StagePool:
                 self._waiters.remove(waiter)
         lease.units = units
         lease.started = time.monotonic()
+        self._waits.append((lease.started, lease.started - waiter.since))
         return lease
 
     @property
@@ -252,19 +303,34 @@ class StagePool:
             if self._down_timer is not None:
                 self._down_timer.cancel()
                 self._down_timer = None
-        elif self._down_timer is None and self._waiters:
-            loop = asyncio.get_running_loop()
-            self._down_timer = loop.call_later(self.limits.down_wait_seconds, self._fail_waiters)
+        else:
+            self._arm_down_timer()
         if self._on_health_change is not None:
             self._on_health_change()
+
+    def _arm_down_timer(self) -> None:
+        """Waiters on a stage with nothing up fail after the down wait, or after the cold-start
+        wait when the stage is scaled to zero and a replica is being started."""
+        if self._down_timer is not None or not self._waiters or self.replicas.any_up():
+            return
+        wait = self.cold_start_wait_s if self.scaled_to_zero() else self.limits.down_wait_seconds
+        loop = asyncio.get_running_loop()
+        self._down_timer = loop.call_later(wait, self._fail_waiters)
 
     def _fail_waiters(self) -> None:
         self._down_timer = None
         if self.replicas.any_up():
             return
-        err = Unavailable(
-            f"the {self.name} stage is unavailable: no healthy replica ({self.replicas.why_down()})"
-        )
+        if self.scaled_to_zero():
+            err = Unavailable(
+                f"the {self.name} stage is scaled to zero and no replica started within "
+                f"{self.cold_start_wait_s:.0f} s; {self.retry_hint()}"
+            )
+        else:
+            err = Unavailable(
+                f"the {self.name} stage is unavailable: no healthy replica "
+                f"({self.replicas.why_down()}); {self.retry_hint()}"
+            )
         for waiter in list(self._waiters):
             if not waiter.future.done():
                 waiter.future.set_exception(err)

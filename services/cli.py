@@ -170,7 +170,12 @@ def _parallel_config(args: argparse.Namespace):
 def build_parser() -> argparse.ArgumentParser:
     from ditmesh import __version__
     from ditmesh.client import generate_cmd
-    from ditmesh.gateway.flags import add_discovery_flags, add_drain_flag, add_gateway_flags
+    from ditmesh.gateway.flags import (
+        add_autoscale_flags,
+        add_discovery_flags,
+        add_drain_flag,
+        add_gateway_flags,
+    )
 
     parser = argparse.ArgumentParser(
         prog="ditmesh", description="Serve Diffusion Transformers as a gRPC mesh."
@@ -199,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_vae_gang_args(p, "--parallel")
     add_gateway_flags(p)
     add_discovery_flags(p)
+    add_autoscale_flags(p, kubernetes=True)
     add_drain_flag(p)
 
     p = sub.add_parser("up", help="run the whole mesh locally")
@@ -207,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_gang_args(p)
     _add_vae_gang_args(p, "--vae-parallel")
     add_gateway_flags(p)
+    add_autoscale_flags(p, kubernetes=False)
     add_drain_flag(p)
 
     generate_cmd.add_parser(sub)
@@ -228,19 +235,21 @@ def _serve(args: argparse.Namespace) -> int:
             from ditmesh.gateway.flags import settings_from_flags
             from ditmesh.gateway.main import serve
 
-            missing = [
-                s
-                for s in ("encoder", "denoiser", "vae")
-                if not getattr(args, s) and not getattr(args, f"{s}_service")
-            ]
-            if missing:
-                need = ", ".join(f"--{s} or --{s}-service" for s in missing)
-                print(f"error: the gateway needs {need}", file=sys.stderr)
-                return 2
             try:
                 settings = settings_from_flags(args)
             except ValueError as exc:
                 print(f"error: {exc}", file=sys.stderr)
+                return 2
+            missing = [
+                s
+                for s in ("encoder", "denoiser", "vae")
+                if not getattr(args, s)
+                and not getattr(args, f"{s}_service")
+                and settings.autoscale.stages[s].local_args is None
+            ]
+            if missing:
+                need = ", ".join(f"--{s} or --{s}-service" for s in missing)
+                print(f"error: the gateway needs {need}", file=sys.stderr)
                 return 2
             running = serve(
                 args.model,
@@ -359,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                 ],
                 gateway_args=flags_to_args(args),
                 drain_seconds=args.drain_seconds,
+                autoscale_local=args.autoscale == "on",
             )
         )
     if args.command == "generate":

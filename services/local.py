@@ -1,5 +1,8 @@
 """`ditmesh up`: the whole mesh as local processes, for trying it and for tests.
 
+A little over 350 lines: the stop sequence below and the process handling it needs
+(sessions, death signal, drain timeouts) read best in one place.
+
 Each stage is its own `ditmesh serve` process on a free port (it reports the
 port it bound on stdout, so there is no race for ports); the gateway starts
 once the three stages are listening and healthy.
@@ -18,6 +21,11 @@ Stopping, as the README promises (Ctrl-C drains):
   from the kernel (Linux PR_SET_PDEATHSIG, set between fork and exec) and
   drains as if asked to; elsewhere children outlive such a death.
 
+With `autoscale_local` (`ditmesh up --autoscale on`) `up` starts the gateway alone and
+hands it each stage's `serve` arguments (`--local-stage STAGE=ARGS`): the gateway's
+autoscaler starts and stops the stage processes itself (gateway/autoscale_gateway.py says
+why), stops them after its own drain, and is given that much longer to exit.
+
 What each stage does on SIGTERM (health NOT_SERVING, in-flight work finished
 within its grace) is `ditmesh.common.server`'s; the gateway's admission and
 its drain are the gateway's.
@@ -30,6 +38,7 @@ import ctypes
 import functools
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -76,6 +85,8 @@ class UpConfig:
     """Extra `serve vae` flags: the VAE gang's size (`--parallel M`)."""
     gateway_args: list[str] = field(default_factory=list)
     """Extra `serve gateway` flags (admission limits and the like)."""
+    autoscale_local: bool = False
+    """The gateway starts and stops the stage processes on its autoscaler's decisions."""
 
     def __post_init__(self) -> None:
         if self.stop_margin_s <= 0:
@@ -91,6 +102,8 @@ class UpConfig:
         """Its drain time plus the margin; the drain is the longer of what it is told and its
         own default, as a stage may take --drain-seconds and not act on it."""
         drain = max(self.drain_seconds or 0.0, default_drain_seconds(stage))
+        if stage == "gateway" and self.autoscale_local:  # it stops its stages after its drain
+            drain += max(self.stop_timeout_s(s) for s in STAGES)
         return drain + self.stop_margin_s
 
 
@@ -250,11 +263,16 @@ class LocalMesh:
         replicas = {"denoiser": c.denoiser_replicas}
         try:
             # Appended one by one, so a failure (or a kill) midway still sees every child.
-            for s in STAGES:
+            for s in () if c.autoscale_local else STAGES:
                 for _ in range(replicas.get(s, 1)):
                     args = [*self._common_args(), "--port", "0", *self._stage_args(s)]
                     self.procs.append(StageProcess(s, args, env))
             gw_args = [*self._common_args(), "--port", str(c.port)]
+            if c.autoscale_local:
+                gw_args += [
+                    f"--local-stage={s}={shlex.join([*self._common_args(), *self._stage_args(s)])}"
+                    for s in STAGES
+                ]
             for p in list(self.procs):
                 address = p.wait_listening(c.start_timeout_s, self.abort)
                 wait_healthy(address, c.start_timeout_s, self.abort)

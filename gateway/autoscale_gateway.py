@@ -1,0 +1,213 @@
+"""The autoscaler inside the gateway: what it reads from the stage pools, what it drives.
+
+- `LoadReader` turns each StagePool into the policy's `StageSnapshot`: queued requests and
+  their work in one replica's seconds, requests in flight, measured seconds per request,
+  the p95 queue wait of the last decision period, and arrivals per second since the last
+  read (from the pool's running count of admitted requests).
+- `start_autoscaler` builds the backend for `--autoscale` (Kubernetes workloads, the
+  gateway's own local stage processes, or the pools' own counts for a dry run without
+  workloads), marks the stages that may scale to zero, and runs `Autoscaler.run` on the
+  gateway's loop; `AutoscalerHandle.stop` ends it and stops local processes it started.
+
+Why the gateway process owns the local processes (`ditmesh up --autoscale on`): the
+decisions need the pools' measurements, and a started process must join the pool it
+feeds (`ReplicaSet.add`) and leave it before it is stopped (`remove`); in one process that
+is a call, across `up` and the gateway it would be a new protocol. `up` then starts only
+the gateway, which starts each stage's minimum at its first decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from ditmesh.gateway.autoscale_backends import (
+    KubernetesBackend,
+    LocalProcessBackend,
+    ScaleBackend,
+    Workload,
+)
+from ditmesh.gateway.autoscale_loop import Autoscaler, LeaseElector, backend_for
+from ditmesh.gateway.autoscale_policy import (
+    AutoscalePolicy,
+    AutoscaleSettings,
+    StageScaling,
+    StageSnapshot,
+)
+from ditmesh.gateway.settings import AutoscaleOptions
+from ditmesh.gateway.stages import StagePool
+
+log = logging.getLogger(__name__)
+
+KIND_NAMES = {
+    "deployment": "Deployment",
+    "statefulset": "StatefulSet",
+    "leaderworkerset": "LeaderWorkerSet",
+}
+
+
+def parse_workload(text: str) -> Workload:
+    """`deployment/NAME`, `statefulset/NAME` or `leaderworkerset/NAME`."""
+    kind, sep, name = text.partition("/")
+    if not sep or not name or kind.lower() not in KIND_NAMES:
+        raise ValueError(
+            f"a workload is KIND/NAME with KIND one of {', '.join(KIND_NAMES)}; got {text!r}"
+        )
+    return Workload(kind=KIND_NAMES[kind.lower()], name=name)
+
+
+class LoadReader:
+    """Snapshots of the pools for the policy; call it on the loop that owns the pools."""
+
+    def __init__(self, pools: Iterable[StagePool], clock: Callable[[], float] = time.monotonic):
+        self.pools = {p.name: p for p in pools}
+        self.clock = clock
+        now = clock()
+        self._last = {name: (now, p.admitted) for name, p in self.pools.items()}
+
+    def __call__(self) -> dict[str, StageSnapshot]:
+        now = self.clock()
+        out = {}
+        for name, pool in self.pools.items():
+            then, count = self._last[name]
+            self._last[name] = (now, pool.admitted)
+            rate = (pool.admitted - count) / (now - then) if now > then else 0.0
+            out[name] = StageSnapshot(
+                stage=name,
+                queued=pool.pending,
+                backlog_s=pool.pending_units * pool.seconds_per_unit,
+                inflight=pool.inflight,
+                service_s=pool.request_seconds,
+                p95_wait_s=pool.p95_wait(now),
+                arrival_rate=rate,
+            )
+        return out
+
+
+def pool_counts(pools: dict[str, StagePool]) -> Callable[[str], tuple[int, int]]:
+    """(replicas known and not leaving, replicas up) of a stage, for a dry run."""
+
+    def counts(stage: str) -> tuple[int, int]:
+        reps = pools[stage].replicas
+        return sum(1 for r in list(reps.replicas) if not r.draining), len(reps.up())
+
+    return counts
+
+
+def policy_settings(opts: AutoscaleOptions, stages: Iterable[str]) -> AutoscaleSettings:
+    return AutoscaleSettings(
+        stages={
+            name: StageScaling(
+                min_replicas=a.min_replicas,
+                max_replicas=a.max_replicas,
+                gpus_per_replica=a.gpus_per_replica,
+                target_wait_s=a.target_wait_s,
+                scale_to_zero=a.scale_to_zero,
+            )
+            for name, a in opts.stages.items()
+            if name in stages
+        },
+        gpu_budget=opts.gpu_budget,
+        decision_period_s=opts.decision_period_s,
+        scale_down_window_s=opts.scale_down_window_s,
+        ready_timeout_s=opts.ready_timeout_s,
+    )
+
+
+class AutoscalerHandle:
+    """The running autoscaler of a gateway: `autoscaler.desired` for export, `stop()`."""
+
+    def __init__(self, autoscaler: Autoscaler, task: asyncio.Task, stop_event: asyncio.Event):
+        self.autoscaler = autoscaler
+        self._task = task
+        self._stop = stop_event
+
+    @property
+    def desired(self) -> dict[str, int]:
+        return self.autoscaler.desired
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await self._task
+        backend = self.autoscaler.backend
+        if isinstance(backend, LocalProcessBackend):
+            await asyncio.to_thread(backend.stop_all)
+
+
+def _local_backend(
+    opts: AutoscaleOptions, pools: dict[str, StagePool], loop: asyncio.AbstractEventLoop
+) -> LocalProcessBackend:
+    def on_loop(fn: Callable[..., Any], *args: Any) -> None:
+        # Waits until the pool has changed: a replica leaving the pool must be out of it
+        # before its process is told to stop, or new work could still be sent to it.
+        async def call() -> None:
+            fn(*args)
+
+        asyncio.run_coroutine_threadsafe(call(), loop).result()
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    local_args = {s: a.local_args for s, a in opts.stages.items() if a.local_args is not None}
+    return LocalProcessBackend(
+        spawn=LocalProcessBackend.serve_spawner(
+            lambda stage: [*local_args[stage], "--port", "0"], env
+        ),
+        on_added=lambda stage, address: on_loop(pools[stage].replicas.add, address),
+        on_removed=lambda stage, address: on_loop(pools[stage].replicas.remove, address),
+        start_timeout_s=opts.ready_timeout_s,
+    )
+
+
+def _kubernetes(opts: AutoscaleOptions, kubeconfig: str | None) -> tuple[Any, str]:
+    from ditmesh.gateway.discovery import api_client, own_namespace
+
+    return api_client(kubeconfig), opts.namespace or own_namespace()
+
+
+def start_autoscaler(
+    opts: AutoscaleOptions, pools: Iterable[StagePool], kubeconfig: str | None = None
+) -> AutoscalerHandle | None:
+    """Starts the autoscaler on the running loop (None when `--autoscale off`)."""
+    if not opts.active:
+        return None
+    by_name = {p.name: p for p in pools}
+    loop = asyncio.get_running_loop()
+    workloads = {s: parse_workload(a.workload) for s, a in opts.stages.items() if a.workload}
+    real: ScaleBackend | None = None
+    leader = None
+    if opts.local:
+        real = _local_backend(opts, by_name, loop)
+        scaled = [s for s, a in opts.stages.items() if a.local_args is not None]
+    elif workloads:
+        api, namespace = _kubernetes(opts, kubeconfig)
+        real = KubernetesBackend(api, namespace, workloads)
+        scaled = list(workloads)
+        if opts.lease:
+            identity = os.environ.get("POD_NAME") or socket.gethostname()
+            leader = LeaseElector(api, namespace, opts.lease, identity)
+    else:
+        real = None  # dry-run on the pools' own counts; `on` refuses below
+        scaled = list(by_name)
+    backend = backend_for(opts.mode, real, pool_counts(by_name))
+    settings = policy_settings(opts, scaled)
+    for name in settings.stages:
+        pool = by_name[name]
+        pool.wait_window_s = settings.decision_period_s
+        if opts.mode == "on" and settings.stages[name].scale_to_zero:
+            pool.cold_start_wait_s = opts.cold_start_wait_s
+    autoscaler = Autoscaler(
+        AutoscalePolicy(settings), backend, LoadReader(by_name.values()), leader=leader
+    )
+    stop = asyncio.Event()
+    task = loop.create_task(autoscaler.run(stop), name="autoscaler")
+    log.info(
+        "autoscale %s: stages %s, every %.1f s",
+        opts.mode,
+        ", ".join(settings.stages),
+        settings.decision_period_s,
+    )
+    return AutoscalerHandle(autoscaler, task, stop)
