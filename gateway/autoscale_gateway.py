@@ -83,7 +83,7 @@ class LoadReader:
                 backlog_s=pool.pending_units * pool.seconds_per_unit,
                 inflight=pool.inflight,
                 service_s=pool.request_seconds,
-                p95_wait_s=pool.p95_wait(now),
+                p95_wait_s=pool.p95_wait(),  # on the pool's own (monotonic) clock
                 arrival_rate=rate,
             )
         return out

@@ -1,0 +1,176 @@
+"""The autoscaler's view of the gateway and its flags, without stages (unit tests).
+
+What a snapshot holds (arrivals, queued work, p95 queue wait), scale-to-zero admission
+(wait while a replica starts, then UNAVAILABLE with a retry hint), and the flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+import pytest
+
+from ditmesh.common.errors import Unavailable
+from ditmesh.gateway.autoscale_gateway import LoadReader, parse_workload, policy_settings
+from ditmesh.gateway.flags import (
+    add_autoscale_flags,
+    add_discovery_flags,
+    add_drain_flag,
+    add_gateway_flags,
+    flags_to_args,
+    settings_from_flags,
+)
+from ditmesh.gateway.settings import StageLimits
+from ditmesh.gateway.stages import StagePool
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_snapshot_counts_arrivals_queue_and_waits():
+    async def main():
+        pool = StagePool("denoiser", ["127.0.0.1:1"], StageLimits(slots_per_replica=1))
+        clock = Clock()
+        read = LoadReader([pool], clock)
+        places = [pool.reserve(2.0) for _ in range(3)]
+        pool.seconds_per_unit = 0.5
+        pool.request_seconds = 1.0
+        clock.now += 2.0
+        snap = read()["denoiser"]
+        assert snap.arrival_rate == pytest.approx(1.5)  # 3 admitted in 2 s
+        assert (snap.queued, snap.backlog_s, snap.service_s) == (3, pytest.approx(3.0), 1.0)
+        lease = await pool.acquire(2.0, 5.0, set())
+        places[0].give_back()
+        waiting = asyncio.create_task(pool.acquire(2.0, 5.0, set()))
+        await asyncio.sleep(0.05)
+        clock.now += 1.0
+        snap = read()["denoiser"]
+        assert snap.arrival_rate == 0.0 and snap.inflight == 1 and snap.queued == 2
+        assert snap.p95_wait_s >= 0.04  # the one still waiting counts by its wait so far
+        lease.release(ok=True)
+        (await waiting).release(ok=True)
+        await pool.close()
+
+    asyncio.run(main())
+
+
+def test_p95_wait_is_over_the_window():
+    async def main():
+        pool = StagePool("vae", ["127.0.0.1:1"], StageLimits(slots_per_replica=1))
+        pool.wait_window_s = 10.0
+        pool._waits.extend([(0.0, 50.0), (95.0, 1.0), (96.0, 2.0), (97.0, 3.0)])
+        assert pool.p95_wait(100.0) == 3.0  # the 50 s wait is older than the window
+        assert pool.p95_wait(200.0) == 0.0
+        await pool.close()
+
+    asyncio.run(main())
+
+
+def cold_pool(wait: float | None) -> StagePool:
+    pool = StagePool(
+        "denoiser", [], StageLimits(slots_per_replica=1, down_wait_seconds=0.05), discovered=True
+    )
+    pool.cold_start_wait_s = wait
+    return pool
+
+
+def test_scaled_to_zero_admits_and_waits_for_a_replica_then_unavailable_with_a_hint():
+    async def main():
+        pool = cold_pool(0.3)
+        assert pool.scaled_to_zero() and pool.can_take_work()
+        pool.check_admission(1.0)  # no NOT_FOUND, no refusal: it waits for a cold start
+        task = asyncio.create_task(pool.acquire(1.0, 10.0, set()))
+        await asyncio.sleep(0.1)
+        assert not task.done()  # still waiting past the (shorter) down wait
+        with pytest.raises(Unavailable, match=r"scaled to zero .* retry in about \d+ s"):
+            await task
+        await pool.close()
+
+    asyncio.run(main())
+
+
+def test_scaled_to_zero_serves_once_a_replica_is_up():
+    async def main():
+        pool = cold_pool(5.0)
+        task = asyncio.create_task(pool.acquire(1.0, 10.0, set()))
+        await asyncio.sleep(0.05)
+        pool.replicas.add("127.0.0.1:1")  # the started replica joins; its first check passes
+        replica = pool.replicas.get("127.0.0.1:1")
+        replica.healthy = True
+        pool._changed()
+        lease = await asyncio.wait_for(task, 1.0)
+        assert lease.replica is replica
+        lease.release(ok=True)
+        await pool.close()
+
+    asyncio.run(main())
+
+
+def test_without_an_active_autoscaler_an_empty_stage_refuses_at_once():
+    async def main():
+        pool = cold_pool(None)
+        assert not pool.can_take_work()
+        with pytest.raises(Unavailable, match="no healthy replica"):
+            pool.check_admission(1.0)
+        await pool.close()
+
+    asyncio.run(main())
+
+
+def parser(kubernetes: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    add_gateway_flags(p)
+    add_discovery_flags(p)
+    add_autoscale_flags(p, kubernetes=kubernetes)
+    add_drain_flag(p)
+    return p
+
+
+def test_flags_fill_the_autoscaler_settings():
+    args = parser().parse_args(
+        [
+            "--autoscale=on",
+            "--autoscale-period=2",
+            "--gpu-budget=16",
+            "--denoiser-replicas-min=0",
+            "--denoiser-replicas-max=4",
+            "--denoiser-gpus=4",
+            "--denoiser-target-wait=3",
+            "--scale-to-zero=denoiser",
+            "--denoiser-workload=statefulset/ditmesh-denoiser",
+        ]
+    )
+    a = settings_from_flags(args).autoscale
+    d = a.stages["denoiser"]
+    assert (a.mode, a.decision_period_s, a.gpu_budget) == ("on", 2.0, 16)
+    assert (d.min_replicas, d.max_replicas, d.gpus_per_replica, d.target_wait_s) == (0, 4, 4, 3.0)
+    assert d.scale_to_zero and not a.stages["vae"].scale_to_zero
+    assert parse_workload(d.workload).kind == "StatefulSet"
+    policy = policy_settings(a, ["denoiser"])
+    assert list(policy.stages) == ["denoiser"] and policy.stages["denoiser"].floor == 0
+
+
+def test_bad_autoscale_flags_are_refused_at_start():
+    with pytest.raises(ValueError, match="min_replicas"):
+        settings_from_flags(parser().parse_args(["--autoscale=on", "--vae-replicas-min=0"]))
+    with pytest.raises(ValueError, match="KIND/NAME"):
+        parse_workload("pod/x")
+
+
+def test_up_hands_the_autoscale_flags_to_its_gateway():
+    up = parser(kubernetes=False).parse_args(
+        ["--autoscale=on", "--scale-to-zero=vae", "--denoiser-replicas-max=3"]
+    )
+    forwarded = flags_to_args(up)
+    gw = settings_from_flags(parser().parse_args(forwarded)).autoscale
+    assert gw.mode == "on" and gw.stages["vae"].scale_to_zero
+    assert gw.stages["denoiser"].max_replicas == 3
+    local = parser().parse_args([*forwarded, "--local-stage=denoiser=--model 'a b' --dp=1"])
+    stage = settings_from_flags(local).autoscale.stages["denoiser"]
+    assert stage.local_args == ["--model", "a b", "--dp=1"]
