@@ -174,3 +174,24 @@ def test_up_hands_the_autoscale_flags_to_its_gateway():
     local = parser().parse_args([*forwarded, "--local-stage=denoiser=--model 'a b' --dp=1"])
     stage = settings_from_flags(local).autoscale.stages["denoiser"]
     assert stage.local_args == ["--model", "a b", "--dp=1"]
+
+
+def test_dry_run_decides_on_the_pools_own_counts_and_exports_desired():
+    from ditmesh.gateway.autoscale_gateway import start_autoscaler
+    from ditmesh.gateway.autoscale_loop import DryRunBackend
+
+    async def main():
+        pools = [StagePool(s, ["127.0.0.1:1"]) for s in ("encoder", "denoiser", "vae")]
+        args = parser().parse_args(["--autoscale=dry-run", "--autoscale-period=0.05"])
+        handle = start_autoscaler(settings_from_flags(args).autoscale, pools)
+        for pool in pools:
+            pool.reserve(1.0)
+        await asyncio.sleep(0.3)
+        assert set(handle.desired) == {"encoder", "denoiser", "vae"}
+        assert isinstance(handle.autoscaler.backend, DryRunBackend)
+        assert all(p.cold_start_wait_s is None for p in pools)  # dry-run starts nothing
+        await handle.stop()
+        for pool in pools:
+            await pool.close()
+
+    asyncio.run(main())
