@@ -3,7 +3,9 @@
 A bounded burst of requests makes the denoiser pool grow from one process to two, and
 it shrinks back once the burst is over; every request completes exactly once (one
 `finished` event, one access-log line) with the image a lone request with the same seed
-made before the burst (the same bytes). Decision period and windows are short here (flags)
+makes after the burst, on one replica again (the same bytes). The lone request comes
+after, not before: with a half-second decision period one request is a rate of 2/s, which
+may rightly add a replica by itself. Decision period and windows are short here (flags)
 so that it fits in well under a minute and a half on a shared two-core machine.
 """
 
@@ -33,6 +35,9 @@ FLAGS = (
     "--encoder-replicas-max=1",
     "--vae-replicas-max=1",
     "--drain-seconds=5",
+    # A busy shared CPU (a new process loading while others serve) may stall a step for
+    # seconds; that is not what this test is about.
+    "--watchdog-min-seconds=120",
 )
 GROWN = re.compile(r"autoscale local: denoiser 1 -> 2")
 SHRUNK = re.compile(r"autoscale local: denoiser 2 -> 1")
@@ -72,17 +77,17 @@ def test_a_burst_grows_the_denoiser_pool_and_it_shrinks_back(tiny_flux):
     try:
         ch = grpc.insecure_channel(mesh.address)
         stub = gateway_pb2_grpc.GatewayStub(ch)
-        want, finished = generate(stub, "reference")
-        assert want and finished == 1
-        assert not any(GROWN.search(line) for line in mesh.stderr)
-        ids = [f"burst-{i}-{uuid.uuid4().hex[:6]}" for i in range(24)]
-        with ThreadPoolExecutor(6) as pool:
+        assert not any(GROWN.search(line) for line in mesh.stderr)  # it starts with one
+        ids = [f"burst-{i}-{uuid.uuid4().hex[:6]}" for i in range(16)]
+        with ThreadPoolExecutor(4) as pool:
             results = list(pool.map(lambda rid: generate(stub, rid), ids))
         assert wait_for(GROWN, mesh.stderr, 10), "the denoiser was not scaled up"
         # The second process joins the pool (healthy) and later leaves it.
         assert wait_for(SHRUNK, mesh.stderr, 40), "the denoiser did not shrink back"
         joined = {m.group(1) for line in mesh.stderr if (m := JOINED.search(line))}
         assert len(joined) >= 2, joined
+        want, finished = generate(stub, "reference")
+        assert want and finished == 1
         for rid, (data, done) in zip(ids, results, strict=True):
             assert done == 1, rid
             assert data == want, f"{rid}: not the reference image"
