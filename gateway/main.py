@@ -110,6 +110,7 @@ def serve(
             )
         ]
     )
-    if s.autoscale.local:  # its stages start only now: not SERVING until they are up
-        server.run(server.set_serving(gateway.healthy()))
+    # The server starts SERVING; a gateway whose stages are still to be found (discovery)
+    # or started (local autoscaling) is not, until they are up (static replicas count as up).
+    server.run(server.set_serving(gateway.healthy()))
     return server
