@@ -212,7 +212,9 @@ class LocalProcessBackend:
     ) -> Callable[[str], Any]:
         from ditmesh.local import StageProcess
 
-        return lambda stage: StageProcess(stage, args(stage), env)
+        # The gateway is many-threaded and starts stages from worker threads: no death
+        # signal tied to the starting thread; the gateway stops its stages when it stops.
+        return lambda stage: StageProcess(stage, args(stage), env, die_with_parent=False)
 
     def current(self, stage: str) -> tuple[int, int]:
         with self._lock:

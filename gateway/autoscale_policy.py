@@ -26,6 +26,9 @@ How a target is set:
 - Bounds: min/max per stage (min is 0 only with `scale_to_zero`), whole gangs, and a GPU
   budget: when growth does not fit, free GPUs go one gang at a time to the stage with the
   most queued GPU-seconds per replica.
+
+A little over 350 lines: the settings, their checks and the policy they drive are kept
+together so a reader sees every knob beside the rule that uses it.
 """
 
 from __future__ import annotations

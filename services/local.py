@@ -29,6 +29,9 @@ why), stops them after its own drain, and is given that much longer to exit.
 What each stage does on SIGTERM (health NOT_SERVING, in-flight work finished
 within its grace) is `ditmesh.common.server`'s; the gateway's admission and
 its drain are the gateway's.
+
+Over 350 lines on purpose: the life cycle of every child (start in its own session,
+health, the drain order, the second Ctrl-C, the death signal) is one story, read whole.
 """
 
 from __future__ import annotations
@@ -143,7 +146,13 @@ def _parent_watch():
 class StageProcess:
     """One `ditmesh serve` child, in its own session (its pid is its process group)."""
 
-    def __init__(self, stage: str, args: list[str], env: dict[str, str]) -> None:
+    def __init__(
+        self, stage: str, args: list[str], env: dict[str, str], *, die_with_parent: bool = True
+    ) -> None:
+        """`die_with_parent`: the kernel stops the child when the thread that started it
+        ends. Only for a single-threaded starter (`up`, the benchmarks): a function run
+        between fork and exec in a child of a many-threaded process (the gateway) can
+        deadlock, and a worker thread that starts a child may end before it."""
         self.stage = stage
         cmd = [sys.executable, "-m", "ditmesh.cli", "serve", stage, *args]
         self.proc = subprocess.Popen(
@@ -154,7 +163,7 @@ class StageProcess:
             env=env,
             bufsize=1,
             start_new_session=True,
-            preexec_fn=_parent_watch(),
+            preexec_fn=_parent_watch() if die_with_parent else None,
         )
         self.address: str | None = None
         self._ready = threading.Event()
