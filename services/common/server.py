@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 REQUEST_ID_KEY = "x-request-id"
 
+FAIL_GRACE_S = 2.0
+"""How long a server that failed for good lets its calls in flight end."""
+
 # The gateway pings its stages to notice a silent peer; allow it (gRPC's default
 # answers frequent pings with GOAWAY).
 KEEPALIVE_SERVER_OPTIONS = [
@@ -237,7 +240,10 @@ class RunningServer:
         """Stops serving for good and makes the process exit non-zero."""
         log.error("%s: %s; stopping", self.config.stage, reason)
         self.exit_code = 1
-        threading.Thread(target=self.stop, args=(0,), daemon=True).start()
+        # A short grace, not none: the request whose failure this is (a gang that lost a
+        # process) must still send its own status and sentence before the server cancels
+        # what is left; new requests are refused at once either way.
+        threading.Thread(target=self.stop, args=(FAIL_GRACE_S,), daemon=True).start()
 
     def wait(self) -> None:
         self.server.wait_for_termination()
