@@ -60,7 +60,10 @@ class StageScaling:
                 f"min_replicas must be >= 1 (or 0 with scale_to_zero), got {self.min_replicas}"
             )
         if self.max_replicas < max(1, self.min_replicas):
-            raise ValueError(f"max_replicas {self.max_replicas} is below min_replicas / 1")
+            raise ValueError(
+                f"max_replicas {self.max_replicas} is below {max(1, self.min_replicas)} "
+                f"(min_replicas {self.min_replicas}, and at least 1)"
+            )
         if self.gpus_per_replica < 1:
             raise ValueError(f"gpus_per_replica must be >= 1, got {self.gpus_per_replica}")
         if self.target_wait_s <= 0:

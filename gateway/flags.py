@@ -7,6 +7,7 @@ only calls `add_gateway_flags` and `settings_from_flags`.
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 
 from ditmesh.gateway.settings import (
@@ -24,6 +25,8 @@ from ditmesh.gateway.settings import (
 )
 
 STAGES = ("encoder", "denoiser", "vae")
+# What gateway/discovery.py's ServiceRef.parse takes, checked here without the kubernetes client.
+SERVICE_REF = re.compile(r"(?:[^/:\s]+/)?[^/:\s]+:[^/:\s]+")
 
 FLAGS = (
     "max_queue",
@@ -272,6 +275,13 @@ def add_drain_flag(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from_flags(args: argparse.Namespace) -> GatewaySettings:
+    for stage in STAGES:
+        ref = getattr(args, f"{stage}_service", None)
+        if ref is not None and not SERVICE_REF.fullmatch(ref):
+            raise ValueError(
+                f"--{stage}-service {ref!r}: a service is NAMESPACE/NAME:PORT or NAME:PORT "
+                "(PORT a number or a port name)"
+            )
     if args.max_queue < 1:
         raise ValueError(f"--max-queue must be at least 1; got {args.max_queue}")
     if args.attempts < 1:

@@ -207,3 +207,23 @@ def test_a_waiter_that_is_cancelled_leaves_the_queue():
         assert d.replicas.replicas[0].inflight == 0  # nothing handed to the one who left
 
     run(main())
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--encoder-service", "bad"], "--encoder-service 'bad': a service is NAMESPACE/NAME:PORT"),
+        (
+            ["--autoscale", "on", "--denoiser-replicas-min", "5", "--denoiser-replicas-max", "2"],
+            "max_replicas 2 is below 5 (min_replicas 5",
+        ),
+        (["--max-queue", "0"], "--max-queue must be at least 1; got 0"),
+    ],
+)
+def test_bad_gateway_flags_are_one_line_and_exit_2(argv, needle, capsys):
+    from ditmesh.cli import main
+
+    base = ["serve", "gateway", "--model", "/nowhere", "--encoder", "h:1", "--denoiser", "h:2"]
+    assert main([*base, "--vae", "h:3", *argv]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
