@@ -49,7 +49,8 @@ class DenoiserServicer:
     def Denoise(self, request_iterator, context):
         """The request stream is one DenoiseParams, then the conditioning tensors
         from the encoder as chunks, then one TensorsDone. The response stream is
-        one DenoiseStep per step, then the final latents as chunks (name
+        one DenoiseStep per step (each step in DenoiseParams.preview_steps followed by
+        a DenoisePreview), then the final latents as chunks (name
         "latents"), then one TensorsDone.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt", "negative_prompt", "height", "width", "steps", "guidance", "true_cfg_scale", "seed", "num_images", "output_format", "quality")
+    __slots__ = ("request_id", "model", "prompt", "negative_prompt", "height", "width", "steps", "guidance", "true_cfg_scale", "seed", "num_images", "output_format", "quality", "partial_images")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,7 @@ class GenerateRequest(_message.Message):
     NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_IMAGES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt: str
@@ -35,7 +36,8 @@ class GenerateRequest(_message.Message):
     num_images: int
     output_format: _vae_pb2.OutputFormat
     quality: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., true_cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., output_format: _Optional[_Union[_vae_pb2.OutputFormat, str]] = ..., quality: _Optional[int] = ...) -> None: ...
+    partial_images: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., true_cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., output_format: _Optional[_Union[_vae_pb2.OutputFormat, str]] = ..., quality: _Optional[int] = ..., partial_images: _Optional[int] = ...) -> None: ...
 
 class Queued(_message.Message):
     __slots__ = ("position",)
@@ -56,6 +58,18 @@ class Step(_message.Message):
     step: int
     total: int
     def __init__(self, step: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
+
+class PartialImage(_message.Message):
+    __slots__ = ("partial_image_index", "step", "total", "image")
+    PARTIAL_IMAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    partial_image_index: int
+    step: int
+    total: int
+    image: Image
+    def __init__(self, partial_image_index: _Optional[int] = ..., step: _Optional[int] = ..., total: _Optional[int] = ..., image: _Optional[_Union[Image, _Mapping]] = ...) -> None: ...
 
 class Decoded(_message.Message):
     __slots__ = ("seconds",)
@@ -80,7 +94,7 @@ class Finished(_message.Message):
     def __init__(self, seed: _Optional[int] = ..., num_images: _Optional[int] = ..., encode_seconds: _Optional[float] = ..., denoise_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
-    __slots__ = ("request_id", "queued", "encoded", "step", "decoded", "image", "finished")
+    __slots__ = ("request_id", "queued", "encoded", "step", "decoded", "image", "finished", "partial_image")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     ENCODED_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +102,7 @@ class GenerateEvent(_message.Message):
     DECODED_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_IMAGE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     queued: Queued
     encoded: Encoded
@@ -95,7 +110,8 @@ class GenerateEvent(_message.Message):
     decoded: Decoded
     image: _vae_pb2.ImageChunk
     finished: Finished
-    def __init__(self, request_id: _Optional[str] = ..., queued: _Optional[_Union[Queued, _Mapping]] = ..., encoded: _Optional[_Union[Encoded, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., decoded: _Optional[_Union[Decoded, _Mapping]] = ..., image: _Optional[_Union[_vae_pb2.ImageChunk, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ...) -> None: ...
+    partial_image: PartialImage
+    def __init__(self, request_id: _Optional[str] = ..., queued: _Optional[_Union[Queued, _Mapping]] = ..., encoded: _Optional[_Union[Encoded, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., decoded: _Optional[_Union[Decoded, _Mapping]] = ..., image: _Optional[_Union[_vae_pb2.ImageChunk, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., partial_image: _Optional[_Union[PartialImage, _Mapping]] = ...) -> None: ...
 
 class Image(_message.Message):
     __slots__ = ("index", "format", "mime_type", "width", "height", "data")
