@@ -48,6 +48,15 @@ class StepDone:
     total: int
 
 
+@dataclass(slots=True)
+class Preview:
+    """The denoiser's latents after `step`, to decode into partial images."""
+
+    step: int
+    total: int
+    latents: torch.Tensor
+
+
 class ReplicaGaveUp(Exception):
     """The gateway stopped waiting for a replica (frozen or silent); retry elsewhere."""
 
@@ -138,7 +147,8 @@ async def denoise(
     timeout: float,
     watch: StepWatch,
 ) -> AsyncIterator[StepDone | Done]:
-    """Yields a StepDone per step, then Done(latents)."""
+    """Yields a StepDone per step (and a Preview after each of the plan's preview steps),
+    then Done(latents)."""
     params = denoiser_pb2.DenoiseParams(
         request_id=plan.request_id,
         model=plan.model.name,
@@ -149,6 +159,7 @@ async def denoise(
         true_cfg_scale=plan.true_cfg_scale,
         seed=plan.seed,
         num_images=plan.num_images,
+        preview_steps=plan.preview_steps,
     )
     stub = denoiser_pb2_grpc.DenoiserStub(attempt.replica.channel)
     requests = codec.params_and_tensors_stream(denoiser_pb2.DenoiseRequest, params, cond)
@@ -159,6 +170,9 @@ async def denoise(
         if kind == "step":
             watch.tick()
             yield StepDone(msg.step.step, msg.step.total)
+        elif kind == "preview":
+            p = msg.preview
+            yield Preview(p.step, p.total, codec.from_proto(p.latents))
         elif kind is not None:
             raise DitmeshError(f"the denoiser stage sent an unknown message ({kind})")
     latents = _tensors(stream).get("latents")

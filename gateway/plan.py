@@ -21,6 +21,7 @@ from ditmesh.common.limits import (
     check_steps,
 )
 from ditmesh.common.models import Family, ModelRef
+from ditmesh.gateway.previews import preview_steps
 from ditmesh.v1 import gateway_pb2, vae_pb2
 
 MAX_PROMPT_CHARS = 20_000
@@ -58,6 +59,8 @@ class RequestPlan:
     num_images: int
     output_format: int
     quality: int
+    preview_steps: tuple[int, ...] = ()
+    """Steps after which a partial image is sent (gateway/previews.py)."""
 
     @property
     def family(self) -> Family:
@@ -145,4 +148,5 @@ def make_plan(
         num_images=n,
         output_format=req.output_format or vae_pb2.OUTPUT_FORMAT_PNG,
         quality=req.quality,
+        preview_steps=preview_steps(req.partial_images, steps),
     )

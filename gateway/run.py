@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import grpc
 
 from ditmesh.common.errors import DeadlineExceeded, from_rpc_error
-from ditmesh.gateway import calls
+from ditmesh.gateway import calls, previews
 from ditmesh.gateway.plan import RequestPlan
 from ditmesh.gateway.settings import RetryPolicy
 from ditmesh.gateway.stages import Reservation, StagePool, unavailable
@@ -78,9 +78,13 @@ class RequestRun:
             cond = item.value
         t1 = time.monotonic()
         yield self._event(encoded=gateway_pb2.Encoded(seconds=t1 - t0))
+        previewed: set[int] = set()
         async for item in self._on_stage(self.stages.denoiser, self._denoise_with(cond)):
             if isinstance(item, calls.Done):
                 latents = item.value
+            elif isinstance(item, calls.Preview):
+                async for event in self._partial_images(item, previewed):
+                    yield event
             else:
                 yield item
         t2 = time.monotonic()
@@ -101,6 +105,24 @@ class RequestRun:
                 total_seconds=t3 - t0,
             )
         )
+
+    async def _partial_images(
+        self, preview: calls.Preview, previewed: set[int]
+    ) -> AsyncIterator[gateway_pb2.GenerateEvent]:
+        """Decodes a preview on the VAE stage (while the denoiser goes on: its stream
+        buffers). A denoiser retried on another replica previews the same steps again:
+        each step is sent once."""
+        if preview.step in previewed:
+            return
+        index = len(previewed)
+        previewed.add(preview.step)
+        async for item in self._on_stage(self.stages.vae, self._decode_with(preview.latents)):
+            chunks = item.value
+        for image in previews.whole_images(chunks):
+            part = gateway_pb2.PartialImage(
+                partial_image_index=index, step=preview.step, total=preview.total, image=image
+            )
+            yield self._event(partial_image=part)
 
     # -- one stage, with retries ----------------------------------------------------------------
 

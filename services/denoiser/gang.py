@@ -34,7 +34,7 @@ from ditmesh.common.gangs import (
     torchrun_env,
 )
 from ditmesh.common.models import ModelRef, resolve_model
-from ditmesh.denoiser.job import DenoiseJob, StepCallback
+from ditmesh.denoiser.job import DenoiseJob, PreviewCallback, StepCallback
 from ditmesh.denoiser.parallel.mesh import (
     ParallelConfig,
     RankGroups,
@@ -127,8 +127,13 @@ class GangMember:
         got = broadcast_tensor_dict(message, group=self.control)
         return None if got is None else DenoiseJob(**got[0], cond=got[1])
 
-    def run(self, job: DenoiseJob, on_step: StepCallback | None = None) -> torch.Tensor:
-        return sample(self.adapter, job, self.mesh, on_step)
+    def run(
+        self,
+        job: DenoiseJob,
+        on_step: StepCallback | None = None,
+        on_preview: PreviewCallback | None = None,
+    ) -> torch.Tensor:
+        return sample(self.adapter, job, self.mesh, on_step, on_preview)
 
     def follow(self) -> None:
         """Worker: runs the leader's jobs until it says stop."""
@@ -207,10 +212,15 @@ class GangRunner(GangLeader):
             speed.describe(),
         )
 
-    def run(self, job: DenoiseJob, on_step: StepCallback | None = None) -> torch.Tensor:
+    def run(
+        self,
+        job: DenoiseJob,
+        on_step: StepCallback | None = None,
+        on_preview: PreviewCallback | None = None,
+    ) -> torch.Tensor:
         def work() -> torch.Tensor:
             self.member.broadcast_job(job)
-            return self.member.run(job, on_step).float().cpu()
+            return self.member.run(job, on_step, on_preview).float().cpu()
 
         return self.exclusive(
             work,

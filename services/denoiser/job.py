@@ -20,7 +20,13 @@ class DenoiseJob:
     num_images: int
     cond: dict[str, torch.Tensor] = field(default_factory=dict)
     """Conditioning from the encoder, by name (prompt_embeds, negative_prompt_embeds, ...)."""
+    preview_steps: tuple[int, ...] = ()
+    """Steps (1-based) after which the latents so far are handed to the preview callback."""
 
 
 # Called after each step with (step, total), 1-based; may raise to cancel the job.
 StepCallback = Callable[[int, int], None]
+
+# Called on the leader with (step, total, latents) after each of the job's preview steps;
+# the latents are whole (every rank's images) and shaped as the final ones.
+PreviewCallback = Callable[[int, int, torch.Tensor], None]

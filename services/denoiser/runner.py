@@ -16,7 +16,7 @@ import torch
 
 from ditmesh.common.limits import check_size
 from ditmesh.common.models import ModelRef, load_class, pick_device, pick_dtype
-from ditmesh.denoiser.job import DenoiseJob, StepCallback
+from ditmesh.denoiser.job import DenoiseJob, PreviewCallback, StepCallback
 from ditmesh.denoiser.parallel.mesh import single_process_mesh
 from ditmesh.denoiser.sampler import Adapter, sample
 from ditmesh.denoiser.speed import EAGER, Speedups
@@ -28,7 +28,12 @@ log = logging.getLogger(__name__)
 class Runner(Protocol):
     model: ModelRef
 
-    def run(self, job: DenoiseJob, on_step: StepCallback | None = None) -> torch.Tensor: ...
+    def run(
+        self,
+        job: DenoiseJob,
+        on_step: StepCallback | None = None,
+        on_preview: PreviewCallback | None = None,
+    ) -> torch.Tensor: ...
 
     def is_broken(self) -> bool:
         """Whether the runner failed for good (a gang lost a process): the stage must stop."""
@@ -122,9 +127,14 @@ class LocalRunner:
         if warm:
             warm_up(self.run, [warmup_job(self.adapter, model, cfg=False, size=s) for s in sizes])
 
-    def run(self, job: DenoiseJob, on_step: StepCallback | None = None) -> torch.Tensor:
+    def run(
+        self,
+        job: DenoiseJob,
+        on_step: StepCallback | None = None,
+        on_preview: PreviewCallback | None = None,
+    ) -> torch.Tensor:
         with self._lock:
-            return sample(self.adapter, job, self.mesh, on_step).float().cpu()
+            return sample(self.adapter, job, self.mesh, on_step, on_preview).float().cpu()
 
     def is_broken(self) -> bool:
         return False  # one process: nothing to lose

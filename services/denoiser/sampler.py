@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ditmesh.denoiser.adapter import Adapter, Prepared
-from ditmesh.denoiser.job import DenoiseJob, StepCallback
+from ditmesh.denoiser.job import DenoiseJob, PreviewCallback, StepCallback
 from ditmesh.denoiser.parallel.cfg import CfgBranches
 from ditmesh.denoiser.parallel.data import ImageShare
 from ditmesh.denoiser.parallel.mesh import RankGroups
@@ -26,7 +26,11 @@ __all__ = ["Adapter", "Prepared", "sample"]
 
 @torch.inference_mode()
 def sample(
-    adapter: Adapter, job: DenoiseJob, mesh: RankGroups, on_step: StepCallback | None = None
+    adapter: Adapter,
+    job: DenoiseJob,
+    mesh: RankGroups,
+    on_step: StepCallback | None = None,
+    on_preview: PreviewCallback | None = None,
 ) -> torch.Tensor:
     if mesh.config.pipefusion > 1:
         return sample_pipefusion(adapter, job, mesh, on_step)
@@ -42,4 +46,14 @@ def sample(
             latents = prep.scheduler.step(noise, t, latents, return_dict=False)[0]
             if on_step is not None:
                 on_step(i + 1, total)
+            if i + 1 in job.preview_steps:
+                # Every rank gathers (a collective); the leader reports. The job, preview
+                # steps included, is the same on every rank.
+                preview = adapter.finish(prep, share.gather(latents), job)
+                if on_preview is not None:
+                    on_preview(i + 1, total, preview)
+    else:
+        # A dp replica with no image of this job still joins every preview's gather.
+        for _ in (s for s in job.preview_steps if s <= total):
+            share.gather(latents)
     return adapter.finish(prep, share.gather(latents), job)

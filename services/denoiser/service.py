@@ -1,4 +1,9 @@
-"""The denoiser stage's gRPC service (served by the gang's leader rank)."""
+"""The denoiser stage's gRPC service (served by the gang's leader rank).
+
+Besides a step event per step and the final latents, it sends the latents so far after
+each step the request names in `preview_steps` (the gateway has them decoded into
+partial images by the VAE stage; nothing here decodes).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,10 @@ import queue
 import threading
 
 import grpc
+import torch
 
 from ditmesh.common import codec
-from ditmesh.common.errors import Cancelled
+from ditmesh.common.errors import Cancelled, InvalidArgument
 from ditmesh.common.gang_watch import watch_gang
 from ditmesh.common.gangs import GangLeader, torchrun_env
 from ditmesh.common.limits import (
@@ -45,6 +51,8 @@ def read_job(request_iterator, runner: Runner) -> DenoiseJob:
     check_guidance(p.guidance, "guidance")
     check_guidance(p.true_cfg_scale, "true_cfg_scale")
     check_seed(p.seed)
+    preview_steps = tuple(p.preview_steps)
+    check_preview_steps(preview_steps, p.steps, runner)
     return DenoiseJob(
         request_id=p.request_id,
         height=p.height,
@@ -55,7 +63,23 @@ def read_job(request_iterator, runner: Runner) -> DenoiseJob:
         seed=p.seed,
         num_images=p.num_images,
         cond=cond,
+        preview_steps=preview_steps,
     )
+
+
+def check_preview_steps(steps: tuple[int, ...], total: int, runner: Runner) -> None:
+    """Ascending steps before the last (the last is the image itself)."""
+    if not steps:
+        return
+    if list(steps) != sorted(set(steps)) or steps[0] < 1 or steps[-1] >= total:
+        raise InvalidArgument(
+            f"preview steps must ascend, each between 1 and {total - 1} (the last step is the "
+            f"image itself); got {list(steps)}"
+        )
+    if isinstance(runner, GangRunner) and runner.parallel.pipefusion > 1:
+        # PipeFusion's latents are stale patch by patch until the last step: no whole
+        # picture exists in between to preview.
+        raise InvalidArgument("partial images are not available from a PipeFusion gang")
 
 
 class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
@@ -76,11 +100,17 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
                 denoiser_pb2.DenoiseResponse(step=denoiser_pb2.DenoiseStep(step=step, total=total))
             )
 
+        def on_preview(step: int, total: int, latents) -> None:
+            # float16 halves what travels; a preview needs no more precision.
+            tensor = codec.to_proto(latents.to(torch.float16).cpu())
+            preview = denoiser_pb2.DenoisePreview(step=step, total=total, latents=tensor)
+            events.put(denoiser_pb2.DenoiseResponse(preview=preview))
+
         result: dict = {}
 
         def work() -> None:
             try:
-                result["latents"] = self.runner.run(job, on_step)
+                result["latents"] = self.runner.run(job, on_step, on_preview)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the RPC thread below
                 result["error"] = exc
             finally:
