@@ -78,20 +78,40 @@ class Decoded(_message.Message):
     def __init__(self, seconds: _Optional[float] = ...) -> None: ...
 
 class Finished(_message.Message):
-    __slots__ = ("seed", "num_images", "encode_seconds", "denoise_seconds", "decode_seconds", "total_seconds")
+    __slots__ = ("seed", "num_images", "encode_seconds", "denoise_seconds", "decode_seconds", "total_seconds", "stages")
     SEED_FIELD_NUMBER: _ClassVar[int]
     NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
     ENCODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DENOISE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DECODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
     seed: int
     num_images: int
     encode_seconds: float
     denoise_seconds: float
     decode_seconds: float
     total_seconds: float
-    def __init__(self, seed: _Optional[int] = ..., num_images: _Optional[int] = ..., encode_seconds: _Optional[float] = ..., denoise_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
+    stages: _containers.RepeatedCompositeFieldContainer[StageTiming]
+    def __init__(self, seed: _Optional[int] = ..., num_images: _Optional[int] = ..., encode_seconds: _Optional[float] = ..., denoise_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ...) -> None: ...
+
+class StageTiming(_message.Message):
+    __slots__ = ("stage", "queue_seconds", "work_seconds", "transfer_seconds", "image_encode_seconds", "attempts", "replica")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WORK_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_ENCODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    queue_seconds: float
+    work_seconds: float
+    transfer_seconds: float
+    image_encode_seconds: float
+    attempts: int
+    replica: str
+    def __init__(self, stage: _Optional[str] = ..., queue_seconds: _Optional[float] = ..., work_seconds: _Optional[float] = ..., transfer_seconds: _Optional[float] = ..., image_encode_seconds: _Optional[float] = ..., attempts: _Optional[int] = ..., replica: _Optional[str] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
     __slots__ = ("request_id", "queued", "encoded", "step", "decoded", "image", "finished", "partial_image")
