@@ -9,7 +9,9 @@ What it shares with the thread-pool server: the same error policy (domain errors
 become a status and a sentence, anything else INTERNAL with the request id and the
 traceback only in the log), grpc.health.v1 (NOT_SERVING while draining), graceful
 stop on SIGTERM / SIGINT with a drain grace, and the same handle shape
-(`address`, `stop(grace)`, `serve_until_signal()`), so callers treat both alike.
+(`address`, `stop(grace)`, `serve_until_signal()`), so callers treat both alike,
+server reflection, and Prometheus metrics when `metrics_port` is set (`metrics`, whose
+registry the gateway adds its own collector to before `start`).
 A client that leaves (cancel, deadline) is not an error and is not logged as one.
 """
 
@@ -28,11 +30,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
+from ditmesh.common import tracing
 from ditmesh.common.errors import DitmeshError
+from ditmesh.common.metrics import AsyncMetricsInterceptor, ServiceMetrics
 from ditmesh.common.server import (
     KEEPALIVE_SERVER_OPTIONS,
     REQUEST_ID_KEY,
     ServerConfig,
+    add_reflection,
     channel_options,
     wait_for_stop_signal,
 )
@@ -108,6 +113,8 @@ class AsyncServer:
         self.health = health_aio.HealthServicer()
         self.port = 0
         self.services: list[str] = []
+        self.metrics = ServiceMetrics(config.stage) if config.metrics_port else None
+        """Its Prometheus metrics (served from `start`), when a metrics port is set."""
         self.exit_code = 0
         self.on_stop: list[Callable[[], Any]] = []
         """Cleanups run on the loop after the server has drained (coroutine functions allowed)."""
@@ -135,19 +142,28 @@ class AsyncServer:
 
     async def _start(self, register: list[tuple[Callable, object, str]]) -> None:
         c = self.config
+        measure = [AsyncMetricsInterceptor(self.metrics)] if self.metrics is not None else []
+        traced = tracing.aio_server_interceptors(c.stage)  # none when tracing is off
+        if traced:
+            self.on_stop.append(tracing.shutdown)
         self.server = grpc.aio.server(
+            interceptors=[*traced, *measure],
             options=[
                 *channel_options(c.max_message_bytes, c.max_receive_bytes),
                 *KEEPALIVE_SERVER_OPTIONS,
-            ]
+            ],
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         for add, servicer, name in register:
             add(servicer, self.server)
             self.services.append(name)
+        add_reflection(self.server, self.services)
         self.port = self.server.add_insecure_port(f"{c.host}:{c.port}")
         if self.port == 0:
             raise OSError(f"{c.stage}: could not bind {c.host}:{c.port}")
+        if self.metrics is not None:
+            self.metrics.serve(c.host, c.metrics_port)
+            self.on_stop.append(self.metrics.stop)
         await self.server.start()
         await self.set_serving(True)
 

@@ -5,6 +5,9 @@
   sentence and the request id, never the traceback.
 - grpc.health.v1 on every server; NOT_SERVING while draining.
 - SIGTERM / SIGINT: stop accepting, let in-flight work finish (grace), exit.
+- gRPC server reflection on every server (grpcurl and the like list and call the API
+  without the protos); Prometheus metrics when a metrics port is set
+  (services/common/metrics.py).
 """
 
 from __future__ import annotations
@@ -18,10 +21,14 @@ from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from ditmesh.common.codec import MAX_MESSAGE_BYTES
+from ditmesh.common import tracing
 from ditmesh.common.errors import DitmeshError
 from ditmesh.common.limits import DEFAULT_DRAIN_SECONDS
+from ditmesh.common.timings import WorkClock
+from ditmesh.common.metrics import MetricsInterceptor, ServiceMetrics
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +174,8 @@ class ServerConfig:
     """Receive limit when it differs from the send limit (the gateway takes only small requests)."""
     grace_seconds: float = DEFAULT_DRAIN_SECONDS
     """How long in-flight requests may run on after a stop is asked for."""
+    metrics_port: int = 0
+    """Port of the Prometheus /metrics endpoint, on `host`; 0: no metrics at all."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -184,10 +193,16 @@ class StageOptions:
     """auto (bfloat16 on a GPU, float32 on a CPU), float32, bfloat16 or float16."""
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
     """How long work in hand may run on after a stop is asked for."""
+    metrics_port: int = 0
+    """Port of the Prometheus /metrics endpoint; 0: no metrics."""
 
     def server_config(self, stage: str) -> ServerConfig:
         return ServerConfig(
-            stage=stage, host=self.host, port=self.port, grace_seconds=self.drain_seconds
+            stage=stage,
+            host=self.host,
+            port=self.port,
+            grace_seconds=self.drain_seconds,
+            metrics_port=self.metrics_port,
         )
 
 
@@ -198,6 +213,8 @@ class RunningServer:
     port: int
     config: ServerConfig
     services: list[str] = field(default_factory=list)
+    metrics: ServiceMetrics | None = None
+    """Its Prometheus metrics, when a metrics port was set."""
     exit_code: int = 0
     """Non-zero once the stage failed for good (e.g. a gang lost a process)."""
     on_stop: list[Callable[[], None]] = field(default_factory=list)
@@ -265,9 +282,15 @@ def start_server(
 
     `register` holds (add_XServicer_to_server, servicer, full service name) triples.
     """
+    metrics = ServiceMetrics(config.stage) if config.metrics_port else None
+    # Metrics first: it sees the status the error interceptor turned an exception into.
+    measure = [MetricsInterceptor(metrics)] if metrics is not None else []
+    # Tracing outermost, so its span is current in all the others; none when it is off.
+    # The work clock (services/common/timings.py) sends each call's work in its trailers.
+    traced = tracing.server_interceptors(config.stage)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix=config.stage),
-        interceptors=[ErrorInterceptor(config.stage)],
+        interceptors=[*traced, *measure, WorkClock(), ErrorInterceptor(config.stage)],
         options=[
             *channel_options(config.max_message_bytes, config.max_receive_bytes),
             *KEEPALIVE_SERVER_OPTIONS,
@@ -279,14 +302,30 @@ def start_server(
     for add, servicer, name in register:
         add(servicer, server)
         names.append(name)
+    add_reflection(server, names)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise OSError(f"{config.stage}: could not bind {config.host}:{config.port}")
+    if metrics is not None:
+        metrics.serve(config.host, config.metrics_port)  # before start: a bad port fails alone
     server.start()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     for name in names:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("%s listening on %s:%d", config.stage, config.host, port)
-    return RunningServer(
+    running = RunningServer(
         server=server, health=health_servicer, port=port, config=config, services=names
+    )
+    if metrics is not None:
+        running.metrics = metrics
+        running.on_stop.append(metrics.stop)
+    if traced:
+        running.on_stop.append(tracing.shutdown)
+    return running
+
+
+def add_reflection(server: grpc.Server | grpc.aio.Server, names: list[str]) -> None:
+    """Server reflection listing `names`, health and reflection itself."""
+    reflection.enable_server_reflection(
+        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
