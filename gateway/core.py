@@ -20,6 +20,7 @@ from ditmesh.common.models import ModelRef
 from ditmesh.gateway.plan import RequestPlan
 from ditmesh.gateway.run import RequestRun, Stages
 from ditmesh.gateway.settings import GatewayConfig
+from ditmesh.gateway.stages import StagePool
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("ditmesh.access")
@@ -27,12 +28,23 @@ access_log = logging.getLogger("ditmesh.access")
 
 class Gateway:
     def __init__(
-        self, models: dict[str, ModelRef], default_model: str, stages: Stages, config: GatewayConfig
+        self,
+        models: dict[str, ModelRef],
+        default_model: str,
+        routes: dict[str, Stages],
+        config: GatewayConfig,
     ) -> None:
+        """`routes`: each model's three stage pools (models may share pools)."""
         self.models = models
         self.default_model = default_model
-        self.stages = stages
+        self.routes = routes
         self.config = config
+        pools: dict[int, StagePool] = {}
+        for stages in routes.values():
+            for pool in stages:
+                pools.setdefault(id(pool), pool)
+        self.pools: list[StagePool] = list(pools.values())
+        """Every stage pool once, whichever models share it."""
         self._running: set[str] = set()
         self._finished: collections.OrderedDict[str, float] = collections.OrderedDict()
 
@@ -41,9 +53,19 @@ class Gateway:
         """Requests admitted and not yet finished."""
         return len(self._running)
 
+    @property
+    def stages(self) -> Stages:
+        """The default model's pools."""
+        return self.routes[self.default_model]
+
     def healthy(self) -> bool:
-        # A stage scaled to zero by the autoscaler is healthy: it admits and starts a replica.
-        return all(pool.can_take_work() for pool in self.stages)
+        """Some model can be served whole. A stage scaled to zero by the autoscaler counts:
+        it admits and starts a replica."""
+        return any(all(pool.can_take_work() for pool in stages) for stages in self.routes.values())
+
+    def settled(self) -> bool:
+        """Every replica known has been described and checked once (or set aside)."""
+        return all(pool.replicas.settled() for pool in self.pools)
 
     def deadline_of(self, time_remaining: float | None) -> float:
         budget = self.config.default_timeout_s if time_remaining is None else time_remaining
@@ -53,9 +75,10 @@ class Gateway:
         """Takes the request's places in every stage queue, or refuses it at once."""
         rid = plan.request_id
         self._check_id(rid)
+        stages = self.routes[plan.model.name]
         wait = 0.0
         service = 0.0
-        for pool in self.stages:
+        for pool in stages:
             units = plan.work_units(pool.name)
             pool.check_admission(units)
             wait = max(wait, pool.backlog_seconds())
@@ -65,10 +88,10 @@ class Gateway:
             raise ResourceExhausted(
                 f"the mesh would take about {wait + service:.0f} s for this request "
                 f"({wait:.0f} s of it waiting), over its deadline of {left:.0f} s; "
-                f"{self.stages.denoiser.retry_hint()} or give it a longer deadline"
+                f"{stages.denoiser.retry_hint()} or give it a longer deadline"
             )
         self._running.add(rid)
-        return RequestRun(plan, self.stages, deadline, self.config.retry, self.config.watchdog)
+        return RequestRun(plan, stages, deadline, self.config.retry, self.config.watchdog)
 
     def _check_id(self, rid: str) -> None:
         if rid in self._running:

@@ -16,6 +16,13 @@ EndpointSlices): `add` brings a replica in, down until its first check answers S
 (only the static list given at start is trusted before any check); `drain` keeps new
 work off a terminating one and lets its calls finish; `remove` drops it and closes its
 channel once its calls are done. Who calls them, and when, is left to the caller.
+
+What a replica serves: a set that expects a `fingerprint` (gateway/main.py computes it
+from the model, the stage computes it from what it loaded: services/common/stage_info.py)
+asks each replica `StageInfo.Describe` before its first health check. A replica of
+another stage, or of another model's components, is set aside (`foreign`): it gets no
+work and no more checks here (the pool of the model it serves takes it). Until a
+replica has been described it is down ("not described yet"), static ones included.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ditmesh.common.server import channel_options
 from ditmesh.gateway.settings import HealthPolicy
+from ditmesh.v1 import stage_pb2, stage_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +75,12 @@ class Replica:
     """Why the replica is down, for error sentences and logs."""
     down_until: float = 0.0
     unanswered: int = 0
+    model: str = ""
+    """The model name the replica describes itself with (it checks requests against it)."""
+    described: bool = False
+    """Its StageInfo answered with what this set expects (always True without a fingerprint)."""
+    checked: bool = False
+    """A first check (describe or health) has answered, whatever it said."""
     calls: set = field(default_factory=set)
     """Attempts in flight on this replica (objects with `abandon(reason)`), given up on if
     the replica is found frozen."""
@@ -90,14 +104,29 @@ class ReplicaSet:
         on_change: Callable[[], None],
         *,
         discovered: bool = False,
+        fingerprint: str | None = None,
+        model: str = "",
+        others: frozenset[str] = frozenset(),
     ) -> None:
-        """`discovered`: replicas come from discovery, so the set may start (and become) empty."""
+        """`discovered`: replicas come from discovery, so the set may start (and become) empty.
+        `fingerprint`: what a replica must serve to join (None: anything); `model` names it
+        in messages; `others`: fingerprints of this stage that other pools of the gateway
+        take (a replica serving one of those is set aside quietly)."""
         if not addresses and not discovered:
             raise ValueError(f"the {stage} stage needs at least one address")
         self.stage = stage
         self.policy = policy
+        self.fingerprint = fingerprint
+        self.model = model
+        self.others = others
+        self.foreign: dict[str, str] = {}
+        """Address -> what it serves instead, for replicas set aside (see the module doc)."""
         self._on_change = on_change
         self.replicas = [self._replica(a) for a in addresses]
+        if fingerprint is not None:
+            for r in self.replicas:
+                r.healthy = False
+                r.reason = "not described yet"
         self._tasks: dict[Replica, asyncio.Task] = {}
         self._retiring: dict[Replica, asyncio.Task] = {}
         self._started = False
@@ -106,7 +135,9 @@ class ReplicaSet:
         channel = grpc.aio.insecure_channel(
             address, options=[*channel_options(), *STAGE_CHANNEL_OPTIONS]
         )
-        return Replica(stage=self.stage, address=address, channel=channel)
+        return Replica(
+            stage=self.stage, address=address, channel=channel, described=self.fingerprint is None
+        )
 
     def start(self) -> None:
         self._started = True
@@ -128,6 +159,8 @@ class ReplicaSet:
 
         Present already: nothing changes, unless it was draining (a pod that is ready
         again, or a reused address), which returns it to work as its checks say."""
+        if address in self.foreign:
+            return
         replica = self.get(address)
         if replica is not None:
             if replica.draining:
@@ -158,6 +191,7 @@ class ReplicaSet:
     def remove(self, address: str) -> None:
         """The replica leaves: no new work, no more checks, its channel closes once its
         calls in flight are done. Unknown: nothing."""
+        self.foreign.pop(address, None)
         replica = self.get(address)
         if replica is None:
             return
@@ -191,8 +225,65 @@ class ReplicaSet:
 
     def why_down(self) -> str:
         if not self.replicas:
+            if self.foreign:
+                aside = "; ".join(f"{a} serves {what}" for a, what in self.foreign.items())
+                return f"no replica serves {self.model or 'this model'} ({aside})"
             return "no replica known"
         return "; ".join(r.describe() for r in self.replicas if not r.is_up())
+
+    def settled(self) -> bool:
+        """Every replica known has answered a first check (or been set aside)."""
+        return all(r.checked for r in self.replicas)
+
+    async def _describe(self, replica: Replica) -> bool:
+        """Asks the replica what it serves; True once it may join (False: set aside).
+        Raises the RPC error of a replica that does not answer."""
+        stub = stage_pb2_grpc.StageInfoStub(replica.channel)
+        try:
+            d = await stub.Describe(stage_pb2.DescribeRequest(), timeout=self.policy.timeout)
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            self._set_aside(replica, "no ditmesh.v1.StageInfo (not a ditmesh stage)", warn=True)
+            return False
+        if d.stage != self.stage:
+            self._set_aside(replica, f"the {d.stage} stage, not {self.stage}", warn=True)
+            return False
+        if d.fingerprint != self.fingerprint:
+            self._set_aside(
+                replica,
+                f"model {d.model!r} (components {d.fingerprint}, not {self.fingerprint})",
+                warn=d.fingerprint not in self.others,
+            )
+            return False
+        replica.described = True
+        replica.model = d.model
+        log.info(
+            "%s replica %s serves %s (components %s, %d processes)",
+            self.stage,
+            replica.address,
+            d.model,
+            d.fingerprint,
+            d.processes,
+        )
+        return True
+
+    def _set_aside(self, replica: Replica, what: str, *, warn: bool) -> None:
+        self.foreign[replica.address] = what
+        if replica in self.replicas:
+            self.replicas.remove(replica)
+        self._tasks.pop(replica, None)
+        (log.warning if warn else log.debug)(
+            "%s replica %s serves %s: it gets no work for %s",
+            self.stage,
+            replica.address,
+            what,
+            self.model or "this pool",
+        )
+        self._retiring[replica] = asyncio.create_task(
+            self._retire(replica, None), name=f"retire-{replica.address}"
+        )
+        self._on_change()
 
     def mark_failed(self, replica: Replica, reason: str) -> None:
         """A call on the replica failed: keep new work off it for the penalty time."""
@@ -221,6 +312,8 @@ class ReplicaSet:
         p = self.policy
         while True:
             try:
+                if not replica.described and not await self._describe(replica):
+                    return  # set aside: another pool (or none) takes it
                 reply = await stub.Check(req, timeout=p.timeout)
                 replica.unanswered = 0
                 if reply.status == SERVING:
@@ -241,6 +334,7 @@ class ReplicaSet:
                 else:
                     replica.unanswered = 0
                     self._set(replica, False, err.details() or err.code().name.lower())
+            replica.checked = True
             await asyncio.sleep(p.interval)
 
     async def close(self) -> None:

@@ -70,6 +70,21 @@ class Reservation:
             self.pool.pending_units -= self.units
 
 
+@dataclass(frozen=True, kw_only=True)
+class Serves:
+    """What the replicas of one pool hold: one stage's components, shared by `models`."""
+
+    stage: str
+    fingerprint: str
+    models: tuple[str, ...]
+    others: frozenset[str] = frozenset()
+    """Fingerprints of the same stage that other pools of the gateway serve."""
+
+    @property
+    def label(self) -> str:
+        return self.stage if not self.others else f"{self.stage}@{self.models[0]}"
+
+
 @dataclass(eq=False)
 class _Waiter:
     future: asyncio.Future
@@ -89,13 +104,26 @@ class StagePool:
         on_health_change=None,
         *,
         discovered: bool = False,
+        serves: Serves | None = None,
     ) -> None:
-        """`discovered`: replicas come and go through discovery (the list may start empty)."""
+        """`discovered`: replicas come and go through discovery (the list may start empty).
+        `serves`: what a replica must hold to join this pool (None: any replica of the stage)."""
         self.name = name
+        self.serves = serves
+        self.label = serves.label if serves is not None else name
+        """The pool's name in logs, metrics and the autoscaler: the stage's name when the
+        stage has one pool, else `stage@model` (the first model it serves)."""
         self.limits = limits or StageLimits()
         self._on_health_change = on_health_change
         self.replicas = ReplicaSet(
-            name, addresses, health or HealthPolicy(), self._changed, discovered=discovered
+            name,
+            addresses,
+            health or HealthPolicy(),
+            self._changed,
+            discovered=discovered,
+            fingerprint=serves.fingerprint if serves is not None else None,
+            model=serves.models[0] if serves is not None else "",
+            others=serves.others if serves is not None else frozenset(),
         )
         self.pending = 0
         self.pending_units = 0.0

@@ -53,7 +53,7 @@ def gateway(max_queue: int = 8, **config) -> Gateway:
         )
 
     stages = Stages(encoder=pool("encoder", 4), denoiser=pool("denoiser", 1), vae=pool("vae", 2))
-    return Gateway({"tiny": MODEL}, "tiny", stages, GatewayConfig(**config))
+    return Gateway({"tiny": MODEL}, "tiny", {"tiny": stages}, GatewayConfig(**config))
 
 
 def run(coro):
