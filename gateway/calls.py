@@ -19,12 +19,13 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from ditmesh.common import codec
+from ditmesh.common import codec, timings, tracing
 from ditmesh.common.errors import DitmeshError
 from ditmesh.common.server import REQUEST_ID_KEY
 from ditmesh.gateway.plan import RequestPlan
 from ditmesh.gateway.replicas import Replica
 from ditmesh.gateway.settings import WatchdogPolicy
+from ditmesh.gateway.timings import CallTime
 from ditmesh.v1 import (
     denoiser_pb2,
     denoiser_pb2_grpc,
@@ -62,12 +63,20 @@ class ReplicaGaveUp(Exception):
 
 
 class Attempt:
-    """One call on one replica, registered with the replica while it runs."""
+    """One call on one replica, registered with the replica while it runs.
+
+    It also times the call (`time`: its seconds here and what the stage reported in
+    its trailing metadata, for gateway/timings.py) and, when tracing is on, is the
+    call's CLIENT span, whose context the call carries to the stage.
+    """
 
     def __init__(self, replica: Replica) -> None:
         self.replica = replica
         self.call = None
         self.abandoned: str | None = None
+        self.time = CallTime()
+        self._started = 0.0
+        self._span: tracing.ClientSpan | None = None
 
     def abandon(self, reason: str) -> None:
         if self.abandoned is None:
@@ -75,19 +84,30 @@ class Attempt:
             if self.call is not None:
                 self.call.cancel()
 
+    def metadata(self, plan: RequestPlan, method: str) -> list[tuple[str, str]]:
+        """What the call sends besides its messages; made just before it starts, so the
+        call's time and span start here."""
+        self._span = tracing.client_span(method, self.replica.address, plan.request_id)
+        self._started = time.perf_counter()
+        span = self._span.metadata if self._span is not None else []
+        return [(REQUEST_ID_KEY, plan.request_id), *span]
+
     def __enter__(self) -> Attempt:
         self.replica.calls.add(self)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         self.replica.calls.discard(self)
+        if self._span is not None:
+            self._span.end(exc)
 
     async def read(self, limit: float | None):
         """The call's next message (grpc.aio.EOF at the end), given up on after `limit` s."""
         try:
             if limit is None:
-                return await self.call.read()
-            return await asyncio.wait_for(self.call.read(), limit)
+                msg = await self.call.read()
+            else:
+                msg = await asyncio.wait_for(self.call.read(), limit)
         except TimeoutError:
             self.abandon(f"sent nothing for {limit:.1f} s (progress watchdog)")
             raise ReplicaGaveUp(f"{self.replica.address} {self.abandoned}") from None
@@ -96,10 +116,16 @@ class Attempt:
             if self.abandoned is not None and task is not None and not task.cancelling():
                 raise ReplicaGaveUp(f"{self.replica.address}: {self.abandoned}") from None
             raise
+        if msg is grpc.aio.EOF:
+            self.time.seconds = time.perf_counter() - self._started
+            self.time.reported = timings.parse(await self.call.trailing_metadata())
+        return msg
 
 
-def _metadata(plan: RequestPlan) -> list[tuple[str, str]]:
-    return [(REQUEST_ID_KEY, plan.request_id)]
+def _model_on(replica, plan: RequestPlan) -> str:
+    """The name the replica knows the plan's model by: a replica shared by several models
+    (same components, gateway/catalog.py) was started under one of their names."""
+    return replica.model or plan.model.name
 
 
 async def encode(
@@ -113,7 +139,9 @@ async def encode(
         negative_prompt=plan.negative_prompt,
         encode_negative=plan.encode_negative,
     )
-    attempt.call = stub.Encode(req, timeout=timeout, metadata=_metadata(plan))
+    attempt.call = stub.Encode(
+        req, timeout=timeout, metadata=attempt.metadata(plan, "/ditmesh.v1.Encoder/Encode")
+    )
     stream = codec.TensorStream("the encoder stage's answer")
     while (msg := await attempt.read(limit)) is not grpc.aio.EOF:
         if stream.feed(msg) is not None:
@@ -163,7 +191,9 @@ async def denoise(
     )
     stub = denoiser_pb2_grpc.DenoiserStub(attempt.replica.channel)
     requests = codec.params_and_tensors_stream(denoiser_pb2.DenoiseRequest, params, cond)
-    attempt.call = stub.Denoise(requests, timeout=timeout, metadata=_metadata(plan))
+    attempt.call = stub.Denoise(
+        requests, timeout=timeout, metadata=attempt.metadata(plan, "/ditmesh.v1.Denoiser/Denoise")
+    )
     stream = codec.TensorStream("the denoiser stage's answer")
     while (msg := await attempt.read(watch.limit())) is not grpc.aio.EOF:
         kind = stream.feed(msg)
@@ -198,7 +228,9 @@ async def decode(
     )
     stub = vae_pb2_grpc.VaeStub(attempt.replica.channel)
     requests = codec.params_and_tensors_stream(vae_pb2.DecodeRequest, params, {"latents": latents})
-    attempt.call = stub.Decode(requests, timeout=timeout, metadata=_metadata(plan))
+    attempt.call = stub.Decode(
+        requests, timeout=timeout, metadata=attempt.metadata(plan, "/ditmesh.v1.Vae/Decode")
+    )
     # Images are held until the stage answers whole, so a retry cannot send the client
     # a second copy of an image.
     chunks = []

@@ -23,6 +23,7 @@ from ditmesh.gateway import calls, previews
 from ditmesh.gateway.plan import RequestPlan
 from ditmesh.gateway.settings import RetryPolicy
 from ditmesh.gateway.stages import Reservation, StagePool, unavailable
+from ditmesh.gateway.timings import RequestTimings
 from ditmesh.v1 import gateway_pb2
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ class RequestRun:
             p.name: p.reserve(plan.work_units(p.name)) for p in stages
         }
         self.timings: dict[str, float] = {}
+        self.breakdown = RequestTimings()
+        """Where the time went, per stage, for the Finished event (gateway/timings.py)."""
         self.started = time.monotonic()
 
     def leave(self) -> None:
@@ -103,6 +106,7 @@ class RequestRun:
                 denoise_seconds=t2 - t1,
                 decode_seconds=t3 - t2,
                 total_seconds=t3 - t0,
+                stages=self.breakdown.stages(),
             )
         )
 
@@ -131,11 +135,14 @@ class RequestRun:
         units = self.plan.work_units(pool.name)
         exclude: set[int] = set()
         last = "no replica answered"
+        queued = 0.0
         for n in range(self.retry.attempts):
             timeout = self.deadline - time.monotonic()
             if timeout <= 0:
                 raise DeadlineExceeded(f"the deadline passed before the {pool.name} stage started")
+            asked = time.monotonic()
             lease = await pool.acquire(units, timeout, exclude)
+            queued += time.monotonic() - asked
             self.places[pool.name].give_back()
             ok = False
             try:
@@ -143,6 +150,9 @@ class RequestRun:
                     async for item in call(attempt, self.deadline - time.monotonic()):
                         yield item
                 ok = True
+                self.breakdown.answered(
+                    pool.name, lease.replica.address, attempt.time, queued, n + 1
+                )
                 return
             except grpc.aio.AioRpcError as err:
                 if err.code() != grpc.StatusCode.UNAVAILABLE:

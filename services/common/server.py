@@ -23,12 +23,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ditmesh.common.codec import MAX_MESSAGE_BYTES
 from ditmesh.common import tracing
+from ditmesh.common.codec import MAX_MESSAGE_BYTES
 from ditmesh.common.errors import DitmeshError
 from ditmesh.common.limits import DEFAULT_DRAIN_SECONDS
-from ditmesh.common.timings import WorkClock
 from ditmesh.common.metrics import MetricsInterceptor, ServiceMetrics
+from ditmesh.common.timings import WorkClock
 
 log = logging.getLogger(__name__)
 
