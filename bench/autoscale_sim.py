@@ -383,9 +383,9 @@ class SimSettings:
     scale_down_window_s: float = 120.0
     hpa_target_utilisation: float | None = None
     """(b)'s utilisation target when not `target_utilisation` (to find its equal-p95 point)."""
-    share_adjusted_service: bool = False
-    """(c'): the snapshot reports a model's denoiser pool's service seconds per mesh request
-    (x its share of arrivals), since the policy sizes every stage from the mesh's one rate."""
+    configure_cold_start: bool = True
+    """(c) tells the policy each stage's cold start (`COLD_START_S`); False: (c'), the policy
+    starts from 0 and uses what it measures from its own scale-ups."""
     hpa_equal_p95: float = 0.5
     """(b) run again at this utilisation target: where its p95 matches (a) and (c)."""
     hpa_sync_s: float = 15.0
@@ -455,6 +455,7 @@ def policy_settings(cfg: SimSettings) -> AutoscaleSettings:
             max_replicas=cfg.max_replicas,
             target_wait_s=cfg.target_wait_s[stage],
             target_utilisation=cfg.target_utilisation,
+            cold_start_s=COLD_START_S[stage] if cfg.configure_cold_start else 0.0,
         )
 
     return AutoscaleSettings(
@@ -464,7 +465,7 @@ def policy_settings(cfg: SimSettings) -> AutoscaleSettings:
     )
 
 
-def snapshot(p: Pool, now: float, period: float, share: float = 1.0) -> StageSnapshot:
+def snapshot(p: Pool, now: float, period: float) -> StageSnapshot:
     """What the gateway's StagePool would report for this stage over the last period."""
     waits = list(p.waits) + [now - t0 for _, t0 in p.queue]  # waiting ones count too
     waits.sort()
@@ -475,7 +476,7 @@ def snapshot(p: Pool, now: float, period: float, share: float = 1.0) -> StageSna
         queued=len(p.queue),
         backlog_s=sum(p.seconds(r) for r, _ in p.queue),
         inflight=sum(1 for x in p.replicas if x.running is not None and not x.removed),
-        service_s=share * sum(p.service) / len(p.service) if p.service else 0.0,
+        service_s=sum(p.service) / len(p.service) if p.service else 0.0,
         p95_wait_s=p95,
         arrival_rate=p.arrivals / period,
         replicas=len(live),
@@ -492,16 +493,7 @@ def run_ditmesh(trace: list[Request], cfg: SimSettings, until: float) -> Sim:
     log: list = []
 
     def tick(s: Sim) -> None:
-        total = max(p.arrivals_total for p in pools.values()) or 1
-        snaps = {
-            n: snapshot(
-                p,
-                s.now,
-                cfg.decision_period_s,
-                p.arrivals_total / total if cfg.share_adjusted_service else 1.0,
-            )
-            for n, p in pools.items()
-        }
+        snaps = {n: snapshot(p, s.now, cfg.decision_period_s) for n, p in pools.items()}
         for d in policy.decide(s.now, snaps):
             log.append(d)
             if d.changes:
@@ -570,7 +562,7 @@ def simulate(spec: TraceSpec, cfg: SimSettings) -> dict:
         ("hpa", run_hpa, cfg),
         ("hpa-eq", run_hpa, dataclasses.replace(cfg, hpa_target_utilisation=cfg.hpa_equal_p95)),
         ("ditmesh", run_ditmesh, cfg),
-        ("ditmesh-share", run_ditmesh, dataclasses.replace(cfg, share_adjusted_service=True)),
+        ("ditmesh-measured", run_ditmesh, dataclasses.replace(cfg, configure_cold_start=False)),
     )
     for name, fn, c in variants:
         tr = fresh()
@@ -584,7 +576,7 @@ LABELS = {
     "hpa": "(b) whole pipelines, HPA at 75%",
     "hpa-eq": "(b') whole pipelines, HPA at 50%",
     "ditmesh": "(c) ditmesh per-stage",
-    "ditmesh-share": "(c') per-stage, share-adjusted snapshot",
+    "ditmesh-measured": "(c') per-stage, cold start measured, not configured",
 }
 
 

@@ -238,6 +238,109 @@ def test_gpu_budget_whole_gangs_shared_by_backlog():
     assert all(targets[n] >= 1 for n in targets)
 
 
+def test_each_pool_is_sized_for_its_own_share_of_one_forecast():
+    # Two models behind one gateway share the encoder; each has its own denoiser pool.
+    # 1 request/s: 60 % FLUX.1-dev (4 s each), 40 % schnell (0.6 s each).
+    stages = {
+        "encoder": StageScaling(max_replicas=10),
+        "denoiser-dev": StageScaling(max_replicas=10),
+        "denoiser-schnell": StageScaling(max_replicas=10),
+    }
+    policy = AutoscalePolicy(settings(**stages))
+    mesh = Mesh(policy, {name: 1 for name in stages})
+    for _ in range(60):
+        mesh.step(
+            **{
+                "encoder": load(rate=1.0, service=0.1, stage="encoder"),
+                "denoiser-dev": load(rate=0.6, service=4.0, stage="denoiser-dev"),
+                "denoiser-schnell": load(rate=0.4, service=0.6, stage="denoiser-schnell"),
+            }
+        )
+    # dev: 0.6/s x 4 s / 75 % = 3.2 -> 4 (sized for all arrivals it would be 1.0 x 4 / 0.75: 6).
+    assert mesh.replicas == {"encoder": 1, "denoiser-dev": 4, "denoiser-schnell": 1}
+    snaps = {
+        "encoder": load(rate=1.0, service=0.1, stage="encoder"),
+        "denoiser-dev": load(rate=0.6, service=4.0, stage="denoiser-dev"),
+        "denoiser-schnell": load(rate=0.4, service=0.6, stage="denoiser-schnell"),
+    }
+    decisions = {d.stage: d for d in policy.decide(mesh.now + PERIOD, snaps)}
+    assert decisions["denoiser-dev"].share == pytest.approx(0.3)  # of 2 pool visits/s
+    assert decisions["denoiser-dev"].forecast_rate == pytest.approx(0.6)
+    # One forecast for all: every pool's is its share of the same mesh figure.
+    mesh_rates = {d.forecast_rate / d.share for d in decisions.values()}
+    assert max(mesh_rates) == pytest.approx(min(mesh_rates))
+    assert "share=0.30" in decisions["denoiser-dev"].log_line()
+
+
+def test_a_pools_share_is_not_thrown_by_one_quiet_period():
+    stages = {"encoder": StageScaling(max_replicas=10), "denoiser": StageScaling(max_replicas=10)}
+    policy = AutoscalePolicy(settings(**stages))
+    for t in range(0, 600, 5):
+        policy.decide(float(t), {"encoder": load(1.0, 0.1, stage="encoder"), "denoiser": load(1.0)})
+    # One period in which no request happened to reach the denoiser: the mix has not moved.
+    quiet = StageSnapshot(stage="denoiser", service_s=2.0, inflight=1)
+    d = {
+        x.stage: x
+        for x in policy.decide(
+            600.0, {"encoder": load(1.0, 0.1, stage="encoder"), "denoiser": quiet}
+        )
+    }
+    assert d["denoiser"].share > 0.48 and d["denoiser"].desired >= 3
+
+
+def test_backlog_is_drained_over_the_cold_start_when_that_is_longer():
+    burst = StageSnapshot(
+        stage="denoiser",
+        arrival_rate=0.2,
+        service_s=2.0,
+        queued=20,
+        backlog_s=40.0,
+        inflight=1,
+        replicas=1,
+        ready=1,
+    )
+    # Objective 5 s, no cold start: 40 s of backlog wants 8 more replicas at once.
+    fast = AutoscalePolicy(settings(denoiser=StageScaling(max_replicas=10, target_wait_s=5.0)))
+    assert fast.decide(0.0, {"denoiser": burst})[0].target >= 9
+    # A replica takes 60 s to start: by then one ready replica has drained 60 s of work, so
+    # the backlog asks for 40 / 60 of a replica, not 40 / 5 (0.2 x 2 / 0.75 + 0.67 = 1.2 -> 2).
+    slow = StageScaling(max_replicas=10, target_wait_s=5.0, cold_start_s=60.0)
+    d = AutoscalePolicy(settings(denoiser=slow)).decide(0.0, {"denoiser": burst})[0]
+    assert d.target == 2 and d.cold_start_s == 60.0 and "cold_start=60s" in d.log_line()
+    with pytest.raises(ValueError, match="cold_start_s"):
+        StageScaling(cold_start_s=-1.0)
+
+
+def test_cold_start_is_measured_from_the_policys_own_scale_up():
+    policy = AutoscalePolicy(settings(denoiser=StageScaling(max_replicas=20, target_wait_s=5.0)))
+
+    def snap(replicas: int, ready: int, queued: int = 20) -> dict[str, StageSnapshot]:
+        return {
+            "denoiser": StageSnapshot(
+                stage="denoiser",
+                arrival_rate=0.2,
+                service_s=2.0,
+                queued=queued,
+                backlog_s=2.0 * queued,
+                inflight=1,
+                replicas=replicas,
+                ready=ready,
+            )
+        }
+
+    up = policy.decide(0.0, snap(1, 1))[0]
+    assert up.target >= 9 and up.cold_start_s == 0.0  # nothing measured, none configured
+    for t in range(5, 60, 5):  # asked for at 0, still starting
+        assert policy.decide(float(t), snap(up.target, 1, queued=0))[0].cold_start_s == 0.0
+    assert policy.decide(60.0, snap(up.target, up.target, queued=0))[0].cold_start_s == 60.0
+    # The next burst's backlog is drained over the 60 s measured, not the 5 s objective.
+    assert policy.decide(65.0, snap(up.target, up.target))[0].desired == 2
+    # A scale-up that is never applied (a dry run) measures nothing.
+    dry = AutoscalePolicy(settings(denoiser=StageScaling(max_replicas=20, cold_start_s=30.0)))
+    for t in range(0, 200, 5):
+        assert dry.decide(float(t), snap(1, 1))[0].cold_start_s == 30.0
+
+
 def test_every_decision_logs_its_inputs():
     policy = AutoscalePolicy(settings())
     d = policy.decide(0.0, {"denoiser": load(rate=1.0, queued=2)})[0]
