@@ -17,6 +17,7 @@ import time
 
 from ditmesh.common.errors import FailedPrecondition, ResourceExhausted
 from ditmesh.common.models import ModelRef
+from ditmesh.gateway.metrics import observe_finish
 from ditmesh.gateway.plan import RequestPlan
 from ditmesh.gateway.run import RequestRun, Stages
 from ditmesh.gateway.settings import GatewayConfig
@@ -120,6 +121,7 @@ class Gateway:
             self._finished[rid] = time.monotonic()
         p = run.plan
         t = run.timings
+        observe_finish(self, run, status, time.monotonic() - run.started)
         access_log.info(
             "request=%s model=%s size=%dx%d steps=%d images=%d status=%s total=%.3fs "
             "encode=%.3fs denoise=%.3fs decode=%.3fs",

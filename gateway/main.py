@@ -11,6 +11,7 @@ from ditmesh.common.aio_server import AsyncServer
 from ditmesh.common.server import ServerConfig
 from ditmesh.gateway.catalog import STAGES, load_catalog, pools_of
 from ditmesh.gateway.core import Gateway
+from ditmesh.gateway.metrics import watch_gateway
 from ditmesh.gateway.run import Stages
 from ditmesh.gateway.service import GatewayService
 from ditmesh.gateway.settings import GatewaySettings
@@ -38,6 +39,7 @@ def serve(
     name: str | Sequence[str] | None = None,
     host: str = "127.0.0.1",
     port: int = 0,
+    metrics_port: int = 0,
     settings: GatewaySettings | None = None,
 ) -> GatewayServer:
     """Starts the gateway and returns its running server (`address`, `stop`, ...).
@@ -57,6 +59,7 @@ def serve(
             port=port,
             max_receive_bytes=MAX_REQUEST_BYTES,
             grace_seconds=s.drain_seconds,
+            metrics_port=metrics_port,
         )
     )
 
@@ -106,6 +109,7 @@ def serve(
         return Gateway({m.name: m.ref for m in catalog}, catalog[0].name, routes, s.config)
 
     gateway = server.gateway = server.run(build())
+    watch_gateway(server)  # Prometheus metrics of its queues and requests (with metrics_port)
 
     async def close() -> None:
         if server.autoscaler is not None:
