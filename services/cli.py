@@ -27,9 +27,19 @@ def missing_server_modules() -> list[str]:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="diffusers-format folder or hub id")
     p.add_argument(
-        "--name", default=None, help="name clients use for the model (default: folder name)"
+        "--model",
+        required=True,
+        action="append",
+        help="diffusers-format folder or hub id (the gateway takes several: repeat it; "
+        "the first is the default)",
+    )
+    p.add_argument(
+        "--name",
+        action="append",
+        default=[],
+        help="name clients use for the model (default: folder name); with several --model, "
+        "one --name per model in the same order",
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -194,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on stdout)")
     p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (0: no metrics)",
+    )
+    p.add_argument(
         "--encoder", action="append", default=[], help="gateway: encoder address (repeatable)"
     )
     p.add_argument(
@@ -220,6 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_model(args: argparse.Namespace, what: str) -> int | None:
+    """Stages and `up` serve one model: 2 (after a sentence) when given more."""
+    if len(args.model) > 1 or len(args.name) > 1:
+        print(
+            f"error: {what} serves one model (got {len(args.model)} --model, "
+            f"{len(args.name)} --name); only the gateway takes several",
+            file=sys.stderr,
+        )
+        return 2
+    args.model = args.model[0]
+    args.name = args.name[0] if args.name else None
+    return None
+
+
 def _serve(args: argparse.Namespace) -> int:
     from ditmesh.common.errors import DitmeshError
     from ditmesh.denoiser.parallel.mesh import ParallelConfigError
@@ -227,6 +257,12 @@ def _serve(args: argparse.Namespace) -> int:
     if args.drain_seconds < 0:
         print(f"error: --drain-seconds must be >= 0; got {args.drain_seconds}", file=sys.stderr)
         return 2
+    if not 0 <= args.metrics_port <= 65535:
+        print(f"error: --metrics-port must be 0..65535; got {args.metrics_port}", file=sys.stderr)
+        return 2
+    if args.stage != "gateway":
+        if (err := _one_model(args, f"the {args.stage} stage")) is not None:
+            return err
     if args.parallel != 1 and args.stage != "vae":
         print("error: --parallel applies to the vae stage only", file=sys.stderr)
         return 2
@@ -257,9 +293,10 @@ def _serve(args: argparse.Namespace) -> int:
                 denoiser=args.denoiser,
                 vae=args.vae,
                 settings=settings,
-                name=args.name,
+                name=args.name or None,
                 host=args.host,
                 port=args.port,
+                metrics_port=args.metrics_port,
             )
         else:
             if args.stage == "encoder":
@@ -277,6 +314,7 @@ def _serve(args: argparse.Namespace) -> int:
                 device=args.device,
                 dtype=args.dtype,
                 drain_seconds=args.drain_seconds,
+                metrics_port=args.metrics_port,
             )
             gang: dict = {}
             if args.stage == "denoiser":
@@ -324,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args)
     if args.command == "up":
+        if (err := _one_model(args, "`ditmesh up`")) is not None:
+            return err
         from ditmesh.common.errors import InvalidArgument
         from ditmesh.denoiser.parallel.mesh import ParallelConfigError
         from ditmesh.gateway.flags import flags_to_args
