@@ -18,7 +18,14 @@ from ditmesh.client.errors import (
 )
 from ditmesh.client.params import GenerateParams
 from ditmesh.client.sdk import Client
-from ditmesh.client.types import GenerateResult, ModelInfo, ModelList, Progress, Timings
+from ditmesh.client.types import (
+    GenerateResult,
+    ModelInfo,
+    ModelList,
+    Progress,
+    StageTimings,
+    Timings,
+)
 
 __all__ = [
     "AsyncClient",
@@ -35,6 +42,7 @@ __all__ = [
     "ProtocolError",
     "RequestCancelledError",
     "ResourceExhaustedError",
+    "StageTimings",
     "Timings",
     "UnavailableError",
 ]

@@ -1,6 +1,7 @@
 """`ditmesh generate`: one request to a gateway from the command line.
 
-Progress goes to stderr and the results (paths, seed, seconds) to stdout, so
+Progress goes to stderr and the results (paths, seed, seconds; with `--verbose`, where the
+time went, stage by stage) to stdout, so
 `ditmesh generate ... | tail -1` and shell scripts see only the answer. Errors
 are one `error: CODE: sentence` line and an exit status (2 for a bad request,
 an unknown model included, 1 otherwise), never a traceback: the user can act on the sentence, not the stack.
@@ -23,7 +24,7 @@ import grpc
 from ditmesh.client.errors import DitmeshClientError, InvalidArgumentError, NotFoundError
 from ditmesh.client.params import FIELD_NAMES, GenerateParams
 from ditmesh.client.sdk import Client
-from ditmesh.client.types import FORMAT_BY_SUFFIX, GenerateResult, Progress
+from ditmesh.client.types import FORMAT_BY_SUFFIX, GenerateResult, Progress, Timings
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
 GATEWAY_ENV = "DITMESH_GATEWAY"
@@ -84,6 +85,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--timeout", type=_positive_float, default=600.0, help="seconds (default: 600)"
+    )
+    parser.add_argument(
+        "--verbose",
+        dest="show_timings",
+        action="store_true",
+        help="also print where the time went: queue, encode, transfer, denoise, decode, "
+        "image encoding, per stage",
     )
     parser.add_argument(
         "-o",
@@ -185,4 +193,26 @@ def run(args: argparse.Namespace) -> int:
         print(path)
     print(f"seed: {result.seed}")
     print(f"total_seconds: {result.timings.total:.3f}")
+    if getattr(args, "show_timings", False):
+        print_timings(result.timings, sys.stdout)
     return 0
+
+
+_PART_NAMES = {"image_encode": "image encoding"}
+
+
+def print_timings(timings: Timings, out: TextIO) -> None:
+    """The request's seconds as parts that add up to the total, then each stage's split."""
+    parts = timings.breakdown()
+    print(
+        "timings: " + ", ".join(f"{_PART_NAMES.get(k, k)} {v:.3f} s" for k, v in parts.items()),
+        file=out,
+    )
+    for s in timings.stages:
+        encoding = f" (image encoding {s.image_encode:.3f} s)" if s.image_encode else ""
+        retried = f", {s.attempts} attempts" if s.attempts > 1 else ""
+        print(
+            f"  {s.stage:<9} queue {s.queue:.3f} s, work {s.work:.3f} s{encoding}, "
+            f"transfer {s.transfer:.3f} s (on {s.replica or '?'}{retried})",
+            file=out,
+        )

@@ -28,6 +28,7 @@ __all__ = [
     "OutputFormat",
     "Progress",
     "ProgressCallback",
+    "StageTimings",
     "Timings",
 ]
 
@@ -80,13 +81,76 @@ ProgressCallback = Callable[[Progress], Any]
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
+class StageTimings:
+    """One stage of a request: queue + work + transfer is its share of the total."""
+
+    stage: str
+    """encoder, denoiser or vae."""
+    queue: float
+    """Waiting in the gateway's queue for a replica (over every attempt)."""
+    work: float
+    """The stage's own work, as it measured it (the VAE's image encoding included)."""
+    transfer: float
+    """The rest of the call, as the gateway saw it: bytes on the wire, (de)serialisation."""
+    image_encode: float = 0.0
+    """Of `work`, turning pixels into PNG / JPEG / WebP (vae only)."""
+    attempts: int = 1
+    replica: str = ""
+    """The replica that answered (host:port)."""
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
 class Timings:
-    """Seconds spent in each stage of the mesh, as the gateway measured them."""
+    """Seconds of one request, as the gateway measured them.
+
+    `encode`, `denoise` and `decode` are each stage's wall time at the gateway (its
+    queue and transfers included); `stages` splits each into queue, work and transfer,
+    and `breakdown()` gives the whole request as parts that add up to `total`.
+    """
 
     encode: float
     denoise: float
     decode: float
     total: float
+    stages: tuple[StageTimings, ...] = ()
+    """Per stage, in the order encoder, denoiser, vae (empty from an older gateway)."""
+
+    def stage(self, name: str) -> StageTimings | None:
+        return next((s for s in self.stages if s.stage == name), None)
+
+    @property
+    def queue(self) -> float:
+        """Seconds waiting in the gateway's stage queues."""
+        return sum(s.queue for s in self.stages)
+
+    @property
+    def transfer(self) -> float:
+        """Seconds moving tensors and images between the gateway and the stages."""
+        return sum(s.transfer for s in self.stages)
+
+    @property
+    def image_encode(self) -> float:
+        """Seconds turning pixels into the image format asked for."""
+        return sum(s.image_encode for s in self.stages)
+
+    def _work(self, name: str) -> float:
+        s = self.stage(name)
+        return 0.0 if s is None else s.work - s.image_encode
+
+    def breakdown(self) -> dict[str, float]:
+        """queue, encode, transfer, denoise, decode, image_encode and other (the gateway's
+        own time between stages), which add up to total; then total itself."""
+        parts = {
+            "queue": self.queue,
+            "encode": self._work("encoder"),
+            "transfer": self.transfer,
+            "denoise": self._work("denoiser"),
+            "decode": self._work("vae"),
+            "image_encode": self.image_encode,
+        }
+        parts["other"] = max(0.0, self.total - sum(parts.values()))
+        parts["total"] = self.total
+        return parts
 
 
 @dataclass(kw_only=True, slots=True)

@@ -23,6 +23,7 @@ from ditmesh.client.types import (
     ModelInfo,
     ModelList,
     Progress,
+    StageTimings,
     Timings,
 )
 from ditmesh.v1 import gateway_pb2, vae_pb2
@@ -80,6 +81,18 @@ def _make_result(
             denoise=finished.denoise_seconds,
             decode=finished.decode_seconds,
             total=finished.total_seconds,
+            stages=tuple(
+                StageTimings(
+                    stage=s.stage,
+                    queue=s.queue_seconds,
+                    work=s.work_seconds,
+                    transfer=s.transfer_seconds,
+                    image_encode=s.image_encode_seconds,
+                    attempts=s.attempts,
+                    replica=s.replica,
+                )
+                for s in finished.stages
+            ),
         ),
     )
 

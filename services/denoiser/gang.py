@@ -21,6 +21,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.distributed as dist
 
+from ditmesh.common import tracing
 from ditmesh.common.gangs import (
     IDLE_TIMEOUT,
     GangLaunch,
@@ -219,7 +220,11 @@ class GangRunner(GangLeader):
         on_preview: PreviewCallback | None = None,
     ) -> torch.Tensor:
         def work() -> torch.Tensor:
-            self.member.broadcast_job(job)
+            # The leader waits here until every rank has taken the job (a collective).
+            with tracing.span(
+                "gang job broadcast", **{"ditmesh.world_size": self.parallel.world_size}
+            ):
+                self.member.broadcast_job(job)
             return self.member.run(job, on_step, on_preview).float().cpu()
 
         return self.exclusive(

@@ -14,7 +14,7 @@ import threading
 import grpc
 import torch
 
-from ditmesh.common import codec
+from ditmesh.common import codec, tracing
 from ditmesh.common.errors import Cancelled, InvalidArgument
 from ditmesh.common.gang_watch import watch_gang
 from ditmesh.common.gangs import GangLeader, torchrun_env
@@ -28,6 +28,7 @@ from ditmesh.common.limits import (
 from ditmesh.common.models import check_model_name, resolve_model
 from ditmesh.common.server import RunningServer, StageOptions, start_server
 from ditmesh.common.stage_info import stage_info
+from ditmesh.common.tracing import REQUEST_ID_ATTR
 from ditmesh.denoiser.gang import GangRunner, GangSpec, run_torchrun_worker
 from ditmesh.denoiser.job import DenoiseJob
 from ditmesh.denoiser.parallel.mesh import ParallelConfig
@@ -93,9 +94,23 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
         cancelled = threading.Event()
         context.add_callback(cancelled.set)
 
+        # The loop's span and a child per step, under this call's span (no-op when off).
+        loop = tracing.loop_trace(
+            "denoise",
+            **{
+                "gen_ai.request.model": self.runner.model.name,
+                REQUEST_ID_ATTR: job.request_id,
+                "ditmesh.steps": job.steps,
+                "ditmesh.height": job.height,
+                "ditmesh.width": job.width,
+                "ditmesh.num_images": job.num_images,
+            },
+        )
+
         def on_step(step: int, total: int) -> None:
             if cancelled.is_set():
                 raise Cancelled(f"request {job.request_id} was cancelled at step {step}")
+            loop.step(step, total)
             events.put(
                 denoiser_pb2.DenoiseResponse(step=denoiser_pb2.DenoiseStep(step=step, total=total))
             )
@@ -110,7 +125,8 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
 
         def work() -> None:
             try:
-                result["latents"] = self.runner.run(job, on_step, on_preview)
+                with loop.running():
+                    result["latents"] = self.runner.run(job, on_step, on_preview)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the RPC thread below
                 result["error"] = exc
             finally:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import grpc
 
-from ditmesh.common import codec
+from ditmesh.common import codec, timings
 from ditmesh.common.errors import InvalidArgument, Unavailable
 from ditmesh.common.gang_watch import watch_gang
 from ditmesh.common.gangs import GangLaunch, GangLeader
@@ -78,13 +78,15 @@ class VaeService(vae_pb2_grpc.VaeServicer):
         latents = tensors["latents"]
         self.decoder.check_latents(latents, p.height, p.width)
         try:
-            images = self.decoder.decode(latents)
+            with timings.phase("decode"):
+                images = self.decoder.decode(latents)
         except Unavailable:
             if self.decoder.is_broken() and self.on_fatal is not None:
                 self.on_fatal("the VAE gang lost a process or a collective timed out")
             raise
         for i, pixels in enumerate(images):
-            data = encode_image(pixels, fmt, p.quality)
+            with timings.phase("image_encode", **{"ditmesh.image_format": fmt}):
+                data = encode_image(pixels, fmt, p.quality)
             yield from iter_image_chunks(i, data, fmt, pixels.shape[1], pixels.shape[0])
 
 
