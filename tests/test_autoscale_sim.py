@@ -51,7 +51,7 @@ def test_trace_is_deterministic_and_has_idle_stretches(sim):
 def test_every_request_completes_exactly_once(result):
     n = len(result["trace"])
     for key in result:
-        if key in ("trace", "bursts"):
+        if key in ("trace", "bursts", "tuned"):
             continue
         sim, trace, summary = result[key]
         assert len(trace) == n
@@ -84,3 +84,34 @@ def test_no_negative_queue_or_backlog(result):
         s = d.inputs
         assert s.queued >= 0 and s.backlog_s >= 0 and s.inflight >= 0 and s.p95_wait_s >= 0
         assert 0 <= s.ready <= s.replicas and d.target >= 1
+
+
+def test_tuned_rows_meet_the_bar_at_the_loosest_target_that_does(sim, result):
+    cfg = sim.SimSettings()
+    bar = result["static"][2]["p95"]
+    assert set(result["tuned"]) == {"hpa-tuned", "ditmesh-tuned"}
+    for key, target in result["tuned"].items():
+        m = result[key][2]
+        if target is None:  # none met it: the row is the lowest target tried
+            continue
+        assert target in cfg.tune_targets
+        assert m["p95"] <= bar + 1e-6 and m["attain"] >= cfg.tune_attainment, key
+    assert "tuned" in sim.label(result, "hpa-tuned")
+
+
+def test_the_policy_is_told_the_cold_start_or_measures_it(result):
+    told = result["ditmesh"][0].decisions
+    assert {d.cold_start_s for d in told if d.stage == "denoiser-dev"} == {60.0}
+    measured = [d for d in result["ditmesh-measured"][0].decisions if d.stage == "denoiser-dev"]
+    assert measured[0].cold_start_s == 0.0
+    if any(d.target > d.inputs.replicas for d in measured):  # it scaled up once at least
+        assert any(60.0 <= d.cold_start_s < 70.0 for d in measured)
+
+
+def test_each_denoiser_pool_gets_its_own_share(result):
+    last = {d.stage: d for d in result["ditmesh"][0].decisions}
+    dev, schnell = last["denoiser-dev"].share, last["denoiser-schnell"].share
+    # Every request visits the encoder and the VAE and one of the two denoiser pools.
+    assert last["encoder"].share == pytest.approx(last["vae"].share, abs=0.05)
+    assert dev + schnell == pytest.approx(last["encoder"].share, abs=0.05)
+    assert dev > schnell  # 60 % FLUX.1-dev, 40 % schnell
