@@ -36,6 +36,8 @@ FLAGS = (
     "watchdog_multiple",
     "watchdog_min_seconds",
     "health_interval",
+    "http_port",
+    "api_keys_file",
 )
 
 # The autoscaler's flags that `ditmesh up` hands on to its gateway (not the Kubernetes ones).
@@ -99,6 +101,22 @@ def add_gateway_flags(p: argparse.ArgumentParser) -> None:
         type=float,
         default=h.interval,
         help="seconds between health checks of each stage replica",
+    )
+    a = p.add_argument_group("gateway: HTTP API and API keys")
+    a.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="serve the OpenAI-compatible HTTP API (POST /v1/images/generations, GET "
+        "/v1/models, GET /healthz) on this port of the gateway's host; 0 picks a free port "
+        "(default: no HTTP API)",
+    )
+    a.add_argument(
+        "--api-keys-file",
+        default=None,
+        help="file of API keys, one a line (# comments): HTTP calls must send "
+        "'Authorization: Bearer KEY', gRPC calls the same in metadata 'authorization' "
+        "(default: no keys, every caller let in)",
     )
 
 
@@ -286,6 +304,8 @@ def settings_from_flags(args: argparse.Namespace) -> GatewaySettings:
         raise ValueError(f"--max-queue must be at least 1; got {args.max_queue}")
     if args.attempts < 1:
         raise ValueError(f"--attempts must be at least 1; got {args.attempts}")
+    if args.http_port is not None and not 0 <= args.http_port <= 65535:
+        raise ValueError(f"--http-port must be between 0 and 65535; got {args.http_port}")
     return GatewaySettings(
         config=GatewayConfig(
             retry=RetryPolicy(attempts=args.attempts),
@@ -304,6 +324,8 @@ def settings_from_flags(args: argparse.Namespace) -> GatewaySettings:
         },
         kubeconfig=getattr(args, "kubeconfig", None),
         autoscale=autoscale_from_flags(args) if hasattr(args, "autoscale") else AutoscaleOptions(),
+        http_port=args.http_port,
+        api_keys_file=args.api_keys_file,
     )
 
 

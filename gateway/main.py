@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from ditmesh.common.aio_server import AsyncServer
 from ditmesh.common.server import ServerConfig
+from ditmesh.gateway.auth import load_keys
 from ditmesh.gateway.catalog import STAGES, load_catalog, pools_of
 from ditmesh.gateway.core import Gateway
 from ditmesh.gateway.metrics import watch_gateway
@@ -28,6 +29,8 @@ class GatewayServer(AsyncServer):
     gateway: Gateway | None = None
     autoscaler = None
     """The running `AutoscalerHandle` (its `desired` replicas per stage), or None when off."""
+    http_api = None
+    """The running OpenAI-compatible HTTP API (`url`, `port`), or None when off."""
 
 
 def serve(
@@ -48,6 +51,7 @@ def serve(
     in the same order. Every address of a stage is offered to each of that stage's pools;
     a replica joins the pool whose components it serves (gateway/catalog.py)."""
     s = settings or GatewaySettings()
+    keys = load_keys(s.api_keys_file)  # a bad key file fails before anything starts
     sources = [model_source] if isinstance(model_source, str) else list(model_source)
     names = [name] if isinstance(name, str) else list(name or [])
     catalog = load_catalog(sources, names)
@@ -132,7 +136,7 @@ def serve(
         [
             (
                 gateway_pb2_grpc.add_GatewayServicer_to_server,
-                GatewayService(gateway),
+                GatewayService(gateway, keys),
                 "ditmesh.v1.Gateway",
             )
         ]
@@ -141,4 +145,8 @@ def serve(
     # The server starts SERVING; a gateway whose stages are still to be found (discovery)
     # or started (local autoscaling) is not, until they are up (static replicas count as up).
     server.run(server.set_serving(gateway.healthy()))
+    if s.http_port is not None:
+        from ditmesh.gateway.http_api import start_http_api  # FastAPI only when asked for
+
+        server.http_api = start_http_api(server, keys, s.http_port, s.drain_seconds)
     return server

@@ -17,6 +17,7 @@ from grpc._cython import cygrpc
 
 from ditmesh.common.aio_server import rpc_errors
 from ditmesh.common.errors import DitmeshError
+from ditmesh.gateway.auth import ApiKeys, check_grpc
 from ditmesh.gateway.core import Gateway
 from ditmesh.gateway.plan import make_plan
 from ditmesh.v1 import gateway_pb2, gateway_pb2_grpc
@@ -38,10 +39,13 @@ def _metadata_request_id(context: grpc.aio.ServicerContext) -> str:
 
 
 class GatewayService(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, keys: ApiKeys | None = None) -> None:
         self.gateway = gateway
+        self.keys = keys
+        """API keys every call must carry (gateway/auth.py); None: no check."""
 
     async def _run(self, request, context):
+        check_grpc(self.keys, context)
         gw = self.gateway
         plan = make_plan(
             request,
@@ -96,7 +100,9 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             request_id=rid, images=[images[i] for i in sorted(images)], finished=finished
         )
 
+    @rpc_errors("gateway")
     async def ListModels(self, request, context):
+        check_grpc(self.keys, context)
         gw = self.gateway
         return gateway_pb2.ListModelsResponse(
             models=[

@@ -116,6 +116,12 @@ class GatewaySettings:
     gateway's watcher ends within this plus a few seconds)."""
     autoscale: AutoscaleOptions = field(default_factory=lambda: AutoscaleOptions())
     """The autoscaler (off by default)."""
+    http_port: int | None = None
+    """Port of the OpenAI-compatible HTTP API (gateway/http_api.py), on the gRPC host; 0: a
+    free port; None: no HTTP API."""
+    api_keys_file: str | None = None
+    """File of API keys, one a line (gateway/auth.py): every HTTP and gRPC call must carry
+    one; None: no keys checked."""
 
 
 AUTOSCALE_MODES = ("off", "dry-run", "on")
