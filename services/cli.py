@@ -48,6 +48,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16",
     )
+    p.add_argument(
+        "--warmup",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="encoder and vae: do one request's work before serving, so the first request "
+        "is as fast as the next (auto: on a GPU only)",
+    )
 
 
 def _add_gang_args(p: argparse.ArgumentParser) -> None:
@@ -315,6 +322,7 @@ def _serve(args: argparse.Namespace) -> int:
                 dtype=args.dtype,
                 drain_seconds=args.drain_seconds,
                 metrics_port=args.metrics_port,
+                warmup=args.warmup,
             )
             gang: dict = {}
             if args.stage == "denoiser":
@@ -387,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                 name=args.name,
                 device=args.device,
                 dtype=args.dtype,
+                warmup=args.warmup,
                 denoiser_args=[
                     *gang,
                     f"--collective-timeout={args.collective_timeout}",

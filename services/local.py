@@ -73,6 +73,8 @@ class UpConfig:
     name: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    warmup: str = "auto"
+    """Encoder and VAE warm-up at start (services/common/warmup.py)."""
     start_timeout_s: float = 300.0
     stop_margin_s: float = 15.0
     """Seconds a process may take to exit beyond its drain time before it is killed."""
@@ -254,6 +256,7 @@ class LocalMesh:
     def _common_args(self) -> list[str]:
         c = self.config
         args = ["--model", c.model, "--host", c.host, "--device", c.device, "--dtype", c.dtype]
+        args += [f"--warmup={c.warmup}"]
         if c.name:
             args += ["--name", c.name]
         if c.drain_seconds is not None:

@@ -195,6 +195,9 @@ class StageOptions:
     """How long work in hand may run on after a stop is asked for."""
     metrics_port: int = 0
     """Port of the Prometheus /metrics endpoint; 0: no metrics."""
+    warmup: str = "auto"
+    """Encoder and VAE: run one request's work before serving (auto: on a GPU only;
+    services/common/warmup.py)."""
 
     def server_config(self, stage: str) -> ServerConfig:
         return ServerConfig(

@@ -26,6 +26,7 @@ from ditmesh.common.models import (
 )
 from ditmesh.common.server import RunningServer, StageOptions, start_server
 from ditmesh.common.stage_info import stage_info
+from ditmesh.common.warmup import should_warm, warm_encoder
 from ditmesh.v1 import encoder_pb2, encoder_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,8 @@ def serve(model_source: str, options: StageOptions | None = None) -> RunningServ
     o = options or StageOptions()
     model = resolve_model(model_source, o.name)
     encoder = load_text_encoder(model, o.device, o.dtype)
+    if should_warm(o.warmup, pick_device(o.device)):
+        warm_encoder(encoder)
     return start_server(
         o.server_config("encoder"),
         [

@@ -17,6 +17,7 @@ import torch
 from ditmesh.common.errors import InvalidArgument
 from ditmesh.common.models import ModelRef
 from ditmesh.v1 import vae_pb2
+from ditmesh.vae.png import encode_png
 
 DEFAULT_QUALITY = 90
 
@@ -121,6 +122,8 @@ def to_uint8(arr: np.ndarray) -> np.ndarray:
 def encode_image(pixels: np.ndarray, fmt: int, quality: int = 0) -> bytes:
     if fmt == vae_pb2.OUTPUT_FORMAT_RAW:
         return np.ascontiguousarray(pixels).tobytes()
+    if fmt == vae_pb2.OUTPUT_FORMAT_PNG:
+        return encode_png(pixels)  # on several cores: services/vae/png.py says why
     from PIL import Image
 
     if fmt not in _PIL_FORMAT:

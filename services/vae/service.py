@@ -14,6 +14,7 @@ from ditmesh.common.gangs import GangLaunch, GangLeader
 from ditmesh.common.models import check_model_name, pick_device, pick_dtype, resolve_model
 from ditmesh.common.server import RunningServer, StageOptions, start_server
 from ditmesh.common.stage_info import stage_info
+from ditmesh.common.warmup import should_warm, warm_vae
 from ditmesh.v1 import vae_pb2, vae_pb2_grpc
 from ditmesh.vae.decoder import MIME, Decoder, VaeDecoder, encode_image, normalise_format
 from ditmesh.vae.gang import VaeGang, check_parallel
@@ -114,6 +115,12 @@ def serve(
         )
         # Always a fresh loopback port: MASTER_PORT may belong to a denoiser gang.
         decoder = VaeGang(model_source, launch.rendezvous(), name=o.name)
+    try:
+        if should_warm(o.warmup, pick_device(o.device)):
+            warm_vae(decoder, decoder.model)
+    except BaseException:
+        decoder.close()
+        raise
     holder: dict[str, RunningServer] = {}
     service = VaeService(decoder, on_fatal=lambda why: holder["server"].fail(why))
     try:
