@@ -18,7 +18,9 @@ Observed as each request ends (`observe_finish`, called once from `Gateway.finis
 - `ditmesh_gateway_requests_total{model,code}`: requests that ran, by how they ended;
 - `ditmesh_gateway_request_duration_seconds{model,code}`: admission to the end;
 - `ditmesh_gateway_stage_duration_seconds{model,phase}`: each phase the request's run
-  timed (encode, denoise, decode, and whatever else `RequestRun.timings` records).
+  timed (encode, denoise, decode, and whatever else `RequestRun.timings` records);
+- `ditmesh_gateway_queue_wait_seconds{model,stage}`: its wait for a slot at each stage
+  it reached (over every attempt; gateway/timings.py).
 Requests refused before they run (bad input, queue full) are counted, by code, in the
 RPC metrics every service has (`ditmesh_requests_total{stage="gateway"}`,
 services/common/metrics.py).
@@ -135,6 +137,13 @@ class RequestMetrics:
             buckets=BUCKETS,
             registry=registry,
         )
+        self.queue_wait = Histogram(
+            "ditmesh_gateway_queue_wait_seconds",
+            "Seconds a request waited for a slot at a stage (every attempt together)",
+            ["model", "stage"],
+            buckets=(0.0, *BUCKETS),
+            registry=registry,
+        )
 
     def observe(self, run, status: str, seconds: float) -> None:
         model = run.plan.model.name
@@ -145,6 +154,8 @@ class RequestMetrics:
         for phase, value in run.timings.items():
             if phase != "total":
                 self.phases.labels(model, phase).observe(value)
+        for stage in run.breakdown.stages():
+            self.queue_wait.labels(model, stage.stage).observe(stage.queue_seconds)
 
 
 _BY_GATEWAY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -4,6 +4,7 @@ server scraping the mesh and answering queries on its HTTP API."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import socket
@@ -12,6 +13,7 @@ import time
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -19,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ditmesh.common.metrics import BUCKETS, GpuCollector
 from ditmesh.common.server import ServerConfig, StageOptions, start_server
+from ditmesh.gateway.metrics import GatewayCollector
 from ditmesh.v1 import gateway_pb2, gateway_pb2_grpc
 
 SIZE = 64
@@ -100,6 +103,7 @@ def value(samples, name: str, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+@pytest.mark.slow  # a whole mesh in this process
 def test_each_service_counts_its_work_and_the_gateway_its_queues(mesh):
     before = {s: mesh.scrape(s) for s in mesh.servers}
     for seed in range(2):
@@ -142,6 +146,9 @@ def test_each_service_counts_its_work_and_the_gateway_its_queues(mesh):
         assert delta(gw, "ditmesh_gateway_stage_duration_seconds_count", **labels) == 2, phase
         assert delta(gw, "ditmesh_gateway_stage_duration_seconds_sum", **labels) > 0, phase
     for stage in STAGES:
+        labels = dict(model=model, stage=stage)
+        assert delta(gw, "ditmesh_gateway_queue_wait_seconds_count", **labels) == 2, stage
+    for stage in STAGES:
         pool = dict(stage=stage, pool=stage)
         assert value(after[gw], "ditmesh_gateway_replicas", **pool) == 1
         assert value(after[gw], "ditmesh_gateway_healthy_replicas", **pool) == 1
@@ -153,6 +160,7 @@ def test_each_service_counts_its_work_and_the_gateway_its_queues(mesh):
     assert not any(name == "ditmesh_autoscaler_desired_replicas" for name, _ in after[gw])
 
 
+@pytest.mark.slow
 def test_names_follow_prometheus_conventions(mesh):
     mesh.generate(seed=7)
     for service in mesh.servers:
@@ -168,8 +176,53 @@ def test_names_follow_prometheus_conventions(mesh):
                 bounds = sorted(
                     float(s.labels["le"]) for s in f.samples if s.name.endswith("_bucket")
                 )
-                assert set(bounds) == {*BUCKETS, float("inf")}, f.name
+                # Queue waits add a bucket for no wait at all.
+                extra = {0.0} if f.name == "ditmesh_gateway_queue_wait_seconds" else set()
+                assert set(bounds) == {*extra, *BUCKETS, float("inf")}, f.name
                 assert BUCKETS[0] == 0.05 and BUCKETS[-1] == 600.0
+
+
+class _FakePool:
+    def __init__(self, name, label, pending, up, known):
+        self.name, self.label, self.pending, self.inflight = name, label, pending, 1
+        self.admitted = 10 + pending
+        self.replicas = SimpleNamespace(replicas=[object()] * known, up=lambda: [object()] * up)
+
+    def backlog_seconds(self):
+        return 2.5 * self.pending
+
+
+def test_gateway_collector_reads_every_pool_and_the_autoscaler():
+    pools = [
+        _FakePool("encoder", "encoder", 0, 1, 1),
+        _FakePool("denoiser", "denoiser@dev", 3, 1, 2),
+        _FakePool("denoiser", "denoiser@schnell", 1, 0, 1),
+        _FakePool("vae", "vae", 0, 2, 2),
+    ]
+    server = SimpleNamespace(
+        gateway=SimpleNamespace(pools=pools, running=5),
+        autoscaler=SimpleNamespace(desired={"denoiser@dev": 3, "encoder": 1}),
+        run=lambda coro, timeout=None: asyncio.run(coro),
+    )
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in GatewayCollector(server).collect()
+        for s in f.samples
+    }
+    dev = dict(stage="denoiser", pool="denoiser@dev")
+    schnell = dict(stage="denoiser", pool="denoiser@schnell")
+    assert value(samples, "ditmesh_gateway_queued_requests", **dev) == 3
+    assert value(samples, "ditmesh_gateway_queued_work_seconds", **dev) == 7.5
+    assert value(samples, "ditmesh_gateway_queued_requests", **schnell) == 1
+    assert value(samples, "ditmesh_gateway_replicas", **dev) == 2
+    assert value(samples, "ditmesh_gateway_healthy_replicas", **dev) == 1
+    assert value(samples, "ditmesh_gateway_healthy_replicas", **schnell) == 0
+    assert value(samples, "ditmesh_gateway_in_flight_requests", stage="vae", pool="vae") == 1
+    assert value(samples, "ditmesh_gateway_admitted_requests_total", **dev) == 13
+    assert value(samples, "ditmesh_gateway_running_requests") == 5
+    assert value(samples, "ditmesh_autoscaler_desired_replicas", pool="denoiser@dev") == 3
+    assert value(samples, "ditmesh_autoscaler_desired_replicas", pool="encoder") == 1
+    assert sum(1 for name, _ in samples if name == "ditmesh_gateway_queued_requests") == 4
 
 
 def test_metrics_are_off_without_a_port():
