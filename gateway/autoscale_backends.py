@@ -8,7 +8,11 @@ which addresses serve a stage in Kubernetes (EndpointSlice discovery is the gate
 - `KubernetesBackend` patches only the `scale` subresource (apps/v1 Deployment or
   StatefulSet; LeaderWorkerSet through the custom-object scale), and only of objects
   labelled as this mesh's stage: anything else is refused with `NotOurWorkload` and left
-  as it is. Each applied decision is also recorded as an Event on the workload.
+  as it is; a workload that does not exist is `WorkloadNotFound`. Both are one stage's
+  problem (`StageNotScalable`): the loop logs it and decides the other stages. Each
+  applied decision is also recorded as an Event on the workload. Every API call has a
+  deadline (`API_TIMEOUT_S`): a hung API server must not hang the loop or the gateway's
+  stop.
 - `LocalProcessBackend` starts and stops `ditmesh serve <stage>` processes and tells the
   gateway which addresses joined or left through callbacks.
 - `NoopBackend` (local mode) and `DryRunBackend` (reads a real backend, logs what it would
@@ -31,6 +35,9 @@ PART_OF = ("app.kubernetes.io/part-of", "ditmesh")
 STAGE_LABEL = "ditmesh.io/stage"
 LWS_GROUP, LWS_VERSION, LWS_PLURAL = "leaderworkerset.x-k8s.io", "v1", "leaderworkersets"
 KINDS = ("Deployment", "StatefulSet", "LeaderWorkerSet")
+# (connect, read) seconds for each call to the API server; it answers in milliseconds, and
+# without a deadline a hung one holds a decision (and the gateway's stop) forever.
+API_TIMEOUT_S = (3.0, 5.0)
 
 
 class ScaleBackend(Protocol):
@@ -43,8 +50,16 @@ class ScaleBackend(Protocol):
         ...
 
 
-class NotOurWorkload(PermissionError):
+class StageNotScalable(Exception):
+    """One stage's workload cannot be read or scaled; the other stages are not affected."""
+
+
+class NotOurWorkload(StageNotScalable, PermissionError):
     """The object named for a stage is not labelled as that stage of this mesh."""
+
+
+class WorkloadNotFound(StageNotScalable, LookupError):
+    """The object named for a stage does not exist (in the backend's namespace)."""
 
 
 class NoopBackend:
@@ -106,17 +121,27 @@ class KubernetesBackend:
         """The stage's object as a dict, refused unless labelled as this mesh's stage."""
         w = self.workloads[stage]
         ns = self.namespace
-        if w.kind == "LeaderWorkerSet":
-            obj = self.custom.get_namespaced_custom_object(
-                LWS_GROUP, LWS_VERSION, ns, LWS_PLURAL, w.name
-            )
-        else:
-            read = (
-                self.apps.read_namespaced_deployment
-                if w.kind == "Deployment"
-                else self.apps.read_namespaced_stateful_set
-            )
-            obj = self.apps.api_client.sanitize_for_serialization(read(w.name, ns))
+        try:
+            if w.kind == "LeaderWorkerSet":
+                obj = self.custom.get_namespaced_custom_object(
+                    LWS_GROUP, LWS_VERSION, ns, LWS_PLURAL, w.name, _request_timeout=API_TIMEOUT_S
+                )
+            else:
+                read = (
+                    self.apps.read_namespaced_deployment
+                    if w.kind == "Deployment"
+                    else self.apps.read_namespaced_stateful_set
+                )
+                obj = self.apps.api_client.sanitize_for_serialization(
+                    read(w.name, ns, _request_timeout=API_TIMEOUT_S)
+                )
+        except self._client.ApiException as exc:
+            if exc.status != 404:
+                raise
+            raise WorkloadNotFound(
+                f"the {stage} stage's {w.kind} {ns}/{w.name} does not exist; "
+                f"the autoscaler leaves {stage} as it is"
+            ) from None
         labels = (obj.get("metadata") or {}).get("labels") or {}
         if labels.get(PART_OF[0]) != PART_OF[1] or labels.get(STAGE_LABEL) != stage:
             raise NotOurWorkload(
@@ -136,13 +161,14 @@ class KubernetesBackend:
         before = int((obj.get("spec") or {}).get("replicas") or 0)
         body = {"spec": {"replicas": replicas}}
         ns = self.namespace
+        t = API_TIMEOUT_S
         if w.kind == "Deployment":
-            self.apps.patch_namespaced_deployment_scale(w.name, ns, body)
+            self.apps.patch_namespaced_deployment_scale(w.name, ns, body, _request_timeout=t)
         elif w.kind == "StatefulSet":
-            self.apps.patch_namespaced_stateful_set_scale(w.name, ns, body)
+            self.apps.patch_namespaced_stateful_set_scale(w.name, ns, body, _request_timeout=t)
         else:
             self.custom.patch_namespaced_custom_object_scale(
-                LWS_GROUP, LWS_VERSION, ns, LWS_PLURAL, w.name, body
+                LWS_GROUP, LWS_VERSION, ns, LWS_PLURAL, w.name, body, _request_timeout=t
             )
         self._event(w, obj, before, replicas, reason)
 
@@ -172,7 +198,7 @@ class KubernetesBackend:
             last_timestamp=now,
             count=1,
         )
-        self.core.create_namespaced_event(self.namespace, event)
+        self.core.create_namespaced_event(self.namespace, event, _request_timeout=API_TIMEOUT_S)
 
 
 class LocalProcessBackend:

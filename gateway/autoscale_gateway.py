@@ -7,7 +7,9 @@
 - `start_autoscaler` builds the backend for `--autoscale` (Kubernetes workloads, the
   gateway's own local stage processes, or the pools' own counts for a dry run without
   workloads), marks the stages that may scale to zero, and runs `Autoscaler.run` on the
-  gateway's loop; `AutoscalerHandle.stop` ends it and stops local processes it started.
+  gateway's loop; `AutoscalerHandle.stop` ends it, stops local processes it started and
+  hands back the Lease it holds. With Kubernetes workloads the namespace is
+  `--autoscale-namespace`, else the kubeconfig context's, else the pod's own.
 
 Why the gateway process owns the local processes (`ditmesh up --autoscale on`): the
 decisions need the pools' measurements, and a started process must join the pool it
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import socket
 import time
@@ -65,7 +68,7 @@ class LoadReader:
     """Snapshots of the pools for the policy; call it on the loop that owns the pools."""
 
     def __init__(self, pools: Iterable[StagePool], clock: Callable[[], float] = time.monotonic):
-        self.pools = {p.name: p for p in pools}
+        self.pools = {p.label: p for p in pools}
         self.clock = clock
         now = clock()
         self._last = {name: (now, p.admitted) for name, p in self.pools.items()}
@@ -137,6 +140,16 @@ class AutoscalerHandle:
         backend = self.autoscaler.backend
         if isinstance(backend, LocalProcessBackend):
             await asyncio.to_thread(backend.stop_all)
+        leader = self.autoscaler.leader
+        if isinstance(leader, LeaseElector) and leader.leading:
+            from kubernetes.client import ApiException  # only with a Lease: the k8s extra
+            from urllib3.exceptions import HTTPError
+
+            try:
+                await asyncio.to_thread(leader.release)
+            except (ApiException, HTTPError) as exc:
+                # The gateway stops either way; the Lease then lapses after its duration.
+                log.warning("autoscale: could not release the lease %s: %s", leader.name, exc)
 
 
 def _local_backend(
@@ -163,9 +176,23 @@ def _local_backend(
 
 
 def _kubernetes(opts: AutoscaleOptions, kubeconfig: str | None) -> tuple[Any, str]:
+    """The API client and the namespace: `--autoscale-namespace`, else the kubeconfig's
+    current context's (as kubectl does), else the pod's own."""
     from ditmesh.gateway.discovery import api_client, own_namespace
 
-    return api_client(kubeconfig), opts.namespace or own_namespace()
+    namespace = opts.namespace
+    if namespace is None and kubeconfig:
+        from kubernetes import config
+
+        _, context = config.list_kube_config_contexts(config_file=kubeconfig)
+        namespace = (context or {}).get("context", {}).get("namespace")
+    return api_client(kubeconfig), namespace or own_namespace()
+
+
+def lease_identity() -> str:
+    """POD_NAME (the downward API), else host and process: two gateways on one host
+    outside Kubernetes must not both think they hold the Lease."""
+    return os.environ.get("POD_NAME") or f"{socket.gethostname()}_{os.getpid()}"
 
 
 def start_autoscaler(
@@ -174,7 +201,7 @@ def start_autoscaler(
     """Starts the autoscaler on the running loop (None when `--autoscale off`)."""
     if not opts.active:
         return None
-    by_name = {p.name: p for p in pools}
+    by_name = {p.label: p for p in pools}
     loop = asyncio.get_running_loop()
     workloads = {s: parse_workload(a.workload) for s, a in opts.stages.items() if a.workload}
     real: ScaleBackend | None = None
@@ -187,8 +214,9 @@ def start_autoscaler(
         real = KubernetesBackend(api, namespace, workloads)
         scaled = list(workloads)
         if opts.lease:
-            identity = os.environ.get("POD_NAME") or socket.gethostname()
-            leader = LeaseElector(api, namespace, opts.lease, identity)
+            # Renewed every period: a period near the duration would let it lapse between.
+            duration = max(15, math.ceil(3 * opts.decision_period_s))
+            leader = LeaseElector(api, namespace, opts.lease, lease_identity(), duration)
     else:
         real = None  # dry-run on the pools' own counts; `on` refuses below
         scaled = list(by_name)

@@ -6,10 +6,17 @@ logs one line per decision with its inputs, and applies the changes through the 
 `Autoscaler.run()` does that every `decision_period_s` on an asyncio loop (the blocking
 backend calls go to a thread). `backend_for(mode, ...)` maps `--autoscale off|dry-run|on`.
 
+A stage whose workload cannot be read or scaled (`StageNotScalable`: not labelled as
+ours, not found) is logged every period and left out of that decision; the other stages
+are decided as usual. Any other failure (the API server gone) fails the whole period,
+which is logged and tried again at the next.
+
 `LeaseElector` keeps a `coordination.k8s.io/v1` Lease so that only one of several gateway
 replicas scales. It reads, then patches: the API server's optimistic concurrency
 (resourceVersion) is what makes two racing takeovers safe on a real cluster; kmock does
-not check resourceVersion, so that race is untested here.
+not check resourceVersion, so that race is untested here. It logs when it starts or stops
+leading, and `release()` (at the gateway's stop) hands the Lease back at once instead of
+leaving the others to wait out its duration.
 """
 
 from __future__ import annotations
@@ -22,7 +29,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ditmesh.gateway.autoscale_backends import DryRunBackend, NoopBackend, ScaleBackend
+from ditmesh.gateway.autoscale_backends import (
+    API_TIMEOUT_S,
+    DryRunBackend,
+    NoopBackend,
+    ScaleBackend,
+    StageNotScalable,
+)
 from ditmesh.gateway.autoscale_policy import AutoscalePolicy, Decision, StageSnapshot
 
 log = logging.getLogger(__name__)
@@ -74,14 +87,21 @@ class Autoscaler:
         for name, snap in (self.read() if read is None else read).items():
             if name not in self.policy.settings.stages:
                 continue
-            replicas, ready = self.backend.current(name)
+            try:
+                replicas, ready = self.backend.current(name)
+            except StageNotScalable as exc:
+                log.warning("autoscale %s: left out of this decision: %s", name, exc)
+                continue
             snaps[name] = dataclasses.replace(snap, replicas=replicas, ready=ready)
         decisions = self.policy.decide(self.clock(), snaps)
         for d in decisions:
             self.desired[d.stage] = d.target
             log.info("%s", d.log_line())
             if d.changes:
-                self.backend.scale(d.stage, d.target, d.reason)
+                try:
+                    self.backend.scale(d.stage, d.target, d.reason)
+                except StageNotScalable as exc:  # relabelled or deleted since it was read
+                    log.warning("autoscale %s: not applied: %s", d.stage, exc)
         self.last = decisions
         return decisions
 
@@ -121,12 +141,32 @@ class LeaseElector:
         self.identity = identity
         self.duration_s = duration_s
         self.clock = clock or (lambda: datetime.datetime.now(datetime.timezone.utc))
+        self.leading: bool | None = None
+        """What the last call found (None: not asked yet); a change is logged."""
 
     def __call__(self) -> bool:
+        leading, holder = self._elect()
+        if leading != self.leading:
+            if not leading:
+                log.info(
+                    "autoscale: %s does not hold the lease %s (held by %s); no decisions",
+                    self.identity,
+                    self.name,
+                    holder,
+                )
+            elif self.leading is not None:  # taking it logged its own line
+                log.info("autoscale: %s leads again (lease %s)", self.identity, self.name)
+            self.leading = leading
+        return leading
+
+    def _elect(self) -> tuple[bool, str | None]:
+        """(whether we lead now, the holder's identity)."""
         c = self._client
         now = self.clock()
         try:
-            lease = self.api.read_namespaced_lease(self.name, self.namespace)
+            lease = self.api.read_namespaced_lease(
+                self.name, self.namespace, _request_timeout=API_TIMEOUT_S
+            )
         except c.ApiException as exc:
             if exc.status != 404:
                 raise
@@ -134,16 +174,17 @@ class LeaseElector:
                 metadata=c.V1ObjectMeta(name=self.name, namespace=self.namespace),
                 spec=self._spec(now, acquired=now, transitions=0),
             )
-            self.api.create_namespaced_lease(self.namespace, body)
+            self.api.create_namespaced_lease(self.namespace, body, _request_timeout=API_TIMEOUT_S)
             log.info("autoscale: %s took the lease %s (new)", self.identity, self.name)
-            return True
+            return True, self.identity
         spec = lease.spec
         renewed = spec.renew_time or spec.acquire_time
-        expired = renewed is None or (now - renewed).total_seconds() > (
-            spec.lease_duration_seconds or 0
+        # No holder: released by a gateway that stopped; free at once.
+        free = not spec.holder_identity or (
+            renewed is None or (now - renewed).total_seconds() > (spec.lease_duration_seconds or 0)
         )
-        if spec.holder_identity != self.identity and not expired:
-            return False
+        if spec.holder_identity != self.identity and not free:
+            return False, spec.holder_identity
         if spec.holder_identity == self.identity:
             new = self._spec(
                 now, acquired=spec.acquire_time or now, transitions=spec.lease_transitions or 0
@@ -153,15 +194,28 @@ class LeaseElector:
                 "autoscale: %s takes the lease %s from %s",
                 self.identity,
                 self.name,
-                spec.holder_identity,
+                spec.holder_identity or "nobody (released)",
             )
             new = self._spec(now, acquired=now, transitions=(spec.lease_transitions or 0) + 1)
-        patch = {
-            "metadata": {"resourceVersion": lease.metadata.resource_version},
-            "spec": self.api.api_client.sanitize_for_serialization(new),
-        }
-        self.api.patch_namespaced_lease(self.name, self.namespace, patch)
-        return True
+        self._patch(lease, self.api.api_client.sanitize_for_serialization(new))
+        return True, self.identity
+
+    def release(self) -> None:
+        """Hands the Lease back if we hold it, so another gateway leads at its next period."""
+        lease = self.api.read_namespaced_lease(
+            self.name, self.namespace, _request_timeout=API_TIMEOUT_S
+        )
+        if lease.spec.holder_identity != self.identity:
+            return
+        self._patch(lease, {"holderIdentity": None})  # merge patch: null removes it
+        self.leading = False
+        log.info("autoscale: %s released the lease %s", self.identity, self.name)
+
+    def _patch(self, lease: Any, spec: dict[str, Any]) -> None:
+        patch = {"metadata": {"resourceVersion": lease.metadata.resource_version}, "spec": spec}
+        self.api.patch_namespaced_lease(
+            self.name, self.namespace, patch, _request_timeout=API_TIMEOUT_S
+        )
 
     def _spec(self, now: datetime.datetime, acquired: datetime.datetime, transitions: int) -> Any:
         return self._client.V1LeaseSpec(
