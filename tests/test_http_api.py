@@ -372,3 +372,41 @@ def test_preview_steps_are_spaced_before_the_last():
     for k, steps in ((4, 28), (-1, 28), (2, 2)):
         with pytest.raises(Exception, match="partial"):
             preview_steps(k, steps)
+
+
+# ------------------------------------------------------------ ditmesh up, as a user runs it
+
+
+@pytest.mark.slow
+def test_up_serves_http_with_previews_from_a_data_parallel_gang(tiny_flux, tmp_path):
+    """`ditmesh up --http-port` hands the flag to its gateway; with --dp 2 and one image,
+    the gang's second replica has no image yet joins every preview's gather."""
+    from .helpers import UpProcess, free_port
+
+    keys = tmp_path / "keys"
+    keys.write_text(f"{KEY}\n")
+    port = free_port()
+    mesh = UpProcess(tiny_flux, "--dp", "2", "--http-port", str(port), "--api-keys-file", str(keys))
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0)
+        events = list(
+            client.images.generate(
+                prompt="a red fox",
+                size="64x64",
+                stream=True,
+                partial_images=3,
+                extra_body={"steps": 4, "seed": 7},
+            )
+        )
+        assert [e.type for e in events] == ["image_generation.partial_image"] * 3 + [
+            "image_generation.completed"
+        ]
+        final = _pixels(base64.b64decode(events[-1].b64_json))
+        metadata = (("authorization", f"Bearer {KEY}"),)
+        assert np.array_equal(final, _grpc_image(mesh.address, metadata, steps=4, seed=7))
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(
+                base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-wrong", max_retries=0
+            ).models.list()
+    finally:
+        assert mesh.stop() == 0
