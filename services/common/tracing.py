@@ -45,8 +45,9 @@ log = logging.getLogger(__name__)
 REQUEST_ID_ATTR = "ditmesh.request_id"
 """The span attribute holding the request id (the gateway's, sent as x-request-id)."""
 
-# Calls that are not requests: probes and tool queries would bury the traces of work.
-_UNTRACED_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Calls that are not requests: health probes, the gateway asking a replica what it holds,
+# and tool queries would bury the traces of work.
+_UNTRACED_SERVICES = ("/grpc.health.v1.Health/", "/ditmesh.v1.StageInfo/", "/grpc.reflection.")
 
 _lock = threading.Lock()
 _provider: Any = None
