@@ -32,7 +32,8 @@ from grpc_health.v1.health import aio as health_aio
 
 from ditmesh.common import tracing
 from ditmesh.common.errors import DitmeshError
-from ditmesh.common.metrics import AsyncMetricsInterceptor, ServiceMetrics
+from ditmesh.common.metrics import ServiceMetrics
+from ditmesh.common.metrics_rpc import AsyncMetricsInterceptor
 from ditmesh.common.server import (
     KEEPALIVE_SERVER_OPTIONS,
     REQUEST_ID_KEY,

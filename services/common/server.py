@@ -27,7 +27,8 @@ from ditmesh.common import tracing
 from ditmesh.common.codec import MAX_MESSAGE_BYTES
 from ditmesh.common.errors import DitmeshError
 from ditmesh.common.limits import DEFAULT_DRAIN_SECONDS
-from ditmesh.common.metrics import MetricsInterceptor, ServiceMetrics
+from ditmesh.common.metrics import ServiceMetrics
+from ditmesh.common.metrics_rpc import MetricsInterceptor
 from ditmesh.common.timings import WorkClock
 
 log = logging.getLogger(__name__)
