@@ -16,6 +16,9 @@ Three ways to run the same trace (same seed, same requests):
       10% tolerance, scale-up at most x2 or +4 pods per sync, 300 s scale-down stabilisation);
   (c) ditmesh: per-stage pools (one encoder pool and one VAE pool shared by both models, one
       denoiser pool per model) scaled by the real policy.
+(b) and (c) also run tuned, by one rule for both: their utilisation target swept from 75%
+down, keeping the loosest that gives (a)'s p95 with 99% of requests on objective; and (c)
+once more with no cold start configured, so the policy measures it.
 
 Every figure it assumes is a module constant or a flag, stated in docs/autoscaling.md with
 its source. What this leaves out: network and gRPC overheads, failures, gangs (every
