@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -231,6 +233,27 @@ def test_metrics_are_off_without_a_port():
         assert server.metrics is None
     finally:
         server.stop(0)
+
+
+@pytest.mark.slow  # a stage process
+def test_serve_takes_a_metrics_port(tiny_flux):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ditmesh.cli", "serve", "encoder", "--model", tiny_flux]
+        + ["--metrics-port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("encoder listening on "), line
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        assert 'ditmesh_busy_seconds_total{stage="encoder"}' in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
 
 
 def test_a_bad_metrics_port_is_one_line(capsys):
