@@ -8,6 +8,12 @@ breakdown (`GenerateResult.timings.breakdown()`: queue, encode, transfer, denois
 decode, image encoding, the gateway's own time). Prints `RESULT {json}` per format
 and a table; the caller compares `total` with gang_gpu.py's denoise + decode.
 
+`--trace` also starts an OTLP/gRPC receiver here and points the mesh at it with the
+sampler `parentbased_always_off`: the timed requests start no trace (their spans are
+not recorded), and one last PNG request, sent with a sampled W3C `traceparent`, is
+traced through all four services; its spans are printed as a table (start offset and
+duration per span, the denoiser's step spans summed) and written to `trace.json`.
+
     python bench/mesh_overhead.py --model /tmp/flux-mesh --denoiser-flags "--compile --cuda-graphs"
     python bench/mesh_overhead.py --model /tmp/tiny-flux --device cpu --height 64 --width 64 --steps 2
 """
@@ -43,6 +49,94 @@ def one(client: Client, args, fmt: str, seed: int) -> dict:
     return {"client_s": wall, **{k: v for k, v in parts.items()}}
 
 
+class Receiver:
+    """An OTLP/gRPC TraceService that keeps (service, name, trace, span, parent, start, end)."""
+
+    def __init__(self) -> None:
+        from concurrent import futures
+
+        import grpc
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+        spans = self.spans = []
+
+        class Service(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):
+                for rs in request.resource_spans:
+                    attrs = {a.key: a.value.string_value for a in rs.resource.attributes}
+                    for ss in rs.scope_spans:
+                        for sp in ss.spans:
+                            spans.append(
+                                dict(
+                                    service=attrs.get("service.name", ""),
+                                    name=sp.name,
+                                    trace=sp.trace_id.hex(),
+                                    span=sp.span_id.hex(),
+                                    parent=sp.parent_span_id.hex(),
+                                    start=sp.start_time_unix_nano,
+                                    end=sp.end_time_unix_nano,
+                                )
+                            )
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(4))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), self.server)
+        port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+        self.endpoint = f"http://127.0.0.1:{port}"
+
+
+def traced_request(address: str, args) -> str:
+    """One PNG request with a sampled traceparent; returns its trace id."""
+    import grpc
+
+    from ditmesh.v1 import gateway_pb2, gateway_pb2_grpc
+
+    trace_id = os.urandom(16).hex()
+    parent = f"00-{trace_id}-{os.urandom(8).hex()}-01"
+    req = gateway_pb2.GenerateRequest(
+        prompt=args.prompt, height=args.height, width=args.width, steps=args.steps, seed=99
+    )
+    with grpc.insecure_channel(
+        address, options=[("grpc.max_receive_message_length", 256 << 20)]
+    ) as ch:
+        for _ in gateway_pb2_grpc.GatewayStub(ch).Generate(
+            req, timeout=args.request_timeout, metadata=(("traceparent", parent),)
+        ):
+            pass
+    return trace_id
+
+
+def trace_table(spans: list[dict], trace_id: str) -> list[dict]:
+    mine = sorted((s for s in spans if s["trace"] == trace_id), key=lambda s: s["start"])
+    if not mine:
+        return []
+    t0 = mine[0]["start"]
+    rows, steps = [], []
+    for s in mine:
+        if "step" in s["name"].split():
+            steps.append(s)
+            continue
+        rows.append(
+            dict(
+                service=s["service"],
+                span=s["name"],
+                start_ms=round((s["start"] - t0) / 1e6, 1),
+                ms=round((s["end"] - s["start"]) / 1e6, 1),
+            )
+        )
+    if steps:
+        rows.append(
+            dict(
+                service=steps[0]["service"],
+                span=f"{len(steps)} step spans (sum)",
+                start_ms=round((steps[0]["start"] - t0) / 1e6, 1),
+                ms=round(sum(s["end"] - s["start"] for s in steps) / 1e6, 1),
+            )
+        )
+    return rows
+
+
 def summarise(rows: list[dict]) -> dict:
     keys = rows[0].keys()
     return {k: round(statistics.median(r[k] for r in rows), 4) for k in keys}
@@ -63,10 +157,20 @@ def main() -> None:
     ap.add_argument("--start-timeout", type=float, default=600)
     ap.add_argument("--request-timeout", type=float, default=600)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--trace", action="store_true", help="trace one last request (see above)")
     args = ap.parse_args()
+    receiver = None
+    if args.trace:
+        receiver = Receiver()
+        os.environ.update(
+            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+            OTEL_TRACES_SAMPLER="parentbased_always_off",
+            OTEL_BSP_SCHEDULE_DELAY="200",
+        )
     layout = parse_layout("replicas:1", args.denoiser_flags)
     procs, address = start(args, layout)
     rows: list[dict] = []
+    spans: list[dict] = []
     try:
         with Client(address) as client:
             first = one(client, args, "png", 0)
@@ -74,8 +178,19 @@ def main() -> None:
             for fmt in args.formats.split(","):
                 runs = [one(client, args, fmt, 1 + i) for i in range(args.requests)]
                 rows.append({"format": fmt, "which": f"median of {len(runs)}", **summarise(runs)})
+        if receiver is not None:
+            trace_id = traced_request(address, args)
+            time.sleep(2.0)  # the batch processors export every 200 ms
+            spans = trace_table(receiver.spans, trace_id)
     finally:
         stop(procs)
+    if spans:
+        with open(os.path.join(args.out, "trace.json"), "w") as f:
+            json.dump(spans, f, indent=1)
+        print("| service | span | start ms | ms |")
+        print("|---|---|---|---|")
+        for r in spans:
+            print(f"| {r['service']} | {r['span']} | {r['start_ms']} | {r['ms']} |")
     base = dict(
         system="ditmesh",
         bench="mesh_overhead",
