@@ -109,7 +109,12 @@ async def _until_done_or_gone(request: Request, work: asyncio.Task):
             await asyncio.wait({work}, timeout=DISCONNECT_POLL_S)
             if not work.done() and await request.is_disconnected():
                 work.cancel()
-        return await work
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
+                # Answered to no one (nginx's number for it); raised, the cancel would be
+                # logged as an error of the app.
+                raise OpenAIError(499, "the client closed the request", code="cancelled")
+        return work.result()
     finally:
         work.cancel()
 

@@ -228,6 +228,18 @@ def timings(finished: gateway_pb2.Finished) -> dict[str, float]:
     }
 
 
+def stage_timings(finished: gateway_pb2.Finished) -> dict[str, dict]:
+    """Each stage's StageTiming (queue, work, transfer, ... seconds; attempts; replica)."""
+    return {
+        st.stage: {
+            f.name.removesuffix("_seconds"): getattr(st, f.name)
+            for f in st.DESCRIPTOR.fields
+            if f.name != "stage"
+        }
+        for st in finished.stages
+    }
+
+
 def ditmesh_block(rid: str, model: str, steps: int, finished: gateway_pb2.Finished) -> dict:
     return {
         "request_id": rid,
@@ -235,6 +247,7 @@ def ditmesh_block(rid: str, model: str, steps: int, finished: gateway_pb2.Finish
         "seed": finished.seed,
         "steps": steps,
         "timings": timings(finished),
+        "stages": stage_timings(finished),
     }
 
 

@@ -12,6 +12,7 @@ import base64
 import http.client
 import io
 import json
+import logging
 import urllib.error
 import urllib.request
 
@@ -30,7 +31,7 @@ from ditmesh.gateway.previews import preview_steps
 from ditmesh.gateway.settings import GatewaySettings
 from ditmesh.v1 import gateway_pb2, gateway_pb2_grpc
 
-from .helpers import decode_events, request
+from .helpers import decode_events, request, wait_for
 
 KEY = "sk-test-0123456789"
 
@@ -111,6 +112,7 @@ def test_generate_equals_grpc_result(http_gateway):
     block = got.model_extra["ditmesh"]
     assert block["seed"] == 7 and block["steps"] == 2
     assert {"encode", "denoise", "decode", "total"} <= set(block["timings"])
+    assert set(block["stages"]) <= {"encoder", "denoiser", "vae"}
     assert got.size == "64x64" and got.output_format == "png"
 
 
@@ -164,6 +166,20 @@ def test_grpc_generate_offers_the_same_previews(http_gateway):
     parts = [e.partial_image for e in events if e.WhichOneof("event") == "partial_image"]
     assert [(p.partial_image_index, p.step, p.total) for p in parts] == [(0, 1, 4), (1, 2, 4)]
     assert _pixels(parts[0].image.data).shape == (64, 64, 3)
+
+
+def test_a_client_that_leaves_frees_its_request(http_gateway, caplog):
+    url = http_gateway.http_api.url
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    body = json.dumps({"prompt": "a fox", "size": "64x64", "steps": 500, "request_id": "gone-1"})
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    with caplog.at_level(logging.INFO, logger="ditmesh.access"):
+        conn.request("POST", "/v1/images/generations", body, {"Content-Type": "application/json"})
+        wait_for(lambda: http_gateway.gateway.running == 1, 10)
+        conn.close()
+        wait_for(lambda: http_gateway.gateway.running == 0, 10)
+    (line,) = [r.getMessage() for r in caplog.records if "request=gone-1 " in r.getMessage()]
+    assert "status=CANCELLED" in line
 
 
 def test_models_and_healthz(http_gateway, tiny_flux):
