@@ -66,6 +66,18 @@ NS = "serving"
 pytestmark = pytest.mark.slow  # HTTP servers, tiny stages and gateway processes (~2 min)
 
 
+def write_kubeconfig(path, server: str, namespace: str) -> str:
+    """A kubeconfig file whose current context is `server`, in `namespace`."""
+    path.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: kmock\n"
+        f"clusters:\n- name: kmock\n  cluster:\n    server: {server}\n"
+        "users:\n- name: test\n  user: {}\n"
+        "contexts:\n- name: kmock\n  context:\n    cluster: kmock\n    user: test\n"
+        f"    namespace: {namespace}\n"
+    )
+    return str(path)
+
+
 class Emulator:
     """kmock's emulator on its own event loop in a thread. Its HTTP server can be stopped
     and started again on the same port (the objects stay), or frozen (connections are
@@ -109,15 +121,7 @@ class Emulator:
         self._thaw.set()
 
     def kubeconfig(self, path, namespace: str = NS) -> str:
-        """A kubeconfig file whose current context is the emulator, in `namespace`."""
-        path.write_text(
-            "apiVersion: v1\nkind: Config\ncurrent-context: kmock\n"
-            f"clusters:\n- name: kmock\n  cluster:\n    server: {self.url}\n"
-            "users:\n- name: test\n  user: {}\n"
-            "contexts:\n- name: kmock\n  context:\n    cluster: kmock\n    user: test\n"
-            f"    namespace: {namespace}\n"
-        )
-        return str(path)
+        return write_kubeconfig(path, self.url, namespace)
 
     def close(self) -> None:
         self.thaw()
@@ -364,9 +368,7 @@ def test_the_namespace_is_the_flags_else_the_kubeconfig_contexts(tmp_path):
     from ditmesh.gateway.autoscale_gateway import _kubernetes
     from ditmesh.gateway.settings import AutoscaleOptions
 
-    emu = Emulator.__new__(Emulator)  # only its kubeconfig text: no server needed
-    emu.port = 1
-    path = emu.kubeconfig(tmp_path / "kubeconfig", namespace="from-context")
+    path = write_kubeconfig(tmp_path / "kubeconfig", "http://127.0.0.1:1", "from-context")
     api, ns = _kubernetes(AutoscaleOptions(), path)
     assert ns == "from-context" and api.configuration.host == "http://127.0.0.1:1"
     api.close()
