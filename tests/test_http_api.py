@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 import openai
 import pytest
+import torch
 from PIL import Image
 
 from ditmesh.common.errors import ResourceExhausted, Unavailable
@@ -426,3 +427,45 @@ def test_up_serves_http_with_previews_from_a_data_parallel_gang(tiny_flux, tmp_p
             ).models.list()
     finally:
         assert mesh.stop() == 0
+
+
+# ------------------------------------------------------------ the denoiser's side of previews
+
+
+def test_previews_leave_the_result_alone_and_are_shaped_like_it(tiny_flux):
+    import dataclasses
+
+    from ditmesh.common.models import resolve_model
+    from ditmesh.denoiser.runner import LocalRunner
+
+    from .helpers import flux_jobs
+
+    runner = LocalRunner(resolve_model(tiny_flux), "cpu", "float32")
+    job = flux_jobs(tiny_flux)[0]
+    plain = runner.run(job)
+    seen = []
+    with_previews = runner.run(
+        dataclasses.replace(job, preview_steps=(1, 2)),
+        on_preview=lambda step, total, latents: seen.append((step, total, latents.shape)),
+    )
+    assert torch.equal(plain, with_previews)
+    assert [(s, t) for s, t, _ in seen] == [(1, job.steps), (2, job.steps)]
+    assert all(shape == plain.shape for _, _, shape in seen)
+
+
+def test_the_denoiser_checks_preview_steps():
+    from ditmesh.common.errors import InvalidArgument
+    from ditmesh.denoiser.gang import GangRunner
+    from ditmesh.denoiser.parallel.mesh import ParallelConfig
+    from ditmesh.denoiser.service import check_preview_steps
+
+    local = object()
+    check_preview_steps((), 4, local)
+    check_preview_steps((1, 3), 4, local)
+    for steps in ((0,), (4,), (2, 1), (1, 1)):
+        with pytest.raises(InvalidArgument, match="preview steps"):
+            check_preview_steps(steps, 4, local)
+    gang = GangRunner.__new__(GangRunner)  # only its layout is read
+    gang.parallel = ParallelConfig(pipefusion=2)
+    with pytest.raises(InvalidArgument, match="PipeFusion"):
+        check_preview_steps((1,), 4, gang)
