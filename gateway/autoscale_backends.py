@@ -107,12 +107,20 @@ class Workload:
 class KubernetesBackend:
     """Scales each stage's workload through its `scale` subresource."""
 
-    def __init__(self, api_client: Any, namespace: str, workloads: dict[str, Workload]) -> None:
+    def __init__(
+        self,
+        api_client: Any,
+        namespace: str,
+        workloads: dict[str, Workload],
+        identity: str | None = None,
+    ) -> None:
         from kubernetes import client  # the k8s extra; only this backend needs it
 
         self._client = client
         self.namespace = namespace
         self.workloads = workloads
+        self.identity = identity
+        """The gateway that decides (its Lease identity), named in each Event it records."""
         self.apps = client.AppsV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
         self.core = client.CoreV1Api(api_client)
@@ -193,7 +201,9 @@ class KubernetesBackend:
             reason="ScaledUp" if after > before else "ScaledDown" if after < before else "Scaled",
             message=f"ditmesh autoscaler: {before} -> {after} replicas ({reason})",
             type="Normal",
-            source=c.V1EventSource(component="ditmesh-autoscaler"),
+            source=c.V1EventSource(component="ditmesh-autoscaler", host=self.identity),
+            reporting_component="ditmesh-autoscaler",
+            reporting_instance=self.identity,
             first_timestamp=now,
             last_timestamp=now,
             count=1,

@@ -211,7 +211,7 @@ def start_autoscaler(
         scaled = [s for s, a in opts.stages.items() if a.local_args is not None]
     elif workloads:
         api, namespace = _kubernetes(opts, kubeconfig)
-        real = KubernetesBackend(api, namespace, workloads)
+        real = KubernetesBackend(api, namespace, workloads, identity=lease_identity())
         scaled = list(workloads)
         if opts.lease:
             # Renewed every period: a period near the duration would let it lapse between.

@@ -658,6 +658,10 @@ def test_with_a_lease_only_its_holder_scales_and_a_stopped_holder_hands_it_over(
         assert load.result() == [1] * 24
         lease = leases.read_namespaced_lease("ditmesh-autoscaler", NS)
         assert lease.spec.holder_identity == "gateway-b" and lease.spec.lease_transitions == 1
+        # Each Event names the gateway that decided: b, never a.
+        scaled = events_for(k8s.api, "ditmesh-denoiser")
+        assert scaled and {e.reporting_instance for e in scaled} == {"gateway-b"}
+        assert {e.source.host for e in scaled} == {"gateway-b"}
         decoy_untouched(k8s.api)
     finally:
         if a.proc.poll() is None:
