@@ -230,6 +230,8 @@ kinds = [type(i).__name__ for i in running.server._state.interceptor_pipeline.in
 assert not tracing.enabled()
 assert tracing.client_span("/a.B/C", "127.0.0.1:1", "r") is None
 assert tracing.loop_trace("denoise") is tracing.NO_LOOP_TRACE
+with tracing.request_span("POST /v1/images/generations", "r", {}), tracing.span("phase"):
+    pass
 loaded = [m for m in sys.modules if m.startswith(("opentelemetry.sdk", "opentelemetry.instrumentation", "opentelemetry.exporter"))]
 running.stop(0)
 aio.stop(0)
@@ -265,3 +267,32 @@ def test_configured_follows_the_standard_variables(monkeypatch):
     monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")
     assert tracing.configured()
+
+
+_HTTP_SCRIPT = """
+from ditmesh.common import tracing
+
+assert tracing.setup("gateway")
+caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+with tracing.request_span("POST /v1/images/generations", "http-1", {"traceparent": caller}):
+    call = tracing.client_span("/ditmesh.v1.Encoder/Encode", "127.0.0.1:7001", "http-1")
+    call.end(None)
+tracing.shutdown()
+"""
+
+
+def test_a_request_outside_grpc_gets_a_server_span_over_its_calls(receiver):
+    """What the HTTP API wraps a request in: a SERVER span that continues the caller's
+    trace, with the stage calls' spans as its children."""
+    env = _traced_env(receiver.endpoint)
+    proc = subprocess.run(
+        [sys.executable, "-c", _HTTP_SCRIPT], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    wait_for(lambda: len(receiver.snapshot()) >= 2, timeout=30)
+    spans = {s.kind: s for s in receiver.snapshot()}
+    http, call = spans[SERVER], spans[CLIENT]
+    assert http.trace_id == call.trace_id == "0af7651916cd43dd8448eb211c80319c"
+    assert http.parent_id == "b7ad6b7169203331" and call.parent_id == http.span_id
+    assert http.attributes["ditmesh.request_id"] == "http-1"
+    assert call.attributes["server.port"] == 7001
