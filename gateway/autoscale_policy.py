@@ -35,7 +35,7 @@ How a target is set:
   budget: when growth does not fit, free GPUs go one gang at a time to the stage with the
   most queued GPU-seconds per replica.
 
-About 430 lines: the settings, their checks and the policy they drive are kept together
+About 450 lines: the settings, their checks and the policy they drive are kept together
 so a reader sees every knob beside the rule that uses it.
 """
 
