@@ -134,7 +134,7 @@ async def encode(
     stub = encoder_pb2_grpc.EncoderStub(attempt.replica.channel)
     req = encoder_pb2.EncodeRequest(
         request_id=plan.request_id,
-        model=plan.model.name,
+        model=_model_on(attempt.replica, plan),
         prompt=plan.prompt,
         negative_prompt=plan.negative_prompt,
         encode_negative=plan.encode_negative,
@@ -179,7 +179,7 @@ async def denoise(
     then Done(latents)."""
     params = denoiser_pb2.DenoiseParams(
         request_id=plan.request_id,
-        model=plan.model.name,
+        model=_model_on(attempt.replica, plan),
         height=plan.height,
         width=plan.width,
         steps=plan.steps,
@@ -220,7 +220,7 @@ async def decode(
 ) -> list[vae_pb2.ImageChunk]:
     params = vae_pb2.DecodeParams(
         request_id=plan.request_id,
-        model=plan.model.name,
+        model=_model_on(attempt.replica, plan),
         height=plan.height,
         width=plan.width,
         output_format=plan.output_format,
