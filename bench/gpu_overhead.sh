@@ -20,6 +20,9 @@ for ph in ${PHASES:-setup gang mesh}; do
     peer)
       timeout -k 10 200 python3 .peers/bench_diffusers.py /tmp/flux-full 1024 28 > $L/peer.log 2>&1
       grep RESULT $L/peer.log || tail -20 $L/peer.log ;;
+    prof)
+      timeout -k 10 300 python3 bench/encoder_profile.py --model /tmp/flux-mesh > $L/prof.log 2>&1
+      grep -E "^RESULT" $L/prof.log || tail -30 $L/prof.log ;;
     gang)
       timeout -k 10 200 python3 bench/gang_gpu.py --model /tmp/flux-full --layouts single+compile+graphs \
         --height 1024 --steps 28 --out $L > $L/gang.log 2>&1
