@@ -233,6 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="run the whole mesh locally")
     _add_model_args(p)
     p.add_argument("--port", type=int, default=0, help="gateway port (default: a free one)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        metavar="BASE",
+        help="serve each process's Prometheus metrics at http://HOST:PORT/metrics: gateway "
+        "BASE, encoder BASE+1, denoiser BASE+2, vae BASE+3 (further denoiser replicas BASE+4, "
+        "...); stage processes started by --autoscale on get none (0: no metrics)",
+    )
     _add_gang_args(p)
     _add_vae_gang_args(p, "--vae-parallel")
     add_gateway_flags(p)
@@ -378,6 +387,11 @@ def main(argv: list[str] | None = None) -> int:
         from ditmesh.local import UpConfig, run_up
         from ditmesh.vae.gang import check_parallel
 
+        if not 0 <= args.metrics_port <= 65532:  # its own and the three stages' ports
+            print(
+                f"error: --metrics-port must be 0..65532; got {args.metrics_port}", file=sys.stderr
+            )
+            return 2
         try:
             parallel = _parallel_config(args)
             check_parallel(args.vae_parallel, "--vae-parallel")
@@ -418,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
                 gateway_args=flags_to_args(args),
                 drain_seconds=args.drain_seconds,
                 autoscale_local=args.autoscale == "on",
+                metrics_port=args.metrics_port,
             )
         )
     if args.command == "generate":

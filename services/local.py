@@ -1,8 +1,5 @@
 """`ditmesh up`: the whole mesh as local processes, for trying it and for tests.
 
-A little over 350 lines: the stop sequence below and the process handling it needs
-(sessions, death signal, drain timeouts) read best in one place.
-
 Each stage is its own `ditmesh serve` process on a free port (it reports the
 port it bound on stdout, so there is no race for ports); the gateway starts
 once the three stages are listening and healthy.
@@ -25,6 +22,11 @@ With `autoscale_local` (`ditmesh up --autoscale on`) `up` starts the gateway alo
 hands it each stage's `serve` arguments (`--local-stage STAGE=ARGS`): the gateway's
 autoscaler starts and stops the stage processes itself (gateway/autoscale_gateway.py says
 why), stops them after its own drain, and is given that much longer to exit.
+
+Metrics (`metrics_port`, `ditmesh up --metrics-port BASE`): each process `up` starts gets
+its own `--metrics-port` from one base (`metrics_ports`), so one scrape config names them
+all; stage processes the gateway's local autoscaler starts get none (their number varies,
+and no port could be promised to them).
 
 What each stage does on SIGTERM (health NOT_SERVING, in-flight work finished
 within its grace) is `ditmesh.common.server`'s; the gateway's admission and
@@ -92,6 +94,8 @@ class UpConfig:
     """Extra `serve gateway` flags (admission limits and the like)."""
     autoscale_local: bool = False
     """The gateway starts and stops the stage processes on its autoscaler's decisions."""
+    metrics_port: int = 0
+    """Base of the `--metrics-port` of each process (`metrics_ports`); 0: no metrics."""
 
     def __post_init__(self) -> None:
         if self.stop_margin_s <= 0:
@@ -102,6 +106,14 @@ class UpConfig:
             raise ValueError(f"drain_seconds must be >= 0, got {self.drain_seconds}")
         if self.drain_seconds is not None and not serve_accepts("--drain-seconds"):
             raise ValueError("drain_seconds is set but `ditmesh serve` has no --drain-seconds")
+        if self.metrics_port < 0:
+            raise ValueError(f"metrics_port must be 0..65535, got {self.metrics_port}")
+        last = max(metrics_ports(self.metrics_port, self.denoiser_replicas).values())
+        if self.metrics_port and last > 65535:
+            raise ValueError(
+                f"metrics_port {self.metrics_port} would give the processes ports up to "
+                f"{last}, past 65535"
+            )
 
     def stop_timeout_s(self, stage: str) -> float:
         """Its drain time plus the margin; the drain is the longer of what it is told and its
@@ -110,6 +122,17 @@ class UpConfig:
         if stage == "gateway" and self.autoscale_local:  # it stops its stages after its drain
             drain += max(self.stop_timeout_s(s) for s in STAGES)
         return drain + self.stop_margin_s
+
+
+def metrics_ports(base: int, denoiser_replicas: int = 1) -> dict[tuple[str, int], int]:
+    """{(stage, replica): port} from `base`: gateway base, encoder +1, denoiser +2, vae +3,
+    then the denoiser replicas after the first on +4, +5, ... Fixed offsets, so that an
+    operator's scrape config does not change with the replica count."""
+    ports = {("gateway", 0): base, ("encoder", 0): base + 1, ("denoiser", 0): base + 2}
+    ports[("vae", 0)] = base + 3
+    for r in range(1, denoiser_replicas):
+        ports[("denoiser", r)] = base + 3 + r
+    return ports
 
 
 def default_drain_seconds(stage: str) -> float:
@@ -269,6 +292,13 @@ class LocalMesh:
             stage, []
         )
 
+    def _metrics_args(self, stage: str, replica: int = 0) -> list[str]:
+        c = self.config
+        if not c.metrics_port:
+            return []
+        port = metrics_ports(c.metrics_port, c.denoiser_replicas)[(stage, replica)]
+        return [f"--metrics-port={port}"]
+
     def start(self) -> str:
         c = self.config
         env = {**os.environ, **c.extra_env, "PYTHONUNBUFFERED": "1"}
@@ -276,10 +306,10 @@ class LocalMesh:
         try:
             # Appended one by one, so a failure (or a kill) midway still sees every child.
             for s in () if c.autoscale_local else STAGES:
-                for _ in range(replicas.get(s, 1)):
-                    args = [*self._common_args(), "--port", "0", *self._stage_args(s)]
-                    self.procs.append(StageProcess(s, args, env))
-            gw_args = [*self._common_args(), "--port", str(c.port)]
+                for r in range(replicas.get(s, 1)):
+                    args = [*self._common_args(), "--port", "0", *self._metrics_args(s, r)]
+                    self.procs.append(StageProcess(s, [*args, *self._stage_args(s)], env))
+            gw_args = [*self._common_args(), "--port", str(c.port), *self._metrics_args("gateway")]
             if c.autoscale_local:
                 gw_args += [
                     f"--local-stage={s}={shlex.join([*self._common_args(), *self._stage_args(s)])}"
