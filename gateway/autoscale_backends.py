@@ -92,12 +92,16 @@ class DryRunBackend:
 
 @dataclass(kw_only=True, slots=True, frozen=True)
 class Workload:
-    """The Kubernetes object that holds one stage's replicas."""
+    """The Kubernetes object that holds one stage pool's replicas."""
 
     kind: str
     """Deployment, StatefulSet or LeaderWorkerSet."""
     name: str
     """The object's name, in the backend's namespace."""
+    stage: str | None = None
+    """The stage its `ditmesh.io/stage` label must name; None: the name it is scaled under
+    (which is the stage's name when the stage has one pool; a pool `denoiser@dev` sets
+    `denoiser`)."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -105,7 +109,8 @@ class Workload:
 
 
 class KubernetesBackend:
-    """Scales each stage's workload through its `scale` subresource."""
+    """Scales each stage pool's workload through its `scale` subresource; `workloads` is
+    keyed by the names the autoscaler decides under (pool labels)."""
 
     def __init__(
         self,
@@ -151,10 +156,11 @@ class KubernetesBackend:
                 f"the autoscaler leaves {stage} as it is"
             ) from None
         labels = (obj.get("metadata") or {}).get("labels") or {}
-        if labels.get(PART_OF[0]) != PART_OF[1] or labels.get(STAGE_LABEL) != stage:
+        expected = w.stage or stage
+        if labels.get(PART_OF[0]) != PART_OF[1] or labels.get(STAGE_LABEL) != expected:
             raise NotOurWorkload(
                 f"{w.kind} {ns}/{w.name} is not labelled {PART_OF[0]}={PART_OF[1]} and "
-                f"{STAGE_LABEL}={stage}; the autoscaler does not touch it"
+                f"{STAGE_LABEL}={expected}; the autoscaler does not touch it"
             )
         return w, obj
 

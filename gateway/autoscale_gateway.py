@@ -6,10 +6,20 @@
   read (from the pool's running count of admitted requests).
 - `start_autoscaler` builds the backend for `--autoscale` (Kubernetes workloads, the
   gateway's own local stage processes, or the pools' own counts for a dry run without
-  workloads), marks the stages that may scale to zero, and runs `Autoscaler.run` on the
+  workloads), marks the pools that may scale to zero, and runs `Autoscaler.run` on the
   gateway's loop; `AutoscalerHandle.stop` ends it, stops local processes it started and
   hands back the Lease it holds. With Kubernetes workloads the namespace is
   `--autoscale-namespace`, else the kubeconfig context's, else the pod's own.
+
+The autoscaler decides per pool, under the pool's label: the stage's name when the stage
+has one pool, else `stage@model` (a gateway serving FLUX.1-dev and FLUX.1-schnell has one
+encoder pool, one VAE pool, and `denoiser@dev` and `denoiser@schnell`). The options are
+per stage and apply to each of its pools (`policy_settings`); a workload names one pool
+(`pool_workloads`): `--STAGE-workload` for a stage with one pool, `--pool-workload
+LABEL=KIND/NAME` for each pool of a stage with several. Anything that does not fit the
+pools is refused at start with `InvalidArgument`, one line naming the labels, before any
+decision. Local autoscaling (`ditmesh up --autoscale on`) serves one model, so one pool per
+stage: its labels are the stage names.
 
 Why the gateway process owns the local processes (`ditmesh up --autoscale on`): the
 decisions need the pools' measurements, and a started process must join the pool it
@@ -26,9 +36,10 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from ditmesh.common.errors import InvalidArgument
 from ditmesh.gateway.autoscale_backends import (
     KubernetesBackend,
     LocalProcessBackend,
@@ -42,26 +53,58 @@ from ditmesh.gateway.autoscale_policy import (
     StageScaling,
     StageSnapshot,
 )
-from ditmesh.gateway.settings import AutoscaleOptions
+from ditmesh.gateway.settings import AutoscaleOptions, StageAutoscale, workload_kind
 from ditmesh.gateway.stages import StagePool
 
 log = logging.getLogger(__name__)
 
-KIND_NAMES = {
-    "deployment": "Deployment",
-    "statefulset": "StatefulSet",
-    "leaderworkerset": "LeaderWorkerSet",
-}
+
+def parse_workload(text: str, stage: str | None = None) -> Workload:
+    """`deployment/NAME`, `statefulset/NAME` or `leaderworkerset/NAME`; `stage`: the stage
+    its label must name (None: the name it is scaled under)."""
+    kind, name = workload_kind(text)
+    return Workload(kind=kind, name=name, stage=stage)
 
 
-def parse_workload(text: str) -> Workload:
-    """`deployment/NAME`, `statefulset/NAME` or `leaderworkerset/NAME`."""
-    kind, sep, name = text.partition("/")
-    if not sep or not name or kind.lower() not in KIND_NAMES:
-        raise ValueError(
-            f"a workload is KIND/NAME with KIND one of {', '.join(KIND_NAMES)}; got {text!r}"
+def _pools_by_stage(stage_of: Mapping[str, str]) -> dict[str, list[str]]:
+    by_stage: dict[str, list[str]] = {}
+    for label, stage in stage_of.items():
+        by_stage.setdefault(stage, []).append(label)
+    return by_stage
+
+
+def pool_workloads(opts: AutoscaleOptions, stage_of: Mapping[str, str]) -> dict[str, Workload]:
+    """Pool label -> the workload holding its replicas, from `stage_of` (every pool's label
+    -> its stage): a stage's `--STAGE-workload` when the stage has one pool, and each
+    `--pool-workload LABEL=KIND/NAME`. Refuses, naming the labels, a stage workload for a
+    stage with several pools (which pool would it be?), a pool workload for no pool of this
+    gateway, and a pool given two workloads."""
+    unknown = [label for label in opts.pool_workloads if label not in stage_of]
+    if unknown:
+        raise InvalidArgument(
+            f"--pool-workload names no pool of this gateway: {', '.join(unknown)}; "
+            f"its pools are {', '.join(stage_of)}"
         )
-    return Workload(kind=KIND_NAMES[kind.lower()], name=name)
+    by_stage = _pools_by_stage(stage_of)
+    out: dict[str, Workload] = {}
+    for stage, a in opts.stages.items():
+        labels = by_stage.get(stage, [])
+        if not a.workload or not labels:
+            continue
+        if len(labels) > 1:
+            raise InvalidArgument(
+                f"--{stage}-workload: the {stage} stage has {len(labels)} pools "
+                f"({', '.join(labels)}); give each its own with --pool-workload LABEL=KIND/NAME"
+            )
+        if labels[0] in opts.pool_workloads:
+            raise InvalidArgument(
+                f"the {labels[0]} pool has two workloads: --{stage}-workload and "
+                f"--pool-workload {labels[0]}=...; give one"
+            )
+        out[labels[0]] = parse_workload(a.workload, stage)
+    for label, text in opts.pool_workloads.items():
+        out[label] = parse_workload(text, stage_of[label])
+    return out
 
 
 class LoadReader:
@@ -102,18 +145,25 @@ def pool_counts(pools: dict[str, StagePool]) -> Callable[[str], tuple[int, int]]
     return counts
 
 
-def policy_settings(opts: AutoscaleOptions, stages: Iterable[str]) -> AutoscaleSettings:
+def _scaling(a: StageAutoscale) -> StageScaling:
+    return StageScaling(
+        min_replicas=a.min_replicas,
+        max_replicas=a.max_replicas,
+        gpus_per_replica=a.gpus_per_replica,
+        target_wait_s=a.target_wait_s,
+        scale_to_zero=a.scale_to_zero,
+    )
+
+
+def policy_settings(opts: AutoscaleOptions, pools: Mapping[str, str]) -> AutoscaleSettings:
+    """The policy's settings for the pools to scale, `pools` mapping each label to its
+    stage: each pool gets its stage's bounds, objective, GPUs and scale-to-zero (a pool of
+    a stage without options is left alone). The GPU budget covers all pools together."""
     return AutoscaleSettings(
         stages={
-            name: StageScaling(
-                min_replicas=a.min_replicas,
-                max_replicas=a.max_replicas,
-                gpus_per_replica=a.gpus_per_replica,
-                target_wait_s=a.target_wait_s,
-                scale_to_zero=a.scale_to_zero,
-            )
-            for name, a in opts.stages.items()
-            if name in stages
+            label: _scaling(opts.stages[stage])
+            for label, stage in pools.items()
+            if stage in opts.stages
         },
         gpu_budget=opts.gpu_budget,
         decision_period_s=opts.decision_period_s,
@@ -202,26 +252,43 @@ def start_autoscaler(
     if not opts.active:
         return None
     by_name = {p.label: p for p in pools}
+    # Everything that can be refused is checked before anything starts.
+    stage_of = {label: p.name for label, p in by_name.items()}
+    workloads = pool_workloads(opts, stage_of)
+    if opts.local:
+        several = [ls for ls in _pools_by_stage(stage_of).values() if len(ls) > 1]
+        if several:
+            raise InvalidArgument(
+                "local autoscaling serves one model, one pool per stage; this gateway has "
+                f"pools {', '.join(label for ls in several for label in ls)}"
+            )
+        scaled = {s: s for s, a in opts.stages.items() if a.local_args is not None}
+    elif workloads:
+        scaled = {label: stage_of[label] for label in workloads}
+    elif opts.mode == "on":
+        raise InvalidArgument(
+            "--autoscale on needs workloads to scale (--STAGE-workload, --pool-workload) or "
+            "`ditmesh up`'s local stages; --autoscale dry-run decides on the pools' own counts"
+        )
+    else:
+        scaled = stage_of  # dry-run on the pools' own counts
+    try:
+        settings = policy_settings(opts, scaled)
+    except ValueError as exc:  # a budget below the pools' minimums: a flag to fix
+        raise InvalidArgument(f"autoscale: {exc}") from None
     loop = asyncio.get_running_loop()
-    workloads = {s: parse_workload(a.workload) for s, a in opts.stages.items() if a.workload}
     real: ScaleBackend | None = None
     leader = None
     if opts.local:
         real = _local_backend(opts, by_name, loop)
-        scaled = [s for s, a in opts.stages.items() if a.local_args is not None]
     elif workloads:
         api, namespace = _kubernetes(opts, kubeconfig)
         real = KubernetesBackend(api, namespace, workloads, identity=lease_identity())
-        scaled = list(workloads)
         if opts.lease:
             # Renewed every period: a period near the duration would let it lapse between.
             duration = max(15, math.ceil(3 * opts.decision_period_s))
             leader = LeaseElector(api, namespace, opts.lease, lease_identity(), duration)
-    else:
-        real = None  # dry-run on the pools' own counts; `on` refuses below
-        scaled = list(by_name)
     backend = backend_for(opts.mode, real, pool_counts(by_name))
-    settings = policy_settings(opts, scaled)
     for name in settings.stages:
         pool = by_name[name]
         pool.wait_window_s = settings.decision_period_s
@@ -233,7 +300,7 @@ def start_autoscaler(
     stop = asyncio.Event()
     task = loop.create_task(autoscaler.run(stop), name="autoscaler")
     log.info(
-        "autoscale %s: stages %s, every %.1f s",
+        "autoscale %s: pools %s, every %.1f s",
         opts.mode,
         ", ".join(settings.stages),
         settings.decision_period_s,

@@ -1,7 +1,9 @@
 """The gateway's command-line flags (`ditmesh serve gateway`, `ditmesh up`) and their settings.
 
 Kept beside the settings they fill, so a new knob is added in one folder; the CLI
-only calls `add_gateway_flags` and `settings_from_flags`.
+only calls `add_gateway_flags` and `settings_from_flags`. Over 350 lines because it is
+mostly help text, one argparse call per flag; split, one command's flags would be read
+in two places. What the flags mean beyond their help: gateway/settings.py.
 """
 
 from __future__ import annotations
@@ -135,7 +137,8 @@ def add_discovery_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--kubeconfig",
         default=None,
-        help="kubeconfig file for discovery (default: the pod's service account)",
+        help="kubeconfig file for discovery and the autoscaler (default: the pod's service "
+        "account)",
     )
 
 
@@ -188,20 +191,20 @@ def add_autoscale_flags(p: argparse.ArgumentParser, *, kubernetes: bool) -> None
         default=None,
         metavar="STAGE",
         help="this stage may go to zero replicas when idle "
-        "(repeatable); its --STAGE-replicas-min may then be 0",
+        "(repeatable; each of its pools); its --STAGE-replicas-min may then be 0",
     )
     for stage in STAGES:
         g.add_argument(
             f"--{stage}-replicas-min",
             type=int,
             default=st.min_replicas,
-            help=f"fewest {stage} replicas (gangs)",
+            help=f"fewest {stage} replicas (gangs), per pool of the stage",
         )
         g.add_argument(
             f"--{stage}-replicas-max",
             type=int,
             default=st.max_replicas,
-            help=f"most {stage} replicas (gangs)",
+            help=f"most {stage} replicas (gangs), per pool of the stage",
         )
         g.add_argument(
             f"--{stage}-target-wait",
@@ -224,12 +227,24 @@ def add_autoscale_flags(p: argparse.ArgumentParser, *, kubernetes: bool) -> None
             metavar="KIND/NAME",
             help=f"the {stage} stage's Deployment, StatefulSet or LeaderWorkerSet "
             "(e.g. deployment/ditmesh-" + stage + "), scaled through its scale "
-            "subresource; it must be labelled as this mesh's stage",
+            "subresource; it must be labelled as this mesh's stage. Only for a stage with "
+            "one pool: with several, use --pool-workload",
         )
+    g.add_argument(
+        "--pool-workload",
+        action="append",
+        default=[],
+        metavar="LABEL=KIND/NAME",
+        help="the workload of one pool of a stage that has several (a gateway serving models "
+        "that differ in that stage), by the pool's label STAGE@MODEL (the first model it "
+        "serves; a label of no pool is refused, listing the labels), e.g. denoiser@schnell=statefulset/"
+        "ditmesh-denoiser-schnell (repeatable); labelled as the mesh's STAGE",
+    )
     g.add_argument(
         "--autoscale-namespace",
         default=None,
-        help="namespace of the workloads and the Lease (default: the gateway's)",
+        help="namespace of the workloads and the Lease (default: the kubeconfig context's, "
+        "else the gateway pod's own)",
     )
     g.add_argument(
         "--autoscale-lease",
@@ -256,6 +271,14 @@ def autoscale_from_flags(args: argparse.Namespace) -> AutoscaleOptions:
                 f"--local-stage takes STAGE=ARGS with STAGE one of {STAGES}; got {item!r}"
             )
         local[stage] = shlex.split(rest)
+    pools: dict[str, str] = {}
+    for item in getattr(args, "pool_workload", None) or []:
+        label, sep, workload = item.partition("=")
+        if not sep or not label or not workload:
+            raise ValueError(f"--pool-workload takes LABEL=KIND/NAME; got {item!r}")
+        if label in pools:
+            raise ValueError(f"--pool-workload names the pool {label} twice")
+        pools[label] = workload
     zero = set(args.scale_to_zero or ())
     stages = {
         stage: StageAutoscale(
@@ -277,6 +300,7 @@ def autoscale_from_flags(args: argparse.Namespace) -> AutoscaleOptions:
         scale_down_window_s=args.scale_down_window,
         ready_timeout_s=args.ready_timeout,
         cold_start_wait_s=args.cold_start_wait,
+        pool_workloads=pools,
         namespace=getattr(args, "autoscale_namespace", None),
         lease=getattr(args, "autoscale_lease", None),
     )

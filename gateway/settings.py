@@ -125,12 +125,31 @@ class GatewaySettings:
 
 
 AUTOSCALE_MODES = ("off", "dry-run", "on")
+# How a workload's kind is written in a flag -> its Kubernetes kind.
+WORKLOAD_KINDS = {
+    "deployment": "Deployment",
+    "statefulset": "StatefulSet",
+    "leaderworkerset": "LeaderWorkerSet",
+}
+
+
+def workload_kind(text: str) -> tuple[str, str]:
+    """(Kubernetes kind, name) of `deployment/NAME`, `statefulset/NAME` or
+    `leaderworkerset/NAME`; ValueError otherwise."""
+    kind, sep, name = text.partition("/")
+    if not sep or not name or "/" in name or kind.lower() not in WORKLOAD_KINDS:
+        raise ValueError(
+            f"a workload is KIND/NAME with KIND one of {', '.join(WORKLOAD_KINDS)}; got {text!r}"
+        )
+    return WORKLOAD_KINDS[kind.lower()], name
 
 
 @dataclass(kw_only=True, slots=True)
 class StageAutoscale:
     """One stage's autoscaling bounds and objective (the policy's `StageScaling`), and where
-    its replicas come from when the gateway scales them."""
+    its replicas come from when the gateway scales them. When the stage has several pools
+    (models that differ in it), the bounds, objective, GPUs and scale-to-zero apply to each
+    pool on its own; the workloads are then per pool (`AutoscaleOptions.pool_workloads`)."""
 
     min_replicas: int = 1
     """Fewest replicas (gangs) kept; 0 allowed only with `scale_to_zero`."""
@@ -144,20 +163,23 @@ class StageAutoscale:
     """May go to zero replicas when idle; requests then wait up to `cold_start_wait_s`."""
     workload: str | None = None
     """The Kubernetes object to scale, `KIND/NAME` (deployment/, statefulset/,
-    leaderworkerset/); None: not scaled through Kubernetes."""
+    leaderworkerset/), when the stage has one pool; None: not scaled through Kubernetes
+    (or per pool, through `AutoscaleOptions.pool_workloads`)."""
     local_args: list[str] | None = None
     """`ditmesh serve STAGE` arguments: the gateway itself starts and stops this stage's
-    processes (`ditmesh up --autoscale on`); None: it does not."""
+    processes (`ditmesh up --autoscale on`, which serves one model: one pool per stage);
+    None: it does not."""
 
 
 @dataclass(kw_only=True, slots=True)
 class AutoscaleOptions:
-    """`--autoscale off|dry-run|on` and the autoscaler's knobs (gateway/autoscale_setup.py)."""
+    """`--autoscale off|dry-run|on` and the autoscaler's knobs (gateway/autoscale_gateway.py)."""
 
     mode: str = "off"
     """off: no autoscaler; dry-run: decides and logs, changes nothing; on: applies."""
     stages: dict[str, StageAutoscale] = field(default_factory=dict)
-    """Per stage; a stage not named keeps the replicas it has."""
+    """Per stage name, for each of the stage's pools; a stage not named keeps the replicas
+    it has."""
     gpu_budget: int = 0
     """GPUs all stages together may hold; 0: no budget."""
     decision_period_s: float = 5.0
@@ -168,8 +190,14 @@ class AutoscaleOptions:
     """A replica asked for and not ready after this long no longer blocks decisions."""
     cold_start_wait_s: float = 300.0
     """How long a request waits for a stage scaled to zero to start before UNAVAILABLE."""
+    pool_workloads: dict[str, str] = field(default_factory=dict)
+    """Pool label -> the Kubernetes object that holds that pool's replicas, `KIND/NAME`. A
+    stage with several pools (a gateway serving models that differ in that stage: labels
+    `stage@model`) is scaled pool by pool, each through its own workload, with its stage's
+    bounds and objective; its `StageAutoscale.workload` is then refused at start."""
     namespace: str | None = None
-    """Namespace of the workloads and the Lease; None: the gateway pod's own."""
+    """Namespace of the workloads and the Lease; None: the kubeconfig context's, else the
+    gateway pod's own."""
     lease: str | None = None
     """Name of a coordination.k8s.io Lease: only its holder among the gateways scales."""
 
@@ -191,7 +219,10 @@ class AutoscaleOptions:
                     target_wait_s=a.target_wait_s,
                     scale_to_zero=a.scale_to_zero,
                 )
-        k8s = [s for s, a in self.stages.items() if a.workload]
+        stage_workloads = [a.workload for a in self.stages.values() if a.workload]
+        for text in [*stage_workloads, *self.pool_workloads.values()]:
+            workload_kind(text)  # refused with the flags, not at the first decision
+        k8s = [s for s, a in self.stages.items() if a.workload] + list(self.pool_workloads)
         local = [s for s, a in self.stages.items() if a.local_args is not None]
         if k8s and local:
             raise ValueError(

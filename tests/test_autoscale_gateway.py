@@ -1,7 +1,9 @@
 """The autoscaler's view of the gateway and its flags, without stages (unit tests).
 
 What a snapshot holds (arrivals, queued work, p95 queue wait), scale-to-zero admission
-(wait while a replica starts, then UNAVAILABLE with a retry hint), and the flags.
+(wait while a replica starts, then UNAVAILABLE with a retry hint), the flags, and the
+options of a gateway whose stage has several pools (one per model that differs in it):
+each pool gets its stage's options, and a workload is per pool.
 """
 
 from __future__ import annotations
@@ -11,8 +13,15 @@ import asyncio
 
 import pytest
 
-from ditmesh.common.errors import Unavailable
-from ditmesh.gateway.autoscale_gateway import LoadReader, parse_workload, policy_settings
+from ditmesh.common.errors import InvalidArgument, Unavailable
+from ditmesh.gateway.autoscale_backends import Workload
+from ditmesh.gateway.autoscale_gateway import (
+    LoadReader,
+    parse_workload,
+    policy_settings,
+    pool_workloads,
+    start_autoscaler,
+)
 from ditmesh.gateway.flags import (
     add_autoscale_flags,
     add_discovery_flags,
@@ -22,7 +31,7 @@ from ditmesh.gateway.flags import (
     settings_from_flags,
 )
 from ditmesh.gateway.settings import StageLimits
-from ditmesh.gateway.stages import StagePool
+from ditmesh.gateway.stages import Serves, StagePool
 
 
 class Clock:
@@ -152,7 +161,7 @@ def test_flags_fill_the_autoscaler_settings():
     assert (d.min_replicas, d.max_replicas, d.gpus_per_replica, d.target_wait_s) == (0, 4, 4, 3.0)
     assert d.scale_to_zero and not a.stages["vae"].scale_to_zero
     assert parse_workload(d.workload).kind == "StatefulSet"
-    policy = policy_settings(a, ["denoiser"])
+    policy = policy_settings(a, {"denoiser": "denoiser"})
     assert list(policy.stages) == ["denoiser"] and policy.stages["denoiser"].floor == 0
 
 
@@ -177,7 +186,6 @@ def test_up_hands_the_autoscale_flags_to_its_gateway():
 
 
 def test_dry_run_decides_on_the_pools_own_counts_and_exports_desired():
-    from ditmesh.gateway.autoscale_gateway import start_autoscaler
     from ditmesh.gateway.autoscale_loop import DryRunBackend
 
     async def main():
@@ -193,5 +201,159 @@ def test_dry_run_decides_on_the_pools_own_counts_and_exports_desired():
         await handle.stop()
         for pool in pools:
             await pool.close()
+
+    asyncio.run(main())
+
+
+# -- a gateway serving two models that share the encoder and VAE: four pools -------------
+
+# Pool label -> its stage, as the gateway builds them (gateway/catalog.py).
+TWO_MODELS = {
+    "encoder": "encoder",
+    "denoiser@dev": "denoiser",
+    "denoiser@schnell": "denoiser",
+    "vae": "vae",
+}
+POOL_WORKLOADS = (
+    "--pool-workload=denoiser@dev=statefulset/den-dev",
+    "--pool-workload=denoiser@schnell=deployment/den-schnell",
+)
+
+
+def options(*flags: str):
+    return settings_from_flags(parser().parse_args(["--autoscale=on", *flags])).autoscale
+
+
+def test_each_pool_of_a_stage_gets_the_stages_options_and_its_own_workload():
+    a = options(
+        "--denoiser-replicas-min=0",
+        "--denoiser-replicas-max=4",
+        "--denoiser-gpus=2",
+        "--denoiser-target-wait=3",
+        "--scale-to-zero=denoiser",
+        "--vae-workload=deployment/vae",
+        *POOL_WORKLOADS,
+    )
+    assert a.pool_workloads == {
+        "denoiser@dev": "statefulset/den-dev",
+        "denoiser@schnell": "deployment/den-schnell",
+    }
+    assert pool_workloads(a, TWO_MODELS) == {
+        "vae": Workload(kind="Deployment", name="vae", stage="vae"),
+        # Labelled as the stage, not as the pool: the backend checks ditmesh.io/stage=denoiser.
+        "denoiser@dev": Workload(kind="StatefulSet", name="den-dev", stage="denoiser"),
+        "denoiser@schnell": Workload(kind="Deployment", name="den-schnell", stage="denoiser"),
+    }
+    policy = policy_settings(a, TWO_MODELS)
+    assert list(policy.stages) == list(TWO_MODELS)
+    for label in ("denoiser@dev", "denoiser@schnell"):
+        d = policy.stages[label]
+        assert (d.floor, d.max_replicas, d.gpus_per_replica, d.target_wait_s) == (0, 4, 2, 3.0)
+        assert d.scale_to_zero
+    assert not policy.stages["vae"].scale_to_zero and policy.stages["encoder"].floor == 1
+
+
+def one_line(exc: pytest.ExceptionInfo) -> str:
+    message = str(exc.value)
+    assert "\n" not in message
+    return message
+
+
+def test_workloads_that_do_not_fit_the_pools_are_refused_naming_the_labels():
+    # A stage workload for a stage with two pools: which one would it be?
+    with pytest.raises(InvalidArgument) as err:
+        pool_workloads(options("--denoiser-workload=deployment/den"), TWO_MODELS)
+    assert one_line(err) == (
+        "--denoiser-workload: the denoiser stage has 2 pools (denoiser@dev, denoiser@schnell); "
+        "give each its own with --pool-workload LABEL=KIND/NAME"
+    )
+    # A pool of no model this gateway serves.
+    with pytest.raises(InvalidArgument) as err:
+        pool_workloads(options("--pool-workload=denoiser@pro=deployment/den"), TWO_MODELS)
+    assert one_line(err) == (
+        "--pool-workload names no pool of this gateway: denoiser@pro; its pools are encoder, "
+        "denoiser@dev, denoiser@schnell, vae"
+    )
+    # One pool, two workloads.
+    with pytest.raises(InvalidArgument, match="the vae pool has two workloads"):
+        pool_workloads(
+            options("--vae-workload=deployment/a", "--pool-workload=vae=deployment/b"), TWO_MODELS
+        )
+    # With one pool per stage, the stage workload is that pool's (and a pool label is too).
+    single = {s: s for s in ("encoder", "denoiser", "vae")}
+    assert pool_workloads(options("--denoiser-workload=deployment/den"), single) == {
+        "denoiser": Workload(kind="Deployment", name="den", stage="denoiser")
+    }
+
+
+def test_bad_pool_workload_flags_are_refused_with_the_flags():
+    with pytest.raises(ValueError, match="LABEL=KIND/NAME"):
+        options("--pool-workload=denoiser@dev")
+    with pytest.raises(ValueError, match="KIND one of deployment"):
+        options("--pool-workload=denoiser@dev=pod/x")
+    with pytest.raises(ValueError, match="names the pool denoiser@dev twice"):
+        options(POOL_WORKLOADS[0], POOL_WORKLOADS[0])
+    with pytest.raises(ValueError, match=r"Kubernetes \(denoiser@dev\) and as local"):
+        options(POOL_WORKLOADS[0], "--local-stage=vae=--model m")
+
+
+def two_model_pools() -> list[StagePool]:
+    def serves(stage: str, models: tuple[str, ...], fp: str, others=frozenset()) -> Serves:
+        return Serves(stage=stage, fingerprint=fp, models=models, others=frozenset(others))
+
+    return [
+        StagePool("encoder", ["127.0.0.1:1"], serves=serves("encoder", ("dev", "schnell"), "e")),
+        StagePool("denoiser", ["127.0.0.1:1"], serves=serves("denoiser", ("dev",), "d", {"s"})),
+        StagePool("denoiser", ["127.0.0.1:1"], serves=serves("denoiser", ("schnell",), "s", {"d"})),
+        StagePool("vae", ["127.0.0.1:1"], serves=serves("vae", ("dev", "schnell"), "v")),
+    ]
+
+
+def test_every_pool_of_a_two_model_gateway_is_decided_on_its_own():
+    async def main():
+        pools = two_model_pools()
+        assert [p.label for p in pools] == list(TWO_MODELS)
+        a = options("--autoscale-period=0.05", "--denoiser-replicas-max=3")
+        a.mode = "dry-run"  # on the pools' own counts: no workloads
+        handle = start_autoscaler(a, pools)
+        for _ in range(6):
+            pools[2].reserve(4.0)  # load on schnell's denoiser alone
+        pools[2].seconds_per_unit = pools[2].request_seconds = 2.0
+        await asyncio.sleep(0.4)
+        assert set(handle.desired) == set(TWO_MODELS)
+        assert handle.desired["denoiser@schnell"] == 3 and handle.desired["denoiser@dev"] == 1
+        await handle.stop()
+        for pool in pools:
+            await pool.close()
+
+    asyncio.run(main())
+
+
+def test_start_refuses_what_does_not_fit_the_pools_before_anything_runs():
+    async def refused(a, pools=None) -> str:
+        pools = pools or two_model_pools()
+        with pytest.raises(InvalidArgument) as err:
+            start_autoscaler(a, pools)
+        assert all(p.wait_window_s != a.decision_period_s for p in pools)  # nothing set up
+        for pool in pools:
+            await pool.close()
+        return one_line(err)
+
+    async def main():
+        assert "the denoiser stage has 2 pools" in await refused(
+            options("--denoiser-workload=deployment/den")
+        )
+        assert "its pools are encoder, denoiser@dev" in await refused(
+            options("--pool-workload=denoiser@x=deployment/den")
+        )
+        # `ditmesh up --autoscale on` serves one model: several pools are a mistake.
+        assert "local autoscaling serves one model" in await refused(
+            options("--local-stage=denoiser=--model m")
+        )
+        assert "--autoscale on needs workloads to scale" in await refused(options())
+        # The budget covers every pool: 1 + 2 + 2 + 1 GPUs at the minimums, over 5.
+        budget = options("--gpu-budget=5", "--denoiser-gpus=2")
+        budget.mode = "dry-run"
+        assert "need 6 GPUs, over the budget of 5" in await refused(budget)
 
     asyncio.run(main())
