@@ -1,6 +1,7 @@
 """What the blocking and the asyncio clients share: settings, deadline, retry policy, readiness.
 
-`ClientBase` holds a client's settings and channel options; `Deadline` is one
+`ClientBase` holds a client's settings, channel options and TLS (client/tls.py), and
+opens its channel, plaintext or TLS; `Deadline` is one
 deadline for a whole call, retries and back-off pauses included; `RetryPolicy`
 says whether and when a failed attempt is tried again; `ReadyWait` is the state
 of one `wait_ready`. The clients (`ditmesh.client.sdk`, `ditmesh.client.aio`)
@@ -17,7 +18,19 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2
 
-from ditmesh.client.errors import DeadlineExceededError, map_rpc_error, status_code
+from ditmesh.client.errors import (
+    DeadlineExceededError,
+    invalid_argument,
+    map_rpc_error,
+    status_code,
+)
+from ditmesh.client.tls import (
+    ChannelTLS,
+    channel_tls,
+    handshake_failed,
+    open_aio_channel,
+    open_channel,
+)
 
 __all__ = ["HEALTH_REQUEST", "MiB", "ClientBase", "Deadline", "ReadyWait", "RetryPolicy"]
 
@@ -74,6 +87,8 @@ class RetryPolicy:
         """Seconds to wait before another attempt, or None to give up now."""
         if status_code(err) != grpc.StatusCode.UNAVAILABLE or events or attempt >= self.retries:
             return None
+        if handshake_failed(err.details() or ""):
+            return None  # a certificate the caller does not trust stays untrusted
         delay = self.backoff * 2**attempt * random.uniform(0.5, 1.0)  # jitter spreads herds
         left = deadline.left()
         if left is not None and left <= delay:
@@ -92,12 +107,20 @@ class ClientBase:
         retries: int = 3,
         retry_backoff: float = 0.5,
         max_message_bytes: int = 256 * MiB,
+        tls: bool | str | ChannelTLS | None = None,
     ) -> None:
         """timeout is the default deadline of every call (None: none); retries counts
-        extra attempts after UNAVAILABLE, spaced by retry_backoff * 2**attempt seconds."""
+        extra attempts after UNAVAILABLE, spaced by retry_backoff * 2**attempt seconds.
+        tls: None or False plaintext; True TLS trusting the system's roots; a path TLS
+        trusting that CA file; a `ChannelTLS` for a client certificate (mutual TLS) or a
+        server name. Files are checked here: a bad one is an InvalidArgumentError."""
         if max_message_bytes <= 0:
             raise ValueError("max_message_bytes must be > 0")
         Deadline(timeout)  # validates it
+        try:
+            self.tls = channel_tls(tls)
+        except ValueError as exc:
+            raise invalid_argument(str(exc)) from None
         self.address = address
         self.timeout = timeout
         self.retry = RetryPolicy(retries=retries, backoff=retry_backoff)
@@ -113,6 +136,14 @@ class ClientBase:
 
     def _open(self) -> None:
         raise NotImplementedError
+
+    def open_channel(self) -> grpc.Channel:
+        """A blocking channel to the gateway, with TLS when the client has it."""
+        return open_channel(self.address, self.channel_options, self.tls)
+
+    def open_aio_channel(self) -> grpc.aio.Channel:
+        """An asyncio channel to the gateway, with TLS when the client has it."""
+        return open_aio_channel(self.address, self.channel_options, self.tls)
 
     def deadline(self, timeout: float | None) -> Deadline:
         """The deadline of one call: its own timeout, else the client's default."""
@@ -147,7 +178,7 @@ class ReadyWait:
         """Notes a failed probe; a gateway without a health service raises at once."""
         if status_code(err) == grpc.StatusCode.UNIMPLEMENTED:
             raise map_rpc_error(err) from None
-        self._last = f"{err.code().name}: {err.details()}"
+        self._last = str(map_rpc_error(err))  # a failed TLS handshake explained
 
     def pause(self) -> float:
         left = self._deadline.left()

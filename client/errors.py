@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import grpc
 
+from ditmesh.client.tls import explain, handshake_failed
+
 __all__ = [
     "DeadlineExceededError",
     "DitmeshClientError",
@@ -19,6 +21,7 @@ __all__ = [
     "ProtocolError",
     "RequestCancelledError",
     "ResourceExhaustedError",
+    "TLSError",
     "UnavailableError",
     "invalid_argument",
     "map_rpc_error",
@@ -54,6 +57,12 @@ class NotFoundError(DitmeshClientError):
 
 class UnavailableError(DitmeshClientError):
     """The gateway or a stage behind it is down or draining; try again later."""
+
+
+class TLSError(UnavailableError):
+    """The TLS handshake with the gateway failed for a reason a retry cannot change (a CA
+    that did not sign its certificate, a name it does not carry, a plaintext gateway); the
+    sentence says which. An UnavailableError, so code that handles those handles it too."""
 
 
 class ResourceExhaustedError(DitmeshClientError):
@@ -103,4 +112,8 @@ def map_rpc_error(err: grpc.RpcError) -> DitmeshClientError:
     details = (details_fn() if callable(details_fn) else None) or (
         f"the gateway answered {code.name} without a reason"
     )
+    if code == grpc.StatusCode.UNAVAILABLE and (why := explain(details, None, "the gateway")):
+        # gRPC's own words (OpenSSL's) stay after the sentence, for whoever debugs it.
+        cls = TLSError if handshake_failed(details) else UnavailableError
+        return cls(code, f"{why} (gRPC: {details})")
     return _ERROR_BY_CODE.get(code, DitmeshClientError)(code, details)

@@ -23,6 +23,12 @@ asks each replica `StageInfo.Describe` before its first health check. A replica 
 another stage, or of another model's components, is set aside (`foreign`): it gets no
 work and no more checks here (the pool of the model it serves takes it). Until a
 replica has been described it is down ("not described yet"), static ones included.
+
+With `tls` (`--stage-tls-*`) calls and health checks share one TLS channel; a check
+failed in the handshake says why in words (ditmesh.client.tls.explain).
+
+A little over 350 lines on purpose: a replica's life here (joining, being described,
+checked, drained, removed) is one story, read whole.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ditmesh.client.tls import ChannelTLS, explain, open_aio_channel
 from ditmesh.common.server import channel_options
 from ditmesh.gateway.settings import HealthPolicy
 from ditmesh.v1 import stage_pb2, stage_pb2_grpc
@@ -107,11 +114,12 @@ class ReplicaSet:
         fingerprint: str | None = None,
         model: str = "",
         others: frozenset[str] = frozenset(),
+        tls: ChannelTLS | None = None,
     ) -> None:
         """`discovered`: replicas come from discovery, so the set may start (and become) empty.
         `fingerprint`: what a replica must serve to join (None: anything); `model` names it
         in messages; `others`: fingerprints of this stage that other pools of the gateway
-        take (a replica serving one of those is set aside quietly)."""
+        take (a replica serving one of those is set aside quietly); `tls`: None, plaintext."""
         if not addresses and not discovered:
             raise ValueError(f"the {stage} stage needs at least one address")
         self.stage = stage
@@ -119,6 +127,7 @@ class ReplicaSet:
         self.fingerprint = fingerprint
         self.model = model
         self.others = others
+        self.tls = tls
         self.foreign: dict[str, str] = {}
         """Address -> what it serves instead, for replicas set aside (see the module doc)."""
         self._on_change = on_change
@@ -132,9 +141,7 @@ class ReplicaSet:
         self._started = False
 
     def _replica(self, address: str) -> Replica:
-        channel = grpc.aio.insecure_channel(
-            address, options=[*channel_options(), *STAGE_CHANNEL_OPTIONS]
-        )
+        channel = open_aio_channel(address, [*channel_options(), *STAGE_CHANNEL_OPTIONS], self.tls)
         return Replica(
             stage=self.stage, address=address, channel=channel, described=self.fingerprint is None
         )
@@ -333,9 +340,14 @@ class ReplicaSet:
                             attempt.abandon(f"{self.stage} replica {replica.address} froze")
                 else:
                     replica.unanswered = 0
-                    self._set(replica, False, err.details() or err.code().name.lower())
+                    self._set(replica, False, self._why(err))
             replica.checked = True
             await asyncio.sleep(p.interval)
+
+    def _why(self, err: grpc.aio.AioRpcError) -> str:
+        details = err.details() or err.code().name.lower()
+        why = explain(details, self.tls or False, f"the {self.stage} replica")
+        return f"{why} (gRPC: {details})" if why else details
 
     async def close(self) -> None:
         tasks = [*self._tasks.values(), *self._retiring.values()]

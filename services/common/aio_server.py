@@ -10,8 +10,8 @@ become a status and a sentence, anything else INTERNAL with the request id and t
 traceback only in the log), grpc.health.v1 (NOT_SERVING while draining), graceful
 stop on SIGTERM / SIGINT with a drain grace, and the same handle shape
 (`address`, `stop(grace)`, `serve_until_signal()`), so callers treat both alike,
-server reflection, and Prometheus metrics when `metrics_port` is set (`metrics`, whose
-registry the gateway adds its own collector to before `start`).
+server reflection, Prometheus metrics when `metrics_port` is set (`metrics`, whose
+registry the gateway adds its own collector to before `start`), and TLS when `tls` is.
 A client that leaves (cancel, deadline) is not an error and is not logged as one.
 """
 
@@ -42,6 +42,7 @@ from ditmesh.common.server import (
     channel_options,
     wait_for_stop_signal,
 )
+from ditmesh.common.tls import bind, label
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ class AsyncServer:
     def start(self, register: Iterable[tuple[Callable, object, str]]) -> AsyncServer:
         """Starts serving the given (add_XServicer_to_server, servicer, name) triples."""
         self.run(self._start(list(register)))
-        log.info("%s listening on %s", self.config.stage, self.address)
+        log.info("%s listening on %s%s", self.config.stage, self.address, label(self.config.tls))
         return self
 
     async def _start(self, register: list[tuple[Callable, object, str]]) -> None:
@@ -159,7 +160,7 @@ class AsyncServer:
             add(servicer, self.server)
             self.services.append(name)
         add_reflection(self.server, self.services)
-        self.port = self.server.add_insecure_port(f"{c.host}:{c.port}")
+        self.port = bind(self.server, f"{c.host}:{c.port}", c.tls)
         if self.port == 0:
             raise OSError(f"{c.stage}: could not bind {c.host}:{c.port}")
         if self.metrics is not None:

@@ -8,6 +8,7 @@
 - gRPC server reflection on every server (grpcurl and the like list and call the API
   without the protos); Prometheus metrics when a metrics port is set
   (services/common/metrics.py).
+- TLS, mutual or not, when `tls` is set (services/common/tls.py); plaintext otherwise.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ditmesh.common.limits import DEFAULT_DRAIN_SECONDS
 from ditmesh.common.metrics import ServiceMetrics
 from ditmesh.common.metrics_rpc import MetricsInterceptor
 from ditmesh.common.timings import WorkClock
+from ditmesh.common.tls import ServerTLS, bind, label
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +179,8 @@ class ServerConfig:
     """How long in-flight requests may run on after a stop is asked for."""
     metrics_port: int = 0
     """Port of the Prometheus /metrics endpoint, on `host`; 0: no metrics at all."""
+    tls: ServerTLS | None = None
+    """Serve TLS (mutual when it names a client CA); None: plaintext."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -199,6 +203,8 @@ class StageOptions:
     warmup: str = "auto"
     """Encoder and VAE: run one request's work before serving (auto: on a GPU only;
     services/common/warmup.py)."""
+    tls: ServerTLS | None = None
+    """Serve TLS (`--tls-cert`, `--tls-key`, `--tls-ca`); None: plaintext."""
 
     def server_config(self, stage: str) -> ServerConfig:
         return ServerConfig(
@@ -207,6 +213,7 @@ class StageOptions:
             port=self.port,
             grace_seconds=self.drain_seconds,
             metrics_port=self.metrics_port,
+            tls=self.tls,
         )
 
 
@@ -307,7 +314,7 @@ def start_server(
         add(servicer, server)
         names.append(name)
     add_reflection(server, names)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    port = bind(server, f"{config.host}:{config.port}", config.tls)
     if port == 0:
         raise OSError(f"{config.stage}: could not bind {config.host}:{config.port}")
     if metrics is not None:
@@ -316,7 +323,7 @@ def start_server(
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     for name in names:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("%s listening on %s:%d", config.stage, config.host, port)
+    log.info("%s listening on %s:%d%s", config.stage, config.host, port, label(config.tls))
     running = RunningServer(
         server=server, health=health_servicer, port=port, config=config, services=names
     )
