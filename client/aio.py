@@ -49,7 +49,7 @@ class AsyncClient(ClientBase):
 
     def _gateway(self) -> gateway_pb2_grpc.GatewayStub:
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self.address, options=self.channel_options)
+            self._channel = self.open_aio_channel()
             self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         return self._stub
 
@@ -99,7 +99,7 @@ class AsyncClient(ClientBase):
         **fields: Any,
     ) -> GenerateResult:
         """See `Client.generate_unary`."""
-        request = request_of(prompt, params, fields, caller="generate_unary")
+        request = request_of(prompt, params, fields, caller="generate_unary", streaming=False)
         metadata = (("x-request-id", request.request_id),)
         response = await self._unary("GenerateUnary", request, timeout, metadata)
         return unary_result(request, response)

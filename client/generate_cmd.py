@@ -8,6 +8,9 @@ an unknown model included, 1 otherwise), never a traceback: the user can act on 
 The flags are `GenerateParams`' fields (same names, dashes for underscores;
 `--format` for output_format), checked by `GenerateParams` like any SDK call, so
 a flag's value is refused with the sentence the SDK and the gateway use.
+With `--partial-images N` each preview is written as it arrives, next to the output
+or in `--partial-dir`, named after the output (`out-partial-0.png`, ...), and its path
+goes to stderr with the progress.
 Needs only the client's dependencies: it runs in a client-only install.
 """
 
@@ -24,7 +27,13 @@ import grpc
 from ditmesh.client.errors import DitmeshClientError, InvalidArgumentError, NotFoundError
 from ditmesh.client.params import FIELD_NAMES, GenerateParams
 from ditmesh.client.sdk import Client
-from ditmesh.client.types import FORMAT_BY_SUFFIX, GenerateResult, Progress, Timings
+from ditmesh.client.types import (
+    FORMAT_BY_SUFFIX,
+    GenerateResult,
+    PartialImage,
+    Progress,
+    Timings,
+)
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
 GATEWAY_ENV = "DITMESH_GATEWAY"
@@ -84,6 +93,21 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="1-128 characters of [A-Za-z0-9._:-] for the logs (default: random)",
     )
     parser.add_argument(
+        "--partial-images",
+        type=int,
+        default=0,
+        metavar="N",
+        help="previews (0-3) at evenly spaced steps, each written as it arrives "
+        "(needs more steps than N)",
+    )
+    parser.add_argument(
+        "--partial-dir",
+        default=None,
+        metavar="DIR",
+        help="folder for the previews, made if missing (default: the output's folder); "
+        "named after the output: out-partial-0.png, out-partial-1.png, ...",
+    )
+    parser.add_argument(
         "--timeout", type=_positive_float, default=600.0, help="seconds (default: 600)"
     )
     parser.add_argument(
@@ -102,17 +126,44 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
+class PartialWriteError(Exception):
+    """A preview could not be written (raised through the SDK's call, which it cancels)."""
+
+
+class PartialWriter:
+    """Writes each preview as it arrives, named after the output: for `-o out.png`,
+    DIR/out-partial-K.png (DIR/out-partial-K-I.png with several images)."""
+
+    def __init__(self, output: Path, folder: Path | None, num_images: int) -> None:
+        self._folder = output.parent if folder is None else folder
+        self._stem, self._suffix = output.stem, output.suffix
+        self._several = num_images > 1
+
+    def __call__(self, part: PartialImage) -> Path:
+        name = f"{self._stem}-partial-{part.index}"
+        if self._several:
+            name += f"-{part.image_index}"
+        path = self._folder / f"{name}{self._suffix}"
+        try:
+            self._folder.mkdir(parents=True, exist_ok=True)
+            return part.save(path)
+        except OSError as exc:
+            raise PartialWriteError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
 class _ProgressReporter:
     """Draws a one-line bar from step events on a terminal; other events become one line each.
 
     Off a terminal (a log file) the bar's carriage returns are noise, so the steps
     become one line. Drawn by hand: the client-only install carries no progress library.
+    Partial images go to `partials` (a `PartialWriter`), their paths to the stream.
     """
 
     _WIDTH = 30
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO, partials: PartialWriter | None = None) -> None:
         self._stream = stream
+        self._partials = partials
         self._tty = bool(getattr(stream, "isatty", lambda: False)())
         self._steps_seen = False
         self._bar_drawn = False
@@ -130,6 +181,11 @@ class _ProgressReporter:
             self._line(f"prompt encoded in {progress.seconds:.2f} s")
         elif progress.kind == "decoded":
             self._line(f"decoded in {progress.seconds:.2f} s")
+        elif progress.kind == "partial_image" and progress.partial_image is not None:
+            if self._partials is None:
+                return  # not asked for by this command: nothing to write
+            path = self._partials(progress.partial_image)
+            self._line(f"partial image at step {progress.step}/{progress.total}: {path}")
 
     def _draw(self, step: int, total: int) -> None:
         done = self._WIDTH * step // total if total > 0 else 0
@@ -170,7 +226,14 @@ def _fail(code: str, sentence: str) -> None:
 def run(args: argparse.Namespace) -> int:
     """Executes `generate`; returns the process exit status."""
     gateway = args.gateway or os.environ.get(GATEWAY_ENV) or DEFAULT_GATEWAY
-    reporter = _ProgressReporter(sys.stderr)
+    if args.partial_dir is not None and not args.partial_images:
+        print("error: --partial-dir needs --partial-images N", file=sys.stderr)
+        return 2
+    partials = None
+    if args.partial_images:
+        folder = None if args.partial_dir is None else Path(args.partial_dir)
+        partials = PartialWriter(Path(args.output), folder, args.num_images)
+    reporter = _ProgressReporter(sys.stderr, partials)
     try:
         params = params_of(args)  # before connecting: a bad flag costs no round trip
         with Client(gateway, timeout=args.timeout) as client:
@@ -183,6 +246,10 @@ def run(args: argparse.Namespace) -> int:
         reporter.close()
         _fail(grpc.StatusCode.CANCELLED.name, "interrupted")
         return 130
+    except PartialWriteError as exc:  # the SDK cancelled the request on its way out
+        reporter.close()
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     reporter.close()
     try:
         paths = result.save(args.output)

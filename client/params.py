@@ -37,13 +37,22 @@ from ditmesh.client.errors import invalid_argument
 from ditmesh.client.types import FORMAT_BY_NAME, NAME_BY_FORMAT, OutputFormat
 from ditmesh.v1 import gateway_pb2
 
-__all__ = ["REQUEST_ID_PATTERN", "SEED_MAX", "GenerateParams", "request_of"]
+__all__ = [
+    "MAX_PARTIAL_IMAGES",
+    "REQUEST_ID_PATTERN",
+    "SEED_MAX",
+    "GenerateParams",
+    "request_of",
+]
 
 SEED_MAX = 2**63 - 1
 """The largest seed the gateway accepts (its seeds are non-negative int64)."""
 
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 """What a caller's request id may be: it travels in metadata and lands in log lines."""
+
+MAX_PARTIAL_IMAGES = 3
+"""The most partial images a request may ask for (gateway.proto's `partial_images`)."""
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -74,6 +83,10 @@ class GenerateParams:
     """Model name as ListModels reports it (empty: the mesh's default)."""
     request_id: str | None = None
     """1-128 characters of [A-Za-z0-9._:-]; None: a random one. Retries reuse it."""
+    partial_images: int = 0
+    """Previews (0-3) before the final image(s), at evenly spaced steps, each handed to
+    `generate`'s on_progress as a "partial_image" event; the gateway refuses more than
+    steps - 1. Streaming calls only: `generate_unary` has no events to carry them."""
 
     def __post_init__(self) -> None:
         _check_text("negative_prompt", self.negative_prompt)
@@ -83,6 +96,11 @@ class GenerateParams:
                 raise invalid_argument(
                     f"{name} must be >= 0 (0 means the model's default), got {getattr(self, name)}"
                 )
+        if not 0 <= _integer("partial_images", self.partial_images) <= MAX_PARTIAL_IMAGES:
+            raise invalid_argument(
+                f"partial_images must be between 0 and {MAX_PARTIAL_IMAGES}, "
+                f"got {self.partial_images}"
+            )
         if _integer("num_images", self.num_images) < 1:
             raise invalid_argument(f"num_images must be >= 1, got {self.num_images}")
         if not 0 <= _integer("quality", self.quality) <= 100:
@@ -132,6 +150,7 @@ class GenerateParams:
             num_images=self.num_images,
             output_format=format_value(self.output_format),
             quality=self.quality,
+            partial_images=self.partial_images,
         )
         # Unset (not 0) leaves the choice to the gateway: guidance 0.0 is a real value.
         for name in ("guidance", "true_cfg_scale", "seed"):
@@ -144,10 +163,23 @@ FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Generate
 
 
 def request_of(
-    prompt: str, params: GenerateParams | None, fields: Mapping[str, Any], *, caller: str
+    prompt: str,
+    params: GenerateParams | None,
+    fields: Mapping[str, Any],
+    *,
+    caller: str,
+    streaming: bool = True,
 ) -> gateway_pb2.GenerateRequest:
-    """What every generate method does first: merge, check, build the wire request."""
-    return GenerateParams.merged(params, fields, caller=caller).to_request(prompt)
+    """What every generate method does first: merge, check, build the wire request.
+    A unary call (`streaming` False) refuses partial images: its one answer has no
+    place for them, and the gateway would decode them for nothing."""
+    merged = GenerateParams.merged(params, fields, caller=caller)
+    if merged.partial_images and not streaming:
+        raise invalid_argument(
+            f"partial_images come as progress events of the streaming generate; {caller} "
+            "has none (use generate with on_progress)"
+        )
+    return merged.to_request(prompt)
 
 
 def format_value(output_format: OutputFormat) -> int:

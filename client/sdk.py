@@ -50,7 +50,7 @@ class Client(ClientBase):
     """Blocking client of one gateway; thread-safe, one channel for all calls."""
 
     def _open(self) -> None:
-        self._channel = grpc.insecure_channel(self.address, options=self.channel_options)
+        self._channel = self.open_channel()
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
     def __enter__(self) -> Client:
@@ -109,7 +109,7 @@ class Client(ClientBase):
     ) -> GenerateResult:
         """The same request answered in one message; UNAVAILABLE is retried with the same
         request id, which the gateway uses to deduplicate."""
-        request = request_of(prompt, params, fields, caller="generate_unary")
+        request = request_of(prompt, params, fields, caller="generate_unary", streaming=False)
         metadata = (("x-request-id", request.request_id),)
         response = self._unary(self._stub.GenerateUnary, request, timeout, metadata)
         return unary_result(request, response)

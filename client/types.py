@@ -26,6 +26,7 @@ __all__ = [
     "ModelInfo",
     "ModelList",
     "OutputFormat",
+    "PartialImage",
     "Progress",
     "ProgressCallback",
     "StageTimings",
@@ -61,19 +62,57 @@ FORMAT_BY_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "we
 _PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
 
+def write_image(path: Path, data: bytes, fmt: str, image: Image.Image) -> None:
+    """Writes `data` (an image in format `fmt`) to `path`: as received when the suffix
+    names that format (or none known), else converted to the suffix's format."""
+    wanted = FORMAT_BY_SUFFIX.get(path.suffix.lower(), fmt)
+    if wanted == fmt:
+        path.write_bytes(data)
+    elif wanted == "raw":
+        path.write_bytes(image.convert("RGB").tobytes())
+    else:
+        image.convert("RGB").save(path, format=_PIL_FORMAT[wanted])
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class PartialImage:
+    """A preview of a request (`partial_images`): its latents after a step, decoded like
+    the final image and in its format."""
+
+    index: int
+    """0-based, in the order the previews came (OpenAI's partial_image_index)."""
+    image_index: int
+    """Which of the request's images it previews (0 unless num_images > 1)."""
+    image: Image.Image
+    data: bytes
+    """The bytes `image` was decoded from, as received."""
+    format: str
+    """png, jpeg, webp or raw."""
+    mime_type: str
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Writes it as `GenerateResult.save` writes an image; returns the path."""
+        target = Path(path)
+        write_image(target, self.data, self.format, self.image)
+        return target
+
+
 @dataclass(kw_only=True, slots=True, frozen=True)
 class Progress:
     """One progress event of a streaming Generate call.
 
-    kind is "queued" (position set), "encoded" or "decoded" (seconds set), or
-    "step" (step is 1-based, total the number of denoising steps).
+    kind is "queued" (position set), "encoded" or "decoded" (seconds set), "step"
+    (step is 1-based, total the number of denoising steps), or "partial_image" (step
+    and total set, and partial_image: the preview after that step; one event per image
+    of the request, sent only when the request asked for partial_images).
     """
 
-    kind: Literal["queued", "encoded", "step", "decoded"]
+    kind: Literal["queued", "encoded", "step", "decoded", "partial_image"]
     step: int = 0
     total: int = 0
     position: int = 0
     seconds: float = 0.0
+    partial_image: PartialImage | None = None
 
 
 # What on_progress may be; the async client also awaits what it returns, if awaitable.
@@ -180,13 +219,7 @@ class GenerateResult:
                 target.with_name(f"{target.stem}-{i}{target.suffix}") for i in range(len(self.raw))
             ]
         for out, data, fmt, image in zip(paths, self.raw, self.formats, self.images, strict=True):
-            wanted = FORMAT_BY_SUFFIX.get(out.suffix.lower(), fmt)
-            if wanted == fmt:
-                out.write_bytes(data)
-            elif wanted == "raw":
-                out.write_bytes(image.convert("RGB").tobytes())
-            else:
-                image.convert("RGB").save(out, format=_PIL_FORMAT[wanted])
+            write_image(out, data, fmt, image)
         return paths
 
 

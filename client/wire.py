@@ -22,6 +22,7 @@ from ditmesh.client.types import (
     GenerateResult,
     ModelInfo,
     ModelList,
+    PartialImage,
     Progress,
     StageTimings,
     Timings,
@@ -63,6 +64,29 @@ def _decode(image: _ImageBytes) -> Image.Image:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ProtocolError(f"image {image.index} is not a valid {name}: {exc}") from None
     return decoded
+
+
+def _partial_image(part: gateway_pb2.PartialImage) -> PartialImage:
+    """A preview, whole in one event (previews are not chunked)."""
+    im = part.image
+    whole = _ImageBytes(
+        index=im.index,
+        format=im.format,
+        mime_type=im.mime_type,
+        width=im.width,
+        height=im.height,
+        data=bytearray(im.data),
+        complete=True,
+    )
+    fmt = NAME_BY_FORMAT.get(im.format, "png")
+    return PartialImage(
+        index=part.partial_image_index,
+        image_index=im.index,
+        image=_decode(whole),
+        data=bytes(im.data),
+        format=fmt,
+        mime_type=im.mime_type or DEFAULT_MIME[fmt],
+    )
 
 
 def _make_result(
@@ -131,6 +155,14 @@ class StreamAssembler:
             return Progress(kind="step", step=event.step.step, total=event.step.total)
         if kind == "decoded":
             return Progress(kind="decoded", seconds=event.decoded.seconds)
+        if kind == "partial_image":
+            part = event.partial_image
+            return Progress(
+                kind="partial_image",
+                step=part.step,
+                total=part.total,
+                partial_image=_partial_image(part),
+            )
         if kind == "image":
             self._add_chunk(event.image)
         elif kind == "finished":
