@@ -18,29 +18,35 @@ from collections.abc import Callable
 import torch
 from diffusers import (
     AutoencoderKL,
+    DDPMScheduler,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    HunyuanDiT2DModel,
+    HunyuanDiTPipeline,
     PixArtAlphaPipeline,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
-from transformers import CLIPTokenizer, T5Tokenizer
+from transformers import BertTokenizer, CLIPTokenizer, T5Tokenizer
 
 from ditmesh.tiny_text import (
+    bert_encoder,
+    bert_tokenizer,
     clip_encoder,
     clip_tokenizer,
     t5_encoder,
     t5_tokenizer,
+    write_bert_vocab_file,
     write_clip_vocab_files,
     write_spiece_model,
 )
 
-FAMILIES = ("flux", "sd3", "pixart-sigma", "pixart-alpha")
+FAMILIES = ("flux", "sd3", "pixart-sigma", "pixart-alpha", "hunyuandit")
 
 # --------------------------------------------------------------------------- VAE
 
@@ -211,6 +217,64 @@ def _pixart(
     )
 
 
+def _hunyuandit(seed: int) -> DiffusionPipeline:
+    """HunyuanDiT v1.2 layout: a bilingual BERT (77 tokens) and mT5 (256 tokens) for text,
+    a DiT of even depth whose second half takes long skips from the first, rotary
+    positions, learned sigma, DDPM with v-prediction, the SDXL VAE.
+
+    Six blocks: two long skips (blocks 0 and 1 feed 5 and 4), so their order matters, as
+    in the 40-block model. The text lengths are the real ones: the pipeline pads to 77
+    and 256 and the transformer's learned padding is that long. v1.2 embeds neither the
+    image size nor the style (`use_style_cond_and_image_meta_size=False`; v1.1 does).
+    """
+    bert_tok, mt5_tok = bert_tokenizer(77), t5_tokenizer(256, multilingual=True)
+    bert = bert_encoder(bert_tok, 32, seed)
+    mt5 = t5_encoder(mt5_tok, 48, seed)
+    torch.manual_seed(seed)
+    transformer = HunyuanDiT2DModel(
+        num_attention_heads=_HEADS,
+        attention_head_dim=_HEAD_DIM,
+        in_channels=4,
+        patch_size=2,
+        activation_fn="gelu-approximate",
+        sample_size=32,
+        hidden_size=_INNER,
+        num_layers=6,
+        mlp_ratio=4.0,
+        learn_sigma=True,
+        cross_attention_dim=bert.config.hidden_size,
+        cross_attention_dim_t5=mt5.config.d_model,
+        pooled_projection_dim=32,
+        text_len=77,
+        text_len_t5=256,
+        use_style_cond_and_image_meta_size=False,
+    ).eval()
+    # The scheduler HunyuanDiT-v1.2-Diffusers ships: stochastic DDPM, v-prediction.
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.018,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        prediction_type="v_prediction",
+        steps_offset=1,
+        timestep_spacing="leading",
+        variance_type="fixed_small",
+    )
+    return HunyuanDiTPipeline(
+        vae=_vae(4, 0.13025, None, quant_conv=True, seed=seed),
+        text_encoder=bert,
+        tokenizer=bert_tok,
+        transformer=transformer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        text_encoder_2=mt5,
+        tokenizer_2=mt5_tok,
+    )
+
+
 _BUILDERS: dict[str, Callable[[int], DiffusionPipeline]] = {
     "flux": _flux,
     "sd3": _sd3,
@@ -221,6 +285,7 @@ _BUILDERS: dict[str, Callable[[int], DiffusionPipeline]] = {
     "pixart-alpha": lambda seed: _pixart(
         seed, max_length=120, vae_scaling=0.18215, pipeline_cls=PixArtAlphaPipeline
     ),
+    "hunyuandit": _hunyuandit,
 }
 
 
@@ -240,5 +305,7 @@ def make_tiny(family: str, out_dir: str | os.PathLike[str], *, seed: int = 0) ->
         if isinstance(component, CLIPTokenizer):
             write_clip_vocab_files(component, out / name)
         elif isinstance(component, T5Tokenizer):
-            write_spiece_model(out / name)
+            write_spiece_model(out / name, multilingual=family == "hunyuandit")
+        elif isinstance(component, BertTokenizer):
+            write_bert_vocab_file(component, out / name)
     return out

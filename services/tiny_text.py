@@ -1,9 +1,10 @@
 """Text encoders and tokenizers for the tiny models, built offline (no hub).
 
 Tokenizers come from an in-memory vocabulary instead of a download: a byte-level BPE
-for CLIP and a unigram vocabulary for T5. Both cover every ASCII character, so
-arbitrary English prompts encode to real ids rather than `<unk>`. The encoders are
-CLIP and T5 v1.1 towers of any size (small for tests, real sizes for
+for CLIP, a unigram vocabulary for T5 (and mT5: the same plus Chinese characters) and a
+WordPiece vocabulary for HunyuanDiT's bilingual BERT. All cover every ASCII character,
+so arbitrary English prompts encode to real ids rather than `<unk>`, and the bilingual
+ones common Chinese characters. The encoders are CLIP, BERT and T5 v1.1 towers of any size (small for tests, real sizes for
 `bench/make_mesh_model.py`). `ditmesh.tiny` assembles them into pipelines.
 """
 
@@ -15,6 +16,9 @@ import string
 
 import torch
 from transformers import (
+    BertConfig,
+    BertModel,
+    BertTokenizer,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
@@ -39,6 +43,20 @@ _SUFFIXES = ("s", "es", "ed", "ing", "er", "ly", "tion")
 
 # A BPE/unigram model needs every symbol it may emit in its vocabulary.
 _T5_CHARS = string.ascii_letters + string.digits + string.punctuation
+
+# Frequent Chinese characters and those of picture prompts (HunyuanDiT is bilingual):
+# its BERT tokenizer and mT5 know each as a token of its own, as the real ones do. A
+# character outside this set is `[UNK]` / `<unk>`, still a valid prompt.
+_HANZI = "".join(
+    dict.fromkeys(
+        "的一是不了人我在有他这为之大来以个中上们到说国和地也子时道出而要于就下得可你年生"
+        "自会那后能对着事其里所去行过家十用发天如然作方成者多日都三小军二无同么经法当起与"
+        "好看学进种将还分此心前面又定见只主没公从知全两长高新开正手老色白红黄蓝绿黑紫金银"
+        "猫狗鸟马牛羊鱼龙虎花草树林森山水河湖海江风雨雪云天空星月太阳光影夜晚早晨春夏秋冬"
+        "城市街道房屋楼桥路车船飞机宇航员骑在画照片油水墨风格中国古代现代未来美丽可爱漂亮"
+        "女孩男孩孩子老人脸眼睛头发衣服帽子一只两个桌子椅子窗门灯书杯茶酒菜饭果苹香蕉"
+    )
+)
 
 
 # --------------------------------------------------------------------- tokenizers
@@ -103,14 +121,46 @@ def _t5_pieces() -> list[tuple[str, float]]:
     return pieces
 
 
-def t5_tokenizer(model_max_length: int) -> T5Tokenizer:
+def _mt5_pieces() -> list[tuple[str, float]]:
+    """T5's pieces and the Chinese characters, each alone or at a word start, as mT5's
+    vocabulary (a multilingual T5) has them."""
+    pieces = _t5_pieces()
+    seen = {p for p, _ in pieces}
+    for char in _HANZI:
+        for piece, score in (("\u2581" + char, -7.0), (char, -8.0)):
+            if piece not in seen:
+                seen.add(piece)
+                pieces.append((piece, score))
+    return pieces
+
+
+def t5_tokenizer(model_max_length: int, *, multilingual: bool = False) -> T5Tokenizer:
     """T5 tokenizer from an explicit piece list.
 
     `extra_ids=0`: the sentinel tokens only matter for span-corruption training.
     Building from `vocab=` (not `vocab_file=`) matters: transformers 5 silently
     yields a 4-piece vocabulary from a vocab file.
     """
-    return T5Tokenizer(vocab=_t5_pieces(), extra_ids=0, model_max_length=model_max_length)
+    pieces = _mt5_pieces() if multilingual else _t5_pieces()
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+
+
+def bert_tokenizer(model_max_length: int = 77) -> BertTokenizer:
+    """A WordPiece vocabulary laid out like a Chinese BERT's: the specials first
+    ([PAD] is 0), then each Chinese character, English words, `##` suffixes and single
+    characters, so Chinese and English prompts both tokenize to real ids.
+
+    `tokenize_chinese_chars` cuts Chinese text into characters before WordPiece, as in
+    HunyuanDiT's bilingual CLIP-style tokenizer.
+    """
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokens += list(_HANZI)
+    tokens += _WORDS
+    tokens += ["##" + s for s in _SUFFIXES]
+    lower = string.ascii_lowercase + string.digits
+    tokens += [*lower, *string.punctuation, *("##" + c for c in lower)]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    return BertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=model_max_length)
 
 
 def write_clip_vocab_files(tokenizer: CLIPTokenizer, folder: pathlib.Path) -> None:
@@ -124,7 +174,14 @@ def write_clip_vocab_files(tokenizer: CLIPTokenizer, folder: pathlib.Path) -> No
     (folder / "merges.txt").write_text("\n".join(lines) + "\n")
 
 
-def write_spiece_model(folder: pathlib.Path) -> None:
+def write_bert_vocab_file(tokenizer: BertTokenizer, folder: pathlib.Path) -> None:
+    """Add vocab.txt beside tokenizer.json, as real BERT folders have (one token a line,
+    in id order)."""
+    by_id = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    (folder / "vocab.txt").write_text("".join(t + "\n" for t, _ in by_id), encoding="utf-8")
+
+
+def write_spiece_model(folder: pathlib.Path, *, multilingual: bool = False) -> None:
     """Add a sentencepiece `spiece.model` equal to the unigram vocab, as real T5 folders have.
 
     Built from the protobuf directly (no training), so it is deterministic and
@@ -133,7 +190,7 @@ def write_spiece_model(folder: pathlib.Path) -> None:
     from sentencepiece import sentencepiece_model_pb2 as spm_pb
 
     model = spm_pb.ModelProto()
-    pieces = _t5_pieces()
+    pieces = _mt5_pieces() if multilingual else _t5_pieces()
     trainer = model.trainer_spec
     trainer.model_type = spm_pb.TrainerSpec.UNIGRAM
     trainer.vocab_size = len(pieces)
@@ -184,6 +241,26 @@ def clip_encoder(
     torch.manual_seed(seed)
     model_cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     return model_cls(config).eval()
+
+
+def bert_encoder(
+    tokenizer: BertTokenizer, hidden: int, seed: int, *, layers: int = 2, heads: int = 4
+) -> BertModel:
+    """A BERT text tower (HunyuanDiT's CLIP-style text encoder is one, 1024 wide), by
+    default 2 layers; its last hidden states are what the pipeline uses."""
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=hidden * 4,
+        max_position_embeddings=512,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return BertModel(config).eval()  # with its pooler, as checkpoints have (unused)
 
 
 def t5_encoder(

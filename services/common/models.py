@@ -44,7 +44,7 @@ class Family:
     cfg_rule: Literal["true_cfg", "guidance"] = "true_cfg"
     """When the pipeline runs classifier-free guidance. "true_cfg" (Flux): only with a
     negative prompt and true_cfg_scale > 1, since guidance is distilled into the
-    model. "guidance" (SD3, PixArt): whenever guidance > 1, against the empty prompt
+    model. "guidance" (SD3, PixArt, HunyuanDiT): whenever guidance > 1, against the empty prompt
     when no negative prompt is given."""
 
     def uses_cfg(self, *, guidance: float, true_cfg_scale: float, has_negative: bool) -> bool:
@@ -119,7 +119,25 @@ PIXART_ALPHA = Family(
     cfg_rule="guidance",
 )
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX, SD3, PIXART_SIGMA, PIXART_ALPHA)}
+# Two text encoders: a bilingual CLIP-style BERT (77 tokens, cut silently as CLIP is)
+# and mT5 (256 tokens), which bounds the prompt.
+HUNYUAN_DIT = Family(
+    name="hunyuandit",
+    pipeline_classes=("HunyuanDiTPipeline",),
+    default_size=1024,
+    default_steps=50,
+    default_guidance=5.0,
+    latent_patch=2,
+    text_encoder="ditmesh.encoder.hunyuan:HunyuanTextEncoder",
+    denoiser="ditmesh.denoiser.hunyuan:HunyuanDiTAdapter",
+    max_prompt_tokens_from="tokenizer_2",
+    max_sequence_length=256,
+    cfg_rule="guidance",
+)
+
+FAMILIES: dict[str, Family] = {
+    f.name: f for f in (FLUX, SD3, PIXART_SIGMA, PIXART_ALPHA, HUNYUAN_DIT)
+}
 
 
 def family_of_pipeline(class_name: str) -> Family:
