@@ -90,7 +90,8 @@ def _add_gang_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the transformer blocks (the first request of each size compiles)",
+        help="torch.compile the transformer blocks (the first request of each size compiles); "
+        "on the encoder stage (and `up`), also its text encoders, compiled at start",
     )
     g.add_argument(
         "--compile-mode",
@@ -342,6 +343,8 @@ def _serve(args: argparse.Namespace) -> int:
                 )
             elif args.stage == "vae":
                 gang = dict(parallel=args.parallel, collective_timeout_s=args.collective_timeout)
+            elif args.stage == "encoder":
+                gang = dict(compile=args.compile)
             running = serve(args.model, options, **gang)
             if running is None:  # a torchrun worker rank: it followed the leader until the end
                 return 0
@@ -425,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
                         else []
                     ),
                 ],
+                encoder_args=["--compile"] if args.compile else [],
                 vae_args=[
                     f"--parallel={args.vae_parallel}",
                     f"--collective-timeout={args.collective_timeout}",

@@ -89,6 +89,7 @@ class UpConfig:
     denoiser_replicas: int = 1
     """Denoiser processes (each a whole gang) behind the one gateway."""
     vae_args: list[str] = field(default_factory=list)
+    encoder_args: list[str] = field(default_factory=list)
     """Extra `serve vae` flags: the VAE gang's size (`--parallel M`)."""
     gateway_args: list[str] = field(default_factory=list)
     """Extra `serve gateway` flags (admission limits and the like)."""
@@ -288,9 +289,12 @@ class LocalMesh:
 
     def _stage_args(self, stage: str) -> list[str]:
         c = self.config
-        return {"denoiser": c.denoiser_args, "vae": c.vae_args, "gateway": c.gateway_args}.get(
-            stage, []
-        )
+        return {
+            "encoder": c.encoder_args,
+            "denoiser": c.denoiser_args,
+            "vae": c.vae_args,
+            "gateway": c.gateway_args,
+        }.get(stage, [])
 
     def _metrics_args(self, stage: str, replica: int = 0) -> list[str]:
         c = self.config

@@ -73,7 +73,10 @@ def tensor_from_bytes(
         )
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
-    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    # A bytearray the caller hands over (the assembler's, complete) is used as it is: one
+    # copy of a request's conditioning fewer; read-only bytes are copied to be writable.
+    buf = data if isinstance(data, bytearray) else bytearray(data)
+    flat = torch.frombuffer(buf, dtype=torch.uint8)
     return flat.view(dtype).reshape(shape)
 
 

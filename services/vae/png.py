@@ -38,7 +38,7 @@ _pool: ThreadPoolExecutor | None = None
 
 
 def _workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
+    return max(1, min(16, os.cpu_count() or 1))
 
 
 def _executor() -> ThreadPoolExecutor:
