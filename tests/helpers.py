@@ -241,6 +241,20 @@ def sd35_medium_style(folder: str | pathlib.Path, *, seed: int = 1) -> pathlib.P
     return folder
 
 
+def hunyuandit_v11_style(folder: str | pathlib.Path, *, seed: int = 1) -> pathlib.Path:
+    """Rewrites a tiny HunyuanDiT's transformer the way v1.0/v1.1 are: it embeds the
+    image meta size (original, target, crop) and the style (v1.2, make_tiny's, not)."""
+    from diffusers import HunyuanDiT2DModel
+
+    folder = pathlib.Path(folder)
+    cfg = dict(HunyuanDiT2DModel.load_config(folder, subfolder="transformer"))
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    cfg.update(use_style_cond_and_image_meta_size=True)
+    torch.manual_seed(seed)
+    HunyuanDiT2DModel(**cfg).eval().save_pretrained(folder / "transformer")
+    return folder
+
+
 # ------------------------------------------------------------ Meshes on loopback: in this process, or `ditmesh up` as a user runs it
 
 
