@@ -73,6 +73,14 @@ def _pools_by_stage(stage_of: Mapping[str, str]) -> dict[str, list[str]]:
     return by_stage
 
 
+def _labels(stage_of: Mapping[str, str], labels: Iterable[str] | None = None) -> str:
+    """`labels` (default: all) in pipeline order, for a message."""
+    order = {stage: i for i, stage in enumerate(("encoder", "denoiser", "vae"))}
+    return ", ".join(
+        sorted(stage_of if labels is None else labels, key=lambda x: (order[stage_of[x]], x))
+    )
+
+
 def pool_workloads(opts: AutoscaleOptions, stage_of: Mapping[str, str]) -> dict[str, Workload]:
     """Pool label -> the workload holding its replicas, from `stage_of` (every pool's label
     -> its stage): a stage's `--STAGE-workload` when the stage has one pool, and each
@@ -83,7 +91,7 @@ def pool_workloads(opts: AutoscaleOptions, stage_of: Mapping[str, str]) -> dict[
     if unknown:
         raise InvalidArgument(
             f"--pool-workload names no pool of this gateway: {', '.join(unknown)}; "
-            f"its pools are {', '.join(stage_of)}"
+            f"its pools are {_labels(stage_of)}"
         )
     by_stage = _pools_by_stage(stage_of)
     out: dict[str, Workload] = {}
@@ -245,22 +253,19 @@ def lease_identity() -> str:
     return os.environ.get("POD_NAME") or f"{socket.gethostname()}_{os.getpid()}"
 
 
-def start_autoscaler(
-    opts: AutoscaleOptions, pools: Iterable[StagePool], kubeconfig: str | None = None
-) -> AutoscalerHandle | None:
-    """Starts the autoscaler on the running loop (None when `--autoscale off`)."""
-    if not opts.active:
-        return None
-    by_name = {p.label: p for p in pools}
-    # Everything that can be refused is checked before anything starts.
-    stage_of = {label: p.name for label, p in by_name.items()}
+def autoscale_plan(
+    opts: AutoscaleOptions, stage_of: Mapping[str, str]
+) -> tuple[dict[str, Workload], AutoscaleSettings]:
+    """The workloads and the policy's settings per pool label, from `stage_of` (every
+    pool's label -> its stage), or InvalidArgument with one line on what does not fit the
+    pools. Pure: a caller may check the flags with it before it starts anything."""
     workloads = pool_workloads(opts, stage_of)
     if opts.local:
-        several = [ls for ls in _pools_by_stage(stage_of).values() if len(ls) > 1]
+        several = [x for ls in _pools_by_stage(stage_of).values() if len(ls) > 1 for x in ls]
         if several:
             raise InvalidArgument(
                 "local autoscaling serves one model, one pool per stage; this gateway has "
-                f"pools {', '.join(label for ls in several for label in ls)}"
+                f"pools {_labels(stage_of, several)}"
             )
         scaled = {s: s for s, a in opts.stages.items() if a.local_args is not None}
     elif workloads:
@@ -273,9 +278,20 @@ def start_autoscaler(
     else:
         scaled = stage_of  # dry-run on the pools' own counts
     try:
-        settings = policy_settings(opts, scaled)
+        return workloads, policy_settings(opts, scaled)
     except ValueError as exc:  # a budget below the pools' minimums: a flag to fix
         raise InvalidArgument(f"autoscale: {exc}") from None
+
+
+def start_autoscaler(
+    opts: AutoscaleOptions, pools: Iterable[StagePool], kubeconfig: str | None = None
+) -> AutoscalerHandle | None:
+    """Starts the autoscaler on the running loop (None when `--autoscale off`); refuses
+    what does not fit the pools (`autoscale_plan`) before it starts anything."""
+    if not opts.active:
+        return None
+    by_name = {p.label: p for p in pools}
+    workloads, settings = autoscale_plan(opts, {label: p.name for label, p in by_name.items()})
     loop = asyncio.get_running_loop()
     real: ScaleBackend | None = None
     leader = None
