@@ -14,10 +14,12 @@ from ditmesh.client.errors import (
     ProtocolError,
     RequestCancelledError,
     ResourceExhaustedError,
+    TLSError,
     UnavailableError,
 )
 from ditmesh.client.params import GenerateParams
 from ditmesh.client.sdk import Client
+from ditmesh.client.tls import ChannelTLS
 from ditmesh.client.types import (
     GenerateResult,
     ModelInfo,
@@ -30,6 +32,7 @@ from ditmesh.client.types import (
 
 __all__ = [
     "AsyncClient",
+    "ChannelTLS",
     "Client",
     "DeadlineExceededError",
     "DitmeshClientError",
@@ -45,6 +48,7 @@ __all__ = [
     "RequestCancelledError",
     "ResourceExhaustedError",
     "StageTimings",
+    "TLSError",
     "Timings",
     "UnavailableError",
 ]

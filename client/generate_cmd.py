@@ -11,6 +11,8 @@ a flag's value is refused with the sentence the SDK and the gateway use.
 With `--partial-images N` each preview is written as it arrives, next to the output
 or in `--partial-dir`, named after the output (`out-partial-0.png`, ...), and its path
 goes to stderr with the progress.
+`--tls` (the system's CAs) or `--tls-ca PEM` connect with TLS; `--tls-cert/--tls-key` add a
+client certificate for a gateway that requires one (client/tls.py).
 Needs only the client's dependencies: it runs in a client-only install.
 """
 
@@ -27,6 +29,7 @@ import grpc
 from ditmesh.client.errors import DitmeshClientError, InvalidArgumentError, NotFoundError
 from ditmesh.client.params import FIELD_NAMES, GenerateParams
 from ditmesh.client.sdk import Client
+from ditmesh.client.tls import add_channel_tls_flags, channel_tls_from_flags
 from ditmesh.client.types import (
     FORMAT_BY_SUFFIX,
     GenerateResult,
@@ -123,6 +126,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default="out.png",
         help="output path; several images get -0, -1, ... before the suffix (default: out.png)",
     )
+    tls = parser.add_argument_group("TLS (default: plaintext)")
+    tls.add_argument(
+        "--tls", action="store_true", help="connect with TLS, trusting the system's CAs"
+    )
+    add_channel_tls_flags(tls, "", "the gateway")
     return parser
 
 
@@ -236,12 +244,17 @@ def run(args: argparse.Namespace) -> int:
     reporter = _ProgressReporter(sys.stderr, partials)
     try:
         params = params_of(args)  # before connecting: a bad flag costs no round trip
-        with Client(gateway, timeout=args.timeout) as client:
+        tls = channel_tls_from_flags(args, "", tls=args.tls)
+        with Client(gateway, timeout=args.timeout, tls=tls) as client:
             result: GenerateResult = client.generate(args.prompt, params, on_progress=reporter)
     except DitmeshClientError as exc:  # InvalidArgumentError from the SDK's checks included
         reporter.close()
         _fail(exc.code.name, exc.details)
         return 2 if isinstance(exc, InvalidArgumentError | NotFoundError) else 1
+    except ValueError as exc:  # a TLS flag's file (checked before connecting)
+        reporter.close()
+        _fail(grpc.StatusCode.INVALID_ARGUMENT.name, str(exc))
+        return 2
     except KeyboardInterrupt:
         reporter.close()
         _fail(grpc.StatusCode.CANCELLED.name, "interrupted")

@@ -193,8 +193,11 @@ _CONNECTING = "failed to connect to all addresses"
 
 
 def handshake_failed(details: str) -> bool:
-    """The call failed in a TLS handshake for a reason a retry cannot change."""
-    return any(w in details for w in (_NOT_TRUSTED, _NOT_TLS, _WRONG_NAME))
+    """The caller's own connection failed in a TLS handshake for a reason a retry cannot
+    change (a server's sentence that quotes such a failure of its own is not one)."""
+    return details.startswith(_CONNECTING) and any(
+        w in details for w in (_NOT_TRUSTED, _NOT_TLS, _WRONG_NAME)
+    )
 
 
 def explain(details: str, tls: ChannelTLS | bool | None, peer: str = "the server") -> str | None:
@@ -202,7 +205,11 @@ def explain(details: str, tls: ChannelTLS | bool | None, peer: str = "the server
 
     `tls`: how the caller connected (a `ChannelTLS`, False for plaintext, None: unknown).
     A server that closes the connection as it opens says nothing more; its reason is a
-    guess, worded as one, from how the caller connected."""
+    guess, worded as one, from how the caller connected. Only the caller's own connection
+    failures are explained: a server's sentence that quotes one (the gateway's, about a
+    stage) is left as it is."""
+    if not details.startswith(_CONNECTING):
+        return None
     if _NOT_TRUSTED in details:
         return f"TLS: {peer}'s certificate is not signed by a CA this caller trusts"
     if _WRONG_NAME in details:
@@ -212,7 +219,7 @@ def explain(details: str, tls: ChannelTLS | bool | None, peer: str = "the server
         )
     if _NOT_TLS in details:
         return f"TLS: {peer} does not speak TLS (it serves plaintext)"
-    if _CLOSED not in details or _CONNECTING not in details:
+    if _CLOSED not in details:
         return None
     if tls is False:
         return (

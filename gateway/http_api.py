@@ -8,7 +8,8 @@ shares the gateway's queues, admission bounds, retries and access log; this modu
 translates (the shapes are gateway/openai_shapes.py) and serves. API keys are
 gateway/auth.py's. uvicorn runs as a task on the gateway's event loop (no thread of its
 own, no signal handlers: the gateway's server owns stopping) and stops, draining what it
-has in hand, when the gateway stops.
+has in hand, when the gateway stops. It serves HTTPS when the gateway serves TLS, with the
+same certificate and, for mutual TLS, the same client CA (services/common/tls.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ditmesh.common.errors import DitmeshError
+from ditmesh.common.tls import ServerTLS
 from ditmesh.gateway.auth import ApiKeys
 from ditmesh.gateway.core import Gateway
 from ditmesh.gateway.openai_shapes import (
@@ -222,8 +224,12 @@ class HttpApi:
     """uvicorn serving an app as a task on the running loop, on a socket bound here (so a
     port in use is an OSError at start, not uvicorn's exit)."""
 
-    def __init__(self, app: FastAPI, host: str, port: int, grace_seconds: float) -> None:
+    def __init__(
+        self, app: FastAPI, host: str, port: int, grace_seconds: float, tls: ServerTLS | None = None
+    ) -> None:
+        """`tls`: HTTPS with the gRPC server's certificate (and client CA); None: HTTP."""
         self.host = host
+        self.scheme = "http" if tls is None else "https"
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._socket = socket.socket(family, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -235,6 +241,7 @@ class HttpApi:
             log_config=None,
             access_log=False,  # the gateway's access log has every request, HTTP or gRPC
             timeout_graceful_shutdown=max(1, round(grace_seconds)),
+            **(tls.uvicorn_options() if tls is not None else {}),
         )
         self._server = uvicorn.Server(config)
         self._task: asyncio.Task | None = None
@@ -242,7 +249,7 @@ class HttpApi:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(
@@ -270,7 +277,8 @@ def start_http_api(server, keys: ApiKeys | None, port: int, grace_seconds: float
     def serving() -> bool:
         return not server.stopping and gw.healthy()
 
-    api = HttpApi(make_app(gw, keys, serving), server.config.host, port, grace_seconds)
+    app = make_app(gw, keys, serving)
+    api = HttpApi(app, server.config.host, port, grace_seconds, server.config.tls)
     server.run(api.start())
     server.on_stop.insert(0, api.stop)
     log.info("gateway HTTP API listening on %s", api.url)

@@ -64,6 +64,7 @@ def serve(
             max_receive_bytes=MAX_REQUEST_BYTES,
             grace_seconds=s.drain_seconds,
             metrics_port=metrics_port,
+            tls=s.tls,
         )
     )
 
@@ -82,6 +83,7 @@ def serve(
             # Discovered, or started by the gateway's own autoscaler: the list may be empty.
             discovered=stage in s.services or s.autoscale.local,
             serves=serves,
+            tls=s.stage_tls,
         )
 
     watchers: list = []

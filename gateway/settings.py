@@ -7,6 +7,7 @@ CLI can build its flags from these defaults in a client-only install.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ditmesh.common.limits import (
     DEFAULT_DRAIN_SECONDS,
@@ -14,6 +15,10 @@ from ditmesh.common.limits import (
     DEFAULT_TIMEOUT_S,
     Limits,
 )
+
+if TYPE_CHECKING:  # names only: the TLS types import grpc
+    from ditmesh.client.tls import ChannelTLS
+    from ditmesh.common.tls import ServerTLS
 
 
 @dataclass(kw_only=True, slots=True)
@@ -122,6 +127,11 @@ class GatewaySettings:
     api_keys_file: str | None = None
     """File of API keys, one a line (gateway/auth.py): every HTTP and gRPC call must carry
     one; None: no keys checked."""
+    tls: ServerTLS | None = None
+    """Serve gRPC and the HTTP API with TLS (`--tls-cert/--tls-key/--tls-ca`); None: plaintext."""
+    stage_tls: ChannelTLS | None = None
+    """Connect to the stages with TLS, health checks included (`--stage-tls-*`); None:
+    plaintext."""
 
 
 AUTOSCALE_MODES = ("off", "dry-run", "on")

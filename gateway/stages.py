@@ -31,6 +31,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
+from ditmesh.client.tls import ChannelTLS
 from ditmesh.common.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from ditmesh.gateway.replicas import Replica, ReplicaSet
 from ditmesh.gateway.routing import Candidate, route
@@ -105,9 +106,11 @@ class StagePool:
         *,
         discovered: bool = False,
         serves: Serves | None = None,
+        tls: ChannelTLS | None = None,
     ) -> None:
         """`discovered`: replicas come and go through discovery (the list may start empty).
-        `serves`: what a replica must hold to join this pool (None: any replica of the stage)."""
+        `serves`: what a replica must hold to join this pool (None: any replica of the stage).
+        `tls`: connect to the replicas with TLS (None: plaintext)."""
         self.name = name
         self.serves = serves
         self.label = serves.label if serves is not None else name
@@ -124,6 +127,7 @@ class StagePool:
             fingerprint=serves.fingerprint if serves is not None else None,
             model=serves.models[0] if serves is not None else "",
             others=serves.others if serves is not None else frozenset(),
+            tls=tls,
         )
         self.pending = 0
         self.pending_units = 0.0

@@ -188,6 +188,7 @@ def _parallel_config(args: argparse.Namespace):
 def build_parser() -> argparse.ArgumentParser:
     from ditmesh import __version__
     from ditmesh.client import generate_cmd
+    from ditmesh.common.tls import add_serve_tls_flags
     from ditmesh.gateway.flags import (
         add_autoscale_flags,
         add_discovery_flags,
@@ -230,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_discovery_flags(p)
     add_autoscale_flags(p, kubernetes=True)
     add_drain_flag(p)
+    add_serve_tls_flags(p)
 
     p = sub.add_parser("up", help="run the whole mesh locally")
     _add_model_args(p)
@@ -283,6 +285,13 @@ def _serve(args: argparse.Namespace) -> int:
     if args.parallel != 1 and args.stage != "vae":
         print("error: --parallel applies to the vae stage only", file=sys.stderr)
         return 2
+    from ditmesh.common.tls import serve_tls_from_flags
+
+    try:  # before anything loads: a wrong certificate path costs no model load
+        tls, stage_tls = serve_tls_from_flags(args, args.stage)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         if args.stage == "gateway":
             from ditmesh.gateway.flags import settings_from_flags
@@ -290,6 +299,7 @@ def _serve(args: argparse.Namespace) -> int:
 
             try:
                 settings = settings_from_flags(args)
+                settings.tls, settings.stage_tls = tls, stage_tls
             except ValueError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 2
@@ -333,6 +343,7 @@ def _serve(args: argparse.Namespace) -> int:
                 drain_seconds=args.drain_seconds,
                 metrics_port=args.metrics_port,
                 warmup=args.warmup,
+                tls=tls,
             )
             gang: dict = {}
             if args.stage == "denoiser":

@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 
-from ditmesh.client.tls import check_pem
+from ditmesh.client.tls import ChannelTLS, add_channel_tls_flags, channel_tls_from_flags, check_pem
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -74,7 +74,8 @@ def bind(server: grpc.Server | grpc.aio.Server, address: str, tls: ServerTLS | N
     return server.add_secure_port(address, tls.credentials())
 
 
-def add_server_tls_flags(p: argparse.ArgumentParser) -> None:
+def add_serve_tls_flags(p: argparse.ArgumentParser) -> None:
+    """`ditmesh serve`'s TLS flags: how every server serves, and how the gateway calls stages."""
     g = p.add_argument_group("TLS (default: plaintext)")
     g.add_argument(
         "--tls-cert",
@@ -89,10 +90,22 @@ def add_server_tls_flags(p: argparse.ArgumentParser) -> None:
         metavar="PEM",
         help="mutual TLS: accept only clients whose certificate this CA signed",
     )
+    g = p.add_argument_group("gateway: TLS to the stages (default: plaintext)")
+    add_channel_tls_flags(g, "stage-", "the stages")
 
 
-def server_tls_from_flags(args: argparse.Namespace) -> ServerTLS | None:
-    """`--tls-cert/--tls-key/--tls-ca`; None without them. Raises ValueError naming the flag."""
+def serve_tls_from_flags(
+    args: argparse.Namespace, stage: str
+) -> tuple[ServerTLS | None, ChannelTLS | None]:
+    """The server's TLS and (gateway) the stages' TLS from `add_serve_tls_flags`' flags;
+    None for plaintext. Raises ValueError naming the flag that is wrong."""
+    stages = channel_tls_from_flags(args, "stage-")
+    if stages is not None and stage != "gateway":
+        raise ValueError(f"--stage-tls-* are the gateway's; the {stage} stage calls no stage")
+    return _server_tls(args), stages
+
+
+def _server_tls(args: argparse.Namespace) -> ServerTLS | None:
     cert, key, ca = args.tls_cert, args.tls_key, args.tls_ca
     if cert is None and key is None:
         if ca is not None:
