@@ -23,12 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mesh_throughput import parse_layout, start, stop  # noqa: E402
+from mesh_throughput import start, stop  # noqa: E402
 
 from ditmesh.client import Client  # noqa: E402
 
@@ -146,6 +147,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--denoiser-flags", default="")
+    ap.add_argument("--encoder-flags", default="", help="e.g. --compile")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--height", type=int, default=1024)
@@ -167,7 +169,14 @@ def main() -> None:
             OTEL_TRACES_SAMPLER="parentbased_always_off",
             OTEL_BSP_SCHEDULE_DELAY="200",
         )
-    layout = parse_layout("replicas:1", args.denoiser_flags)
+    layout = [
+        (stage, "0", shlex.split(flags))
+        for stage, flags in (
+            ("encoder", args.encoder_flags),
+            ("denoiser", args.denoiser_flags),
+            ("vae", ""),
+        )
+    ]
     procs, address = start(args, layout)
     rows: list[dict] = []
     spans: list[dict] = []
@@ -195,6 +204,7 @@ def main() -> None:
         system="ditmesh",
         bench="mesh_overhead",
         denoiser_flags=args.denoiser_flags,
+        encoder_flags=args.encoder_flags,
         H=args.height,
         W=args.width,
         steps=args.steps,
