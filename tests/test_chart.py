@@ -564,3 +564,42 @@ def test_keda_scales_the_same_workloads_the_gateway_would(render):
     assert flag(_container(docs, "gateway")["args"], "autoscale") == "off"
     (sm,) = of_kind(docs, "ServiceMonitor")
     assert sm["spec"]["endpoints"][0]["port"] == "metrics"
+
+
+# -- the images the chart runs (docker/) -------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["cpu.Dockerfile", "cuda.Dockerfile"])
+def test_dockerfiles_pin_what_they_install_and_run_non_root(name):
+    text = (ROOT / "docker" / name).read_text()
+    stages = text.split("\nFROM ")
+    final = stages[-1]
+    assert "ARG PYTHON_IMAGE=python:3.11." in text and ":latest" not in text
+    assert "ARG TORCH_VERSION=2." in text and '"torch==${TORCH_VERSION}"' in text
+    assert "-c docker/constraints.txt" in text
+    # The final stage copies the built venv; it installs no Python package itself.
+    assert "COPY --from=build /opt/ditmesh /opt/ditmesh" in final
+    assert "pip install" not in final
+    assert "USER 10001:10001" in final
+    # The chart runs `ditmesh ...` and, for multi-node gangs, torchrun (part of torch).
+    assert 'ENTRYPOINT ["ditmesh"]' in final
+    assert (ROOT / "docker" / f"{name}.dockerignore").exists()
+
+
+def test_image_constraints_pin_every_dependency_of_the_extras():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = {}
+    for line in (ROOT / "docker" / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            pkg, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not pinned"
+            pins[pkg.lower().replace("_", "-")] = version
+    wanted = list(project["dependencies"])
+    for extra in ("server", "vae", "k8s", "telemetry"):
+        wanted += project["optional-dependencies"][extra]
+    for req in wanted:
+        name = req.split(">")[0].split("=")[0].split("<")[0].split("[")[0].strip().lower()
+        if name != "torch":  # pinned by the Dockerfiles' TORCH_VERSION (CPU or CUDA build)
+            assert name.replace("_", "-") in pins, f"docker/constraints.txt does not pin {name}"
