@@ -56,6 +56,7 @@ CASES: dict[str, tuple[str, ...]] = {
     "defaults": (),
     **{name: ("-f", str(CHART / "examples" / name)) for name in EXAMPLES},
     "defaults-autoscale-on": ("--set", "gateway.autoscale.mode=on"),
+    "defaults-autoscale-dry-run": ("--set", "gateway.autoscale.mode=dry-run"),
     "lws-keda-servicemonitor": (
         "-f",
         str(CHART / "examples" / "multinode-lws.yaml"),
@@ -265,7 +266,8 @@ def test_rbac_grants_only_scale_and_get_on_own_workloads_and_watch_on_endpointsl
         if stage_of(w) != "gateway":
             assert spec["automountServiceAccountToken"] is False
 
-    autoscaling = flag(_container(docs, "gateway")["args"], "autoscale") != "off"
+    mode = flag(_container(docs, "gateway")["args"], "autoscale")
+    autoscaling = mode != "off"
     own = _own_workloads(docs) if autoscaling else {}
     granted: dict[str, set[str]] = {}
     for rule in role["rules"]:
@@ -290,9 +292,13 @@ def test_rbac_grants_only_scale_and_get_on_own_workloads_and_watch_on_endpointsl
             else:
                 pytest.fail(f"the gateway's Role grants {resource}: {rule}")
     assert granted["endpointslices"] == {"list", "watch"}
-    if autoscaling:
+    if mode == "on":
         for plural in own:
             assert granted[f"{plural}/scale"] == {"get", "patch"}
+        assert granted["events"] == {"create"}
+    elif mode == "dry-run":  # reads, decides and logs: it patches nothing
+        assert not any(r.endswith("/scale") for r in granted) and "events" not in granted
+        assert {"deployments", "statefulsets", "leases"} <= set(granted)
     else:
         assert set(granted) == {"endpointslices"}
 
@@ -498,6 +504,7 @@ def test_serve_arguments_parse_with_the_cli(render, case):
 
     parser = build_parser()
     knows_tls = any("--tls-cert" in a.option_strings for a in _serve_parser(parser)._actions)
+    tls_cases: list[str] = []
     for w, _, spec in pod_specs(render(case)):
         c = spec["containers"][0]
         assert c["command"][0] in ("ditmesh", "torchrun")
@@ -511,6 +518,13 @@ def test_serve_arguments_parse_with_the_cli(render, case):
         assert ns.host == "0.0.0.0" and ns.port > 0 and ns.metrics_port > 0
         port_names = {p["name"]: p["containerPort"] for p in c["ports"]}
         assert port_names["grpc"] == ns.port and port_names["metrics"] == ns.metrics_port
+        if "--tls-cert=/etc/ditmesh/tls/tls.crt" in c["args"]:
+            tls_cases.append(case)
+            assert ns.tls_key and ns.tls_ca, "mutual TLS: key and CA with the certificate"
+            if ns.stage == "gateway":
+                assert ns.stage_tls_ca and ns.stage_tls_cert and ns.stage_tls_key
+                assert ns.stage_tls_server_name == "rel-ditmesh-mesh"
+    assert bool(tls_cases) == (case == "autoscaled-production.yaml")
 
 
 def _serve_parser(parser):

@@ -119,7 +119,19 @@ ditmesh.io/stage: {{ .stage }}
 - --tls-cert={{ include "ditmesh.tlsDir" . }}/tls.crt
 - --tls-key={{ include "ditmesh.tlsDir" . }}/tls.key
 - --tls-ca={{ include "ditmesh.tlsDir" . }}/ca.crt
+{{- if eq .stage "gateway" }}
+- --stage-tls-cert={{ include "ditmesh.tlsDir" . }}/tls.crt
+- --stage-tls-key={{ include "ditmesh.tlsDir" . }}/tls.key
+- --stage-tls-ca={{ include "ditmesh.tlsDir" . }}/ca.crt
+- --stage-tls-server-name={{ include "ditmesh.tlsServerName" .root }}
 {{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The name the mesh's certificate carries and every TLS client checks: the gateway
+dials the stages' pod IPs (EndpointSlices), so one name stands for all of them. */}}
+{{- define "ditmesh.tlsServerName" -}}
+{{- .Values.tls.serverName | default (printf "%s-mesh" (include "ditmesh.fullname" .)) -}}
 {{- end -}}
 
 {{- define "ditmesh.env" -}}
@@ -214,7 +226,7 @@ exec:
       {{- if .root.Values.tls.enabled }}
       d = "{{ include "ditmesh.tlsDir" . }}/"
       creds = grpc.ssl_channel_credentials(*(open(d + f, "rb").read() for f in ("ca.crt", "tls.key", "tls.crt")))
-      ch = grpc.secure_channel(target, creds, options=[("grpc.ssl_target_name_override", "{{ .serverName }}")])
+      ch = grpc.secure_channel(target, creds, options=[("grpc.ssl_target_name_override", "{{ include "ditmesh.tlsServerName" .root }}")])
       {{- else }}
       ch = grpc.insecure_channel(target)
       {{- end }}
@@ -397,8 +409,7 @@ imagePullSecrets:
 {{- end -}}
 
 {{/* A stage's pod template: .root, .stage, .s (its values), .gpus, .shm (size or ""),
-.args (arguments after the shared ones), .serverName (the name its certificate
-carries), and optionally .command, .labels, .hostEnv (the variable naming the host
+.args (arguments after the shared ones), and optionally .command, .labels, .hostEnv (the variable naming the host
 whose health the probes check, for a gang's worker pods), .ports (extra container ports),
 .serviceAccount. */}}
 {{- define "ditmesh.podTemplate" -}}
