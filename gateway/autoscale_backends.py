@@ -1,9 +1,11 @@
 """Where the autoscaler's decisions land: Kubernetes workloads, local processes, or a log.
 
 A backend answers `current(stage) -> (replicas asked for, replicas ready)` and applies
-`scale(stage, replicas, reason)`. The policy (`autoscale_policy`) decides; the loop
-(`autoscale_loop`) reads, decides, applies and logs. What this module leaves out:
-which addresses serve a stage in Kubernetes (EndpointSlice discovery is the gateway's).
+`scale(stage, replicas, reason)`, `stage` being the name the autoscaler decides under (a
+pool label: `denoiser`, or `denoiser@dev` when the stage has a pool per model). The policy
+(`autoscale_policy`) decides; the loop (`autoscale_loop`) reads, decides, applies and
+logs. What this module leaves out: which addresses serve a stage in Kubernetes
+(EndpointSlice discovery is the gateway's).
 
 - `KubernetesBackend` patches only the `scale` subresource (apps/v1 Deployment or
   StatefulSet; LeaderWorkerSet through the custom-object scale), and only of objects

@@ -3,6 +3,9 @@
 `Autoscaler.step()` reads one load snapshot per stage (a callable the gateway supplies,
 from its StagePools), fills in the replica counts from the backend, asks the policy,
 logs one line per decision with its inputs, and applies the changes through the backend.
+Its "stages" are the gateway's pools, by label: a stage's name, or `stage@model` for each
+pool of a stage that serves several models (gateway/autoscale_gateway.py); each is decided
+and applied on its own.
 `Autoscaler.run()` does that every `decision_period_s` on an asyncio loop (the blocking
 backend calls go to a thread). `backend_for(mode, ...)` maps `--autoscale off|dry-run|on`.
 

@@ -12,7 +12,10 @@ real tiny stages (servers in this process), put a burst of requests on it and re
 the gateway did to the emulator's objects: the scale subresource patched, an Event on the
 workload, a decoy (an unlabelled Deployment named for another stage) never written to,
 nothing written under `--autoscale dry-run`, requests served while the API server is gone
-or hangs, and with `--autoscale-lease` only the Lease's holder scaling.
+or hangs, and with `--autoscale-lease` only the Lease's holder scaling. With two models
+that share the encoder and VAE (tests/test_multi_model.py's twin), each denoiser pool has
+its own workload (`--pool-workload`) and load on one model scales that model's alone; a
+`--denoiser-workload` that cannot say which pool it is refuses to start.
 
 What kmock does not emulate, so what these tests do not show:
 - No controllers: a Deployment scaled up gets no new pods (status.readyReplicas stays as
@@ -33,6 +36,7 @@ import datetime
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -254,6 +258,25 @@ def test_an_unlabelled_or_other_stage_object_is_never_touched(emulator, kind):
         assert events_for(api, f"{name}-{kind.lower()}") == []
 
 
+def test_a_pools_workload_is_checked_against_its_stage_not_its_label(emulator):
+    _, api = emulator
+    create(api, "Deployment", "pool-den", "denoiser", replicas=1)
+    create(api, "Deployment", "pool-vae", "vae", replicas=1)
+    backend = KubernetesBackend(
+        api,
+        NS,
+        {
+            "denoiser@dev": Workload(kind="Deployment", name="pool-den", stage="denoiser"),
+            "denoiser@twin": Workload(kind="Deployment", name="pool-vae", stage="denoiser"),
+        },
+    )
+    backend.scale("denoiser@dev", 2, "up: desired 2 > capacity 1")
+    assert spec_replicas(api, "Deployment", "pool-den") == 2
+    with pytest.raises(NotOurWorkload, match="ditmesh.io/stage=denoiser; the autoscaler does not"):
+        backend.scale("denoiser@twin", 3, "up")
+    assert spec_replicas(api, "Deployment", "pool-vae") == 1 and events_for(api, "pool-vae") == []
+
+
 def test_autoscaler_loop_scales_a_deployment_and_dry_run_does_not(emulator):
     _, api = emulator
     create(api, "Deployment", "loop-den", "denoiser", replicas=1)
@@ -397,19 +420,27 @@ def stages(tiny_flux):
         r.stop(0)
 
 
+def gateway_command(stages, *flags: str) -> list[str]:
+    """`ditmesh serve gateway` for `stages`: (model or models, stage -> address or addresses)."""
+    models, addresses = stages
+    cmd = [sys.executable, "-m", "ditmesh.cli", "serve", "gateway"]
+    for model in [models] if isinstance(models, str) else models:
+        cmd += ["--model", model]
+    for stage, address in addresses.items():
+        for a in [address] if isinstance(address, str) else address:
+            cmd += [f"--{stage}", a]
+    return [*cmd, "--drain-seconds=2", *flags]
+
+
 class GatewayProcess:
     """`ditmesh serve gateway` in a child process; its stderr (the log) collected in lines."""
 
     def __init__(self, stages, *flags: str, identity: str | None = None) -> None:
-        model, addresses = stages
-        cmd = [sys.executable, "-m", "ditmesh.cli", "serve", "gateway", "--model", model]
-        for stage, address in addresses.items():
-            cmd += [f"--{stage}", address]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if identity is not None:
             env["POD_NAME"] = identity  # the Lease holder's name, as in a pod
         self.proc = subprocess.Popen(
-            [*cmd, "--drain-seconds=2", *flags],
+            gateway_command(stages, *flags),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -452,20 +483,21 @@ class GatewayProcess:
             self.proc.wait(10)
             raise
 
-    def generate(self, rid: str) -> int:
-        """One request; how many `finished` events it got (1 when served)."""
+    def generate(self, rid: str, model: str = "") -> int:
+        """One request (to the default model, or `model`); how many `finished` events it got
+        (1 when served)."""
         req = gateway_pb2.GenerateRequest(
-            prompt="a red fox", height=64, width=64, steps=8, seed=7, request_id=rid
+            prompt="a red fox", height=64, width=64, steps=8, seed=7, request_id=rid, model=model
         )
         return sum(
             e.WhichOneof("event") == "finished" for e in self.stub.Generate(req, timeout=120)
         )
 
-    def burst(self, n: int, threads: int = 4) -> list[int]:
+    def burst(self, n: int, threads: int = 4, model: str = "") -> list[int]:
         """`n` requests, `threads` at a time: a queue in front of the one denoiser."""
         ids = [f"burst-{i}-{uuid.uuid4().hex[:6]}" for i in range(n)]
         with ThreadPoolExecutor(threads) as pool:
-            return list(pool.map(self.generate, ids))
+            return list(pool.map(self.generate, ids, [model] * n))
 
 
 def in_background(fn, *args):
@@ -668,3 +700,109 @@ def test_with_a_lease_only_its_holder_scales_and_a_stopped_holder_hands_it_over(
             a.stop()
         code = b.stop() if b is not None else 0
     assert code == 0, b.log()[-3000:]
+
+
+# -- two models behind one gateway: a denoiser pool each, a workload each -----------------
+
+
+@pytest.fixture(scope="module")
+def twin(tiny_flux, tmp_path_factory) -> str:
+    """tiny_flux with another transformer (as tests/test_multi_model.py's): the same encoders
+    and VAE, so one encoder pool and one VAE pool, and a denoiser pool per model."""
+    from ditmesh.tiny import make_tiny
+
+    root = tmp_path_factory.mktemp("twin")
+    other = make_tiny("flux", root / "other", seed=5)
+    twin = root / "tiny-twin"
+    shutil.copytree(tiny_flux, twin)
+    shutil.rmtree(twin / "transformer")
+    shutil.copytree(other / "transformer", twin / "transformer")
+    return str(twin)
+
+
+@pytest.fixture(scope="module")
+def two_models(stages, twin):
+    """`stages` plus twin's denoiser: models (dev, twin), every denoiser address for the
+    gateway to sort by what each serves."""
+    from ditmesh.denoiser.service import serve as serve_denoiser
+
+    model, addresses = stages
+    twin_denoiser = serve_denoiser(twin)
+    yield (
+        [model, twin],
+        {**addresses, "denoiser": [addresses["denoiser"], twin_denoiser.address]},
+    )
+    twin_denoiser.stop(0)
+
+
+NAMES = ("--name=dev", "--name=twin")
+
+
+def test_two_models_load_on_one_scales_that_models_denoiser_workload_only(
+    k8s, two_models, tmp_path
+):
+    create(k8s.api, "Deployment", "ditmesh-denoiser-dev", "denoiser", replicas=1)
+    create(k8s.api, "StatefulSet", "ditmesh-denoiser-twin", "denoiser", replicas=1)
+    kubeconfig = k8s.kubeconfig(tmp_path / "kubeconfig")
+    gw = GatewayProcess(
+        two_models,
+        *NAMES,
+        "--autoscale=on",
+        f"--kubeconfig={kubeconfig}",
+        *AUTOSCALE,  # the denoiser's bounds and objective: each denoiser pool's
+        "--pool-workload=denoiser@dev=deployment/ditmesh-denoiser-dev",
+        "--pool-workload=denoiser@twin=statefulset/ditmesh-denoiser-twin",
+    )
+    try:
+        gw.wait_log(r"autoscale on: pools denoiser@dev, denoiser@twin,")
+        gw.wait_log(r"autoscale denoiser@dev: 1 -> 1 \(desired")  # both workloads are read
+        gw.wait_log(r"autoscale denoiser@twin: 1 -> 1 \(desired")
+        assert gw.burst(12, model="twin") == [1] * 12
+        until(
+            lambda: spec_replicas(k8s.api, "StatefulSet", "ditmesh-denoiser-twin") > 1,
+            10,
+            "twin's scale-up",
+        )
+        up = gw.wait_log(r"autoscale denoiser@twin: 1 -> (\d+) \(desired \d+; up")
+        assert spec_replicas(k8s.api, "StatefulSet", "ditmesh-denoiser-twin") >= int(up.group(1))
+        first = min(events_for(k8s.api, "ditmesh-denoiser-twin"), key=lambda e: e.metadata.name)
+        assert first.reason == "ScaledUp" and first.involved_object.kind == "StatefulSet"
+        # dev had no load: decided every period, never scaled, never written to.
+        assert spec_replicas(k8s.api, "Deployment", "ditmesh-denoiser-dev") == 1
+        assert events_for(k8s.api, "ditmesh-denoiser-dev") == []
+        decided = re.findall(r"autoscale denoiser@dev: 1 -> (\d+)", gw.log())
+        assert decided and set(decided) == {"1"}
+        assert "left out of this decision" not in gw.log()
+    finally:
+        code = gw.stop()
+    assert code == 0, gw.log()[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("flag", "error"),
+    [
+        (
+            "--denoiser-workload=deployment/ditmesh-denoiser",
+            "error: --denoiser-workload: the denoiser stage has 2 pools (denoiser@dev, "
+            "denoiser@twin); give each its own with --pool-workload LABEL=KIND/NAME",
+        ),
+        (
+            "--pool-workload=denoiser@schnell=deployment/ditmesh-denoiser",
+            "error: --pool-workload names no pool of this gateway: denoiser@schnell; its pools "
+            "are encoder, denoiser@dev, denoiser@twin, vae",
+        ),
+    ],
+)
+def test_a_workload_that_fits_no_pool_refuses_to_start_in_one_line(two_models, flag, error):
+    # Refused before any API call: no kubeconfig, no emulator needed.
+    done = subprocess.run(
+        gateway_command(two_models, *NAMES, "--autoscale=on", flag),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "listening on" not in done.stdout
+    # One line (the pools' own log lines may come after it: they start before the autoscaler).
+    assert [line for line in done.stderr.splitlines() if line.startswith("error:")] == [error]
+    assert "Traceback" not in done.stderr
