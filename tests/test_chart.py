@@ -617,3 +617,22 @@ def test_image_constraints_pin_every_dependency_of_the_extras():
         name = req.split(">")[0].split("=")[0].split("<")[0].split("[")[0].strip().lower()
         if name != "torch":  # pinned by the Dockerfiles' TORCH_VERSION (CPU or CUDA build)
             assert name.replace("_", "-") in pins, f"docker/constraints.txt does not pin {name}"
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_make_images_says_so_where_no_container_engine_answers():
+    def run(engine):
+        return subprocess.run(
+            ["make", "-s", "images", f"CONTAINER_ENGINE={engine}"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+    out = run("")
+    assert out.returncode != 0 and "no container engine here" in out.stderr, out.stderr
+    out = run("false")  # installed, but its engine does not answer
+    assert out.returncode != 0 and "no engine answers" in out.stderr, out.stderr
+    assert "build" not in out.stdout
