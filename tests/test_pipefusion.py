@@ -1,10 +1,13 @@
-"""PipeFusion on real gloo gangs: stages and patches against one process.
+"""PipeFusion on real gloo gangs: stages and patches against one process (Flux, SD3,
+PixArt-Sigma and PixArt-alpha), and schedulers stepped a patch at a time.
 
 - With every step a warm-up step (whole image, in sync) a PipeFusion gang computes exactly
   what the plain single process does.
 - With stale keys and values (patches after the first step) the gang equals the same
   patch schedule run on one rank (`sample_pipefusion` without stages): the stages only
   move where each block runs, not what it computes.
+- A scheduler's step, multistep solvers' history included, is per token: patches stepped
+  alone through their own copies equal the whole image stepped.
 Tolerance as the other parallel tests: max |gang - reference| <= 1e-4 * max |reference|
 (float32 on CPU).
 """
@@ -14,11 +17,13 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp
 
+from ditmesh.common.errors import InvalidArgument
 from ditmesh.common.models import resolve_model
 from ditmesh.denoiser.parallel.mesh import (
     ParallelConfig,
@@ -33,11 +38,27 @@ from ditmesh.denoiser.parallel.pipefusion import (
     patch_bounds,
     sample_pipefusion,
 )
+from ditmesh.denoiser.parallel.pipefusion_schedule import (
+    PatchSchedulers,
+    check_patchable,
+    history_of,
+)
 from ditmesh.denoiser.parallel.sequence import attach
 from ditmesh.denoiser.runner import load_adapter
 from ditmesh.denoiser.sampler import sample
 
-from .helpers import REL_TOL, flux_jobs, join_gloo, relative_error, single
+from .helpers import (
+    REL_TOL,
+    UpProcess,
+    decode_events,
+    flux_jobs,
+    join_gloo,
+    max_diff,
+    pixart_alpha_with_micro_conditions,
+    pixart_jobs,
+    relative_error,
+    single,
+)
 
 
 @pytest.fixture(scope="module")
@@ -231,8 +252,10 @@ def test_cfg_x_pipefusion_x_ulysses_on_eight_ranks(model_dir, jobs, tmp_path):
 
 
 def test_pipefusion_refuses_what_it_cannot_run():
-    with pytest.raises(ParallelConfigError, match="Flux and SD3 models only"):
-        ParallelConfig(pipefusion=2).check_model(heads=4, family="pixart-sigma")
+    with pytest.raises(ParallelConfigError, match="models only so far; this model is cogvideox"):
+        ParallelConfig(pipefusion=2).check_model(heads=4, family="cogvideox")
+    for family in ("flux", "sd3", "pixart-sigma", "pixart-alpha"):
+        ParallelConfig(pipefusion=2).check_model(heads=4, family=family)
     with pytest.raises(ParallelConfigError, match="leave out --compile and --cuda-graphs"):
         check_speed(True, False)
     with pytest.raises(
@@ -323,3 +346,222 @@ def test_sd35_second_attention(tmp_path_factory, tmp_path):
     )
     _all_close(got["cfg2pf2-exact"], single(model_dir, jobs), "SD3.5 cfg2 x pf2 whole vs single")
     _all_close(got["pf2u2"], one_rank(model_dir, jobs, patches=2), "SD3.5 pf2 x u2 vs one rank")
+
+
+# ------------------------------------------------------------ Schedulers stepped a patch at a time
+
+
+def _model_output(x: torch.Tensor, i: int) -> torch.Tensor:
+    """A stand-in for the transformer: per token, different at each step."""
+    return torch.sin(3 * x + i) + 0.1 * i
+
+
+# Schedulers the families use (DPM-Solver++ for PixArt, flow-matching Euler for Flux and
+# SD3) and other multistep ones, whose history is cut by patch.
+PATCH_STEPPED = {
+    "dpm++2": ("DPMSolverMultistepScheduler", {}),
+    "dpm++3": ("DPMSolverMultistepScheduler", dict(solver_order=3, lower_order_final=False)),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "deis": ("DEISMultistepScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
+}
+
+
+def _stepped(cls_name: str, config: dict, bands: list[tuple] | None, warm: int = 2):
+    """Six steps of `_model_output` on [2, 4, 6, 5] latents: the whole image every step
+    (`bands` None), or `warm` whole steps then each band through its own scheduler copy."""
+    import diffusers
+
+    s = getattr(diffusers, cls_name)(num_train_timesteps=1000, **config)
+    s.set_timesteps(6)
+    x = torch.randn(2, 4, 6, 5, generator=torch.Generator().manual_seed(0))
+    copies = None
+    for i, t in enumerate(s.timesteps):
+        if bands is None or i < warm:
+            x = s.step(_model_output(x, i), t, x, return_dict=False)[0]
+            continue
+        if copies is None:
+            copies = PatchSchedulers(s, x, bands)
+            assert len(copies) == len(bands)
+        for p, rows in enumerate(bands):
+            sample = x[rows].clone()
+            x[rows] = copies[p].step(_model_output(sample, i), t, sample, return_dict=False)[0]
+    return x, copies
+
+
+@pytest.mark.parametrize("name", PATCH_STEPPED)
+def test_patches_stepped_alone_equal_the_whole_image_stepped(name):
+    """With the same model outputs, three bands of latent rows, each stepped through its
+    own copy of the scheduler (with its rows of the history), give what stepping the
+    whole image gives: a step, a multistep solver's included, is per token."""
+    cls_name, config = PATCH_STEPPED[name]
+    bands = [(slice(None), slice(None), slice(a, z)) for a, z in patch_bounds(6, 3)]
+    whole, _ = _stepped(cls_name, config, None)
+    patched, copies = _stepped(cls_name, config, bands)
+    err = relative_error(patched, whole)
+    assert err <= 1e-6, f"{name}: relative error {err:.2e}"
+    if name.startswith(("dpm", "unipc", "deis")):
+        # The history is real and each copy holds its band's rows of it.
+        for p, rows in enumerate(bands):
+            kept = history_of(copies[p], whole[rows].shape)
+            assert kept and all(h.shape == whole[rows].shape for h in kept)
+
+
+def test_a_stochastic_scheduler_steps_through_its_patch_copy():
+    """DDPM (HunyuanDiT's) keeps no history; one patch (the whole image) through its copy
+    is the whole image stepped, the generator's draws included."""
+    import diffusers
+
+    def run(patched: bool) -> torch.Tensor:
+        s = diffusers.DDPMScheduler(num_train_timesteps=1000)
+        s.set_timesteps(4)
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+        step = PatchSchedulers(s, x, [(slice(None),)])[0] if patched else s
+        for i, t in enumerate(s.timesteps):
+            x = step.step(_model_output(x, i), t, x, generator=g, return_dict=False)[0]
+        return x
+
+    assert torch.equal(run(True), run(False))
+
+
+def test_schedulers_that_cannot_step_a_patch_alone_are_refused():
+    import diffusers
+
+    like = torch.zeros(1, 4, 8, 8)
+
+    def made(cls_name: str, **config):
+        s = getattr(diffusers, cls_name)(num_train_timesteps=1000, **config)
+        s.set_timesteps(4)
+        return s
+
+    s = made("DPMSolverMultistepScheduler", thresholding=True)
+    with pytest.raises(InvalidArgument, match="dynamic thresholding takes a quantile over"):
+        check_patchable(s, s.timesteps, like)
+    s = made("EulerDiscreteScheduler")
+    with pytest.raises(InvalidArgument, match="scales that input by its step index"):
+        check_patchable(s, s.timesteps, like)
+    for ok in ("DPMSolverMultistepScheduler", "DDPMScheduler", "FlowMatchEulerDiscreteScheduler"):
+        s = made(ok)
+        check_patchable(s, s.timesteps, like)
+
+
+# ------------------------------------------------------------ PixArt-Sigma and PixArt-alpha
+
+# Stale patches' error grows with the steps: at 6 it is several times the tolerance (3
+# steps of the tiny PixArt stay under it), so the stale comparisons below can fail.
+PIXART_STEPS = 6
+
+
+@pytest.fixture(scope="module", params=["pixart-sigma", "pixart-alpha"])
+def pixart_dir(request, tmp_path_factory) -> str:
+    """Tiny PixArt-Sigma, and PixArt-alpha with its 1024-px micro-conditions."""
+    from ditmesh.tiny import make_tiny
+
+    folder = make_tiny(request.param, tmp_path_factory.mktemp(request.param) / "model")
+    if request.param == "pixart-alpha":
+        folder = pixart_alpha_with_micro_conditions(folder)
+    return str(folder)
+
+
+@pytest.mark.slow  # seconds of sampling
+def test_pixart_one_patch_a_step_is_exact_and_stale_patches_are_not(pixart_dir):
+    jobs = pixart_jobs(pixart_dir, steps=PIXART_STEPS)
+    exact = single(pixart_dir, jobs)
+    _all_close(one_rank(pixart_dir, jobs, patches=1), exact, "PixArt one patch vs plain")
+    _all_close(
+        one_rank(pixart_dir, jobs, patches=3, pipefusion_warmup=99),
+        exact,
+        "PixArt every step whole on one rank vs plain",
+    )
+    for j, (got, want) in enumerate(zip(one_rank(pixart_dir, jobs, patches=2), exact, strict=True)):
+        err = relative_error(got, want)
+        assert REL_TOL < err < 0.05, f"job {j}: stale patches {err:.2e} from exact"
+
+
+@pytest.mark.slow
+def test_pixart_two_stages_whole_and_stale(pixart_dir, tmp_path):
+    jobs = pixart_jobs(pixart_dir, steps=PIXART_STEPS)
+    every = list(range(len(jobs)))
+    got = spawn(
+        pixart_dir,
+        jobs,
+        2,
+        {
+            "pf2-exact": (dict(pipefusion=2, pipefusion_warmup=99), every),
+            "pf2": (dict(pipefusion=2), every),
+            "pf2-p3": (dict(pipefusion=2, patches=3, pipefusion_warmup=2), every),
+        },
+        tmp_path,
+    )
+    _all_close(got["pf2-exact"], single(pixart_dir, jobs), "PixArt pf2 every step whole vs single")
+    for name, kw in (("pf2", dict(patches=2)), ("pf2-p3", dict(patches=3, pipefusion_warmup=2))):
+        want = one_rank(pixart_dir, jobs, **kw)
+        _all_close(got[name], want, f"PixArt {name} vs the same patches on one rank")
+
+
+@pytest.mark.slow
+def test_pixart_stages_with_cfg_ulysses_and_dp(pixart_dir, tmp_path):
+    """cfg2 x pf2 and pf2 x u2, every step whole (against plain sampling) and with stale
+    patches (against the same patches on one rank); dp2 x pf2 splits the images."""
+    jobs = pixart_jobs(pixart_dir, steps=PIXART_STEPS)
+    every = list(range(len(jobs)))
+    got = spawn(
+        pixart_dir,
+        jobs,
+        4,
+        {
+            "cfg2pf2-exact": (dict(cfg=2, pipefusion=2, pipefusion_warmup=99), every),
+            "pf2u2-exact": (dict(pipefusion=2, ulysses=2, pipefusion_warmup=99), every),
+            "cfg2pf2": (dict(cfg=2, pipefusion=2), every),
+            "pf2u2": (dict(pipefusion=2, ulysses=2), every),
+            "dp2pf2": (dict(dp=2, pipefusion=2), every),
+        },
+        tmp_path,
+    )
+    exact = single(pixart_dir, jobs)
+    for name in ("cfg2pf2-exact", "pf2u2-exact"):
+        _all_close(got[name], exact, f"PixArt {name} vs single")
+    stale = one_rank(pixart_dir, jobs, patches=2)
+    for name in ("cfg2pf2", "pf2u2", "dp2pf2"):
+        _all_close(got[name], stale, f"PixArt {name} vs the same patches on one rank")
+
+
+@pytest.mark.slow
+def test_pixart_up_with_two_stages_matches_diffusers(tmp_path_factory):
+    """`ditmesh up --pipefusion 2` on a tiny PixArt-Sigma, every step whole: the image plain
+    diffusers makes (48x80: 3 token rows over 2 stages; CFG with a negative prompt)."""
+    import grpc
+    from diffusers import PixArtSigmaPipeline
+
+    from ditmesh.tiny import make_tiny
+    from ditmesh.v1 import gateway_pb2, gateway_pb2_grpc
+
+    folder = str(make_tiny("pixart-sigma", tmp_path_factory.mktemp("pixart-up") / "model"))
+    kw = dict(height=48, width=80, steps=3, seed=9)
+    mesh = UpProcess(folder, "--pipefusion", "2", "--pipefusion-warmup", "3")
+    try:
+        with grpc.insecure_channel(mesh.address) as ch:
+            req = gateway_pb2.GenerateRequest(
+                prompt="a castle", negative_prompt="fog", guidance=4.5, **kw
+            )
+            events = list(gateway_pb2_grpc.GatewayStub(ch).Generate(req, timeout=240))
+        images, kinds = decode_events(events)
+    finally:
+        assert mesh.stop() == 0
+    assert kinds.count("step") == 3 and len(images) == 1
+    pipe = PixArtSigmaPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(
+        "a castle",
+        negative_prompt="fog",
+        height=kw["height"],
+        width=kw["width"],
+        num_inference_steps=kw["steps"],
+        guidance_scale=4.5,
+        generator=torch.Generator().manual_seed(kw["seed"]),
+        use_resolution_binning=False,
+        clean_caption=False,
+    ).images[0]
+    assert max_diff(images[0], np.asarray(ref.convert("RGB"))) <= 1

@@ -7,6 +7,12 @@ scheduler's own timesteps, CFG on [uncond, cond] whenever guidance > 1, the
 variance half of the output dropped after guidance), so a request gives the image
 plain diffusers gives with `use_resolution_binning=False` (the mesh serves the
 size asked for) and `clean_caption=False` (see the encoder).
+
+PipeFusion (`PIXART_PIPEFUSION`): a patch is a band of token rows, as for SD3, since the
+model patchifies inside; only the self-attention keeps stale keys and values. The
+cross-attention reads the text afresh in every patch, so the text is an input of each
+patch and stage, not an activation that travels between stages. The DPM-Solver's history
+is stepped a patch at a time (parallel/pipefusion_schedule.py).
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ from ditmesh.denoiser.adapter import (
     unstack_branches,
 )
 from ditmesh.denoiser.job import DenoiseJob
+from ditmesh.denoiser.parallel.pipefusion_attention import StaleSelfProcessor
+from ditmesh.denoiser.parallel.pipefusion_patches import RowBandPatches
+from ditmesh.denoiser.parallel.pipefusion_stage import PipeFusionPlan
 from ditmesh.denoiser.parallel.processors import SelfParallelProcessor
 from ditmesh.denoiser.parallel.sequence import SequencePlan
 
@@ -39,9 +48,21 @@ PIXART_PLAN = SequencePlan(
     processors={"transformer_blocks.*.attn1": SelfParallelProcessor},
 )
 
+# One block list; attn1 (image self-attention) over kept keys and values, attn2 (to the
+# text) as it is. Bands of token rows are cut after pos_embed and put back before
+# proj_out (the unpatchify needs the whole image). Blocks return the image tokens alone.
+PIXART_PIPEFUSION = PipeFusionPlan(
+    block_lists=("transformer_blocks",),
+    processors={"attn1": StaleSelfProcessor},
+    patches=RowBandPatches,
+    cut_at=("pos_embed", "proj_out"),
+    carried=("hidden_states",),
+)
+
 
 class PixArtAdapter(TransformerAdapterBase):
     plan = PIXART_PLAN
+    pipefusion_plan = PIXART_PIPEFUSION
 
     def __init__(
         self, model: ModelRef, device: torch.device, dtype: torch.dtype, on_host: bool = False
@@ -114,8 +135,10 @@ class PixArtAdapter(TransformerAdapterBase):
         )
 
     def predict(
-        self, prep: Prepared, latents, t, branches: list[str], images: slice
+        self, prep: Prepared, latents, t, branches: list[str], images: slice, *, text: bool = True
     ) -> list[torch.Tensor]:
+        """`text` is PipeFusion's (False: a patch after the first); PixArt's text goes to a
+        cross-attention, which every patch needs whole, so every call takes it."""
         order, inputs = stack_branches(prep, branches, images)
         x = torch.cat([latents] * len(order)) if len(order) > 1 else latents
         x = prep.scheduler.scale_model_input(x, t)

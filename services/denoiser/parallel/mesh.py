@@ -34,6 +34,10 @@ import torch.distributed as dist
 
 DIMS = ("dp", "cfg", "pipefusion", "ulysses", "ring")
 
+# Families whose adapter has a PipeFusion plan (parallel/pipefusion_stage.py); the leader
+# checks this before any process starts.
+PIPEFUSION_FAMILIES = ("flux", "sd3", "pixart-sigma", "pixart-alpha")
+
 
 def split_counts(n: int, parts: int) -> list[int]:
     """`n` things over `parts` (images over dp replicas, text tokens over ranks, tokens
@@ -119,11 +123,12 @@ class ParallelConfig:
 
     def check_model(self, *, heads: int, family: str = "flux", blocks: int = 0) -> None:
         """Rules that depend on the model: heads must split evenly across Ulysses ranks;
-        PipeFusion runs Flux and SD3 models only so far, at most one stage per block
+        PipeFusion runs the PIPEFUSION_FAMILIES only, at most one stage per block
         (`blocks` 0: not known here, checked when the stages are attached)."""
-        if self.pipefusion > 1 and family not in ("flux", "sd3"):
+        if self.pipefusion > 1 and family not in PIPEFUSION_FAMILIES:
             raise ParallelConfigError(
-                f"--pipefusion supports Flux and SD3 models only so far; this model is {family}"
+                f"--pipefusion supports {', '.join(PIPEFUSION_FAMILIES)} models only so far; "
+                f"this model is {family}"
             )
         if blocks and self.pipefusion > blocks:
             raise ParallelConfigError(

@@ -11,12 +11,13 @@ activations little, which is what makes these stale keys and values good enough.
 
 - The first `pipefusion_warmup` steps run the whole image as one unit (in sync, exact),
   which also fills every module's keys and values.
-- The text tokens (Flux's T5 stream, SD3's context) travel with patch 0; the other
-  patches attend to the text keys and values that patch 0 left this step.
-- The last stage steps the scheduler per patch (flow-matching Euler updates each token
-  on its own; each patch has its own copy of the scheduler, so each copy's step index
-  moves on once a step) and sends the patch's new latents back to stage 0 for the next
-  step; at the end it broadcasts the final latents to its group.
+- The text tokens of a joint attention (Flux's T5 stream, SD3's context) travel with
+  patch 0; the other patches attend to the text keys and values that patch 0 left this
+  step. A cross-attention's text (PixArt's) is an input of every patch, as the timestep is.
+- The last stage steps the scheduler per patch (a step updates each token on its own;
+  each patch has its own copy of the scheduler, with its rows of a multistep solver's
+  history, see pipefusion_schedule.py) and sends the patch's new latents back to stage 0
+  for the next step; at the end it broadcasts the final latents to its group.
 - With P = 1 this is the same computation on one rank (patches one after another), which
   is what the tests compare a gang with.
 
@@ -31,16 +32,14 @@ adapter's `predict`, the family's choices its PipeFusionPlan.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.distributed as dist
 
-from ditmesh.common.errors import InvalidArgument
 from ditmesh.denoiser.parallel.cfg import CfgBranches
 from ditmesh.denoiser.parallel.data import ImageShare
 from ditmesh.denoiser.parallel.mesh import Group, RankGroups
 from ditmesh.denoiser.parallel.pipefusion_patches import patch_bounds
+from ditmesh.denoiser.parallel.pipefusion_schedule import PatchSchedulers, check_patchable
 from ditmesh.denoiser.parallel.pipefusion_stage import (
     Stage,
     StageDone,
@@ -52,8 +51,6 @@ from ditmesh.denoiser.parallel.pipefusion_stage import (
 
 # The gang and the tests import these from here.
 __all__ = ["attach_pipefusion", "check_speed", "patch_bounds", "sample_pipefusion"]
-
-PATCH_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 
 
 class _Send:
@@ -76,16 +73,14 @@ def _recv(shape, like: torch.Tensor, src: int, group: Group) -> torch.Tensor:
 
 @torch.inference_mode()
 def sample_pipefusion(adapter, job, mesh: RankGroups, on_step=None, stage: Stage | None = None):
-    """The sampling loop of one PipeFusion stage (Flux, SD3). Returns the whole latents on
+    """The sampling loop of one PipeFusion stage. Returns the whole latents on
     every rank of the group, finished like `sampler.sample`.
 
     `stage` None takes the adapter's (attached by the gang), else runs all blocks on this
     rank with `mesh.config`'s patches: the single-process form of the same computation.
     """
     prep = adapter.prepare(job)
-    name = type(prep.scheduler).__name__
-    if name not in PATCH_SCHEDULERS:
-        raise InvalidArgument(f"PipeFusion steps the scheduler a patch at a time; {name} cannot be")
+    check_patchable(prep.scheduler, prep.timesteps, prep.latents)
     stage = stage or adapter.pipefusion_stage or local_stage(adapter)
     share = ImageShare.of(job.num_images, mesh["dp"])
     run = _PatchPipeline(adapter, job, prep, mesh, stage, share.images)
@@ -117,7 +112,7 @@ class _PatchPipeline:
         self.incoming: list[tuple[int, int]] = []
         self.have = self.tokens
         # Made at the first patch step (see _schedulers).
-        self.patch_schedulers: list | None = None
+        self.patch_schedulers: PatchSchedulers | None = None
 
     def all_steps(self, on_step) -> None:
         timesteps = self.prep.timesteps
@@ -135,7 +130,7 @@ class _PatchPipeline:
 
     def _step(self, full: bool, t, send_back: bool) -> None:
         units = [(0, self.tokens)] if full else self.patch_units
-        schedulers = self._schedulers(full, len(units))
+        schedulers = self._schedulers(full, units)
         now: list[_Send] = []
         ctx = self.stage.ctx
         for p, (a, z) in enumerate(units):
@@ -151,14 +146,16 @@ class _PatchPipeline:
             work.wait()
         self.sent.append(now)
 
-    def _schedulers(self, full: bool, units: int) -> list:
-        """The request's scheduler for whole-image steps; for patch steps one copy a patch,
-        taken at the first patch step, so each copy steps once a step and its step index
-        is that of the step (a scheduler's `step` moves its index on)."""
+    def _schedulers(self, full: bool, units: list[tuple[int, int]]):
+        """The request's scheduler for whole-image steps; for patch steps one copy a patch
+        with its rows of the history, taken at the first patch step, so each copy steps
+        once a step and its step index is that of the step (a scheduler's `step` moves
+        its index on). Only the last stage steps, so only it makes them."""
         if full:
             return [self.prep.scheduler]
-        if self.patch_schedulers is None:
-            self.patch_schedulers = [copy.deepcopy(self.prep.scheduler) for _ in range(units)]
+        if self.patch_schedulers is None and self.stage.last:
+            indices = [self.patches.index(a, z) for a, z in units]
+            self.patch_schedulers = PatchSchedulers(self.prep.scheduler, self.latents, indices)
         return self.patch_schedulers
 
     def _receive_rows(self, z: int) -> None:
@@ -180,7 +177,8 @@ class _PatchPipeline:
             return self.patches.predict(self.latents, t, branch, a, z, with_text)
         except StageDone as done:
             group = self.stage.group
-            for x in (done.hidden_states, done.encoder_hidden_states):
+            # In the plan's `carried` order, the order the next stage receives them in.
+            for x in done.outputs:
                 if x.shape[1]:
                     now.append(_Send(x, group.rank + 1, group))
             return None
@@ -190,7 +188,10 @@ class _PatchPipeline:
         latents back to stage 0 (None: no next step, or no other stage)."""
         noise = self.cfg.combine(self.adapter, preds, self.prep, self.job)
         rows = self.patches.index(a, z)
-        self.latents[rows] = scheduler.step(noise, t, self.latents[rows], return_dict=False)[0]
+        # A copy of the rows: a scheduler may keep the sample it was given (UniPC's
+        # last_sample), and these rows of `latents` are written over just below.
+        sample = self.latents[rows].clone()
+        self.latents[rows] = scheduler.step(noise, t, sample, return_dict=False)[0]
         if now is not None:
             # A copy: these rows of `latents` change again next step.
             now.append(_Send(self.latents[rows].clone(), 0, self.stage.back))

@@ -5,7 +5,8 @@ from the last time it saw them (this step for earlier patches, the previous step
 later ones). A whole-image pass (warm-up) replaces them all. `PatchContext` says which
 pass is running; the loop (pipefusion.py) sets it, the processors and the hooks of
 pipefusion_stage.py read it. Which processor goes on which attention is the family's
-PipeFusionPlan (flux.py, sd3.py).
+PipeFusionPlan (flux.py, sd3.py, pixart.py). A cross-attention (PixArt's attn2) keeps
+its own processor: its keys and values are the text's, the same for every patch.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ditmesh.denoiser.parallel import ulysses as U
-from ditmesh.denoiser.parallel.processors import _projection
+from ditmesh.denoiser.parallel.processors import _check_plain, _projection
 from ditmesh.denoiser.parallel.usp import SequenceParallel
 
 
@@ -175,13 +176,15 @@ class StaleJointProcessor(_StaleKV):
 
 
 class StaleSelfProcessor(_StaleKV):
-    """SD3.5's second attention (image tokens only) over kept keys and values."""
+    """Image self-attention (SD3.5's second attention, PixArt's attn1) over kept keys and
+    values; projections as diffusers' AttnProcessor2_0 for a plain attention."""
 
     text = False
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
         if attention_mask is not None or encoder_hidden_states is not None:
-            raise ValueError("PipeFusion's SD3.5 second attention takes image tokens only")
+            raise ValueError("PipeFusion's image self-attention takes image tokens only, no mask")
+        _check_plain(attn)
         q = _projection(attn, hidden_states, attn.to_q, attn.norm_q)
         k = _projection(attn, hidden_states, attn.to_k, attn.norm_k)
         v = _projection(attn, hidden_states, attn.to_v, None)

@@ -3,18 +3,20 @@
 Each of P ranks (one PipeFusion group) keeps a consecutive run of the transformer's
 blocks and drops the rest, in the model's own ModuleLists. Hooks swap in the activations
 received from the previous stage before the stage's first block and stop the forward
-after its last (`StageDone` carries them out to the loop, which sends them on). Every
+after its last (`StageDone` carries them out to the loop, which sends them on); which of
+a block's inputs and outputs are those activations is the plan's `carried`. Every
 kept attention gets the stale-KV processor the family's plan names
 (pipefusion_attention.py); for a model that patchifies inside (SD3) two more hooks cut
 the patch's tokens out after the embedding and put them back before the output layer.
 
 A family declares what PipeFusion needs as data, a `PipeFusionPlan` on its adapter
-(flux.py, sd3.py); a family whose adapter has none cannot run PipeFusion. The loop that
+(flux.py, sd3.py, pixart.py); a family whose adapter has none cannot run PipeFusion. The loop that
 drives the stages is pipefusion.py; the rank layout is mesh.py's.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass, field
 
@@ -48,15 +50,21 @@ class PipeFusionPlan:
     cut_at: tuple[str, str] | None = None
     """(embedding, output layer) of a model that patchifies inside: the patch's tokens are
     cut out of the first's output and put back into the whole image before the second."""
+    carried: tuple[str, ...] = ("encoder_hidden_states", "hidden_states")
+    """The activations that go from one stage to the next: a block's outputs, in the order
+    it returns them (one name: it returns a tensor), each the next block's input of that
+    name. Joint attention (Flux, SD3) carries the text stream too; a block that only reads
+    the text (PixArt's cross-attention) carries the image tokens alone, and each stage
+    embeds the text itself."""
 
 
 class StageDone(Exception):
-    """Raised by the hook after a non-last stage's last block: carries its outputs."""
+    """Raised by the hook after a non-last stage's last block: carries its outputs, in the
+    order of the plan's `carried`."""
 
-    def __init__(self, encoder_hidden_states: torch.Tensor, hidden_states: torch.Tensor) -> None:
+    def __init__(self, outputs: tuple[torch.Tensor, ...]) -> None:
         super().__init__("stage done")
-        self.encoder_hidden_states = encoder_hidden_states
-        self.hidden_states = hidden_states
+        self.outputs = outputs
 
 
 @dataclass
@@ -70,6 +78,8 @@ class Stage:
     first: bool
     last: bool
     blocks: tuple[int, int]
+    carried: tuple[str, ...] = ()
+    """The plan's `carried`: what this stage receives and sends, in this order."""
     handles: list = field(default_factory=list)
     processors: list = field(default_factory=list)
 
@@ -87,7 +97,10 @@ def stage_blocks(total: int, stages: int) -> list[tuple[int, int]]:
 def plan_of(adapter) -> PipeFusionPlan:
     """The family's PipeFusion plan; refuses a family that declares none."""
     if adapter.pipefusion_plan is None:
-        raise ParallelConfigError("--pipefusion supports Flux and SD3 transformers only")
+        raise ParallelConfigError(
+            f"--pipefusion needs a PipeFusion plan of the model family; "
+            f"{type(adapter).__name__} declares none"
+        )
     return adapter.pipefusion_plan
 
 
@@ -130,6 +143,7 @@ def attach_pipefusion(
         first=group.rank == 0,
         last=group.rank == group.size - 1,
         blocks=(lo, hi),
+        carried=plan.carried,
     )
     _hook_stage_ends(stage, mine[0][1], mine[-1][1])
     if sp is not None:
@@ -164,6 +178,7 @@ def local_stage(adapter) -> Stage:
         first=True,
         last=True,
         blocks=(0, 0),
+        carried=plan.carried,
     )
     blocks = [blk for name in plan.block_lists for blk in getattr(model, name)]
     _install(model, plan, blocks, stage)
@@ -176,23 +191,27 @@ def _hook_stage_ends(stage: Stage, first_block, last_block) -> None:
     its last block."""
     group = stage.group
     if not stage.first:
+        params = list(inspect.signature(first_block.forward).parameters)
 
         def take_inbound(module, args, kwargs):
             # The previous stage's activations have the shapes this rank's own embedding
-            # of the (placeholder) inputs has: same rows, same split.
-            for name in ("hidden_states", "encoder_hidden_states"):
-                like = kwargs[name]
+            # of the (placeholder) inputs has: same rows, same split. An input may come
+            # by name or by position (PixArt's blocks take hidden_states positionally).
+            args = list(args)
+            for name in stage.carried:
+                where, key = (kwargs, name) if name in kwargs else (args, params.index(name))
+                like = where[key]
                 if like.shape[1]:
-                    got = torch.empty_like(like)
-                    dist.recv(got, group.global_rank(group.rank - 1), group=group.pg)
-                    kwargs[name] = got
-            return args, kwargs
+                    # Contiguous, as a receive needs (`like` may be a slice of the patch).
+                    where[key] = like.new_empty(like.shape)
+                    dist.recv(where[key], group.global_rank(group.rank - 1), group=group.pg)
+            return tuple(args), kwargs
 
         stage.handles.append(first_block.register_forward_pre_hook(take_inbound, with_kwargs=True))
     if not stage.last:
 
         def stop(module, args, output):
-            raise StageDone(*output)
+            raise StageDone(output if isinstance(output, tuple) else (output,))
 
         stage.handles.append(last_block.register_forward_hook(stop))
 
