@@ -10,22 +10,27 @@ gateway/auth.py's. uvicorn runs as a task on the gateway's event loop (no thread
 own, no signal handlers: the gateway's server owns stopping) and stops, draining what it
 has in hand, when the gateway stops. It serves HTTPS when the gateway serves TLS, with the
 same certificate and, for mutual TLS, the same client CA (services/common/tls.py).
+With tracing on, each generation is one SERVER span (`tracing.request_span`, continuing
+the caller's `traceparent`) over its stage calls, as a gRPC request's is (`_in_span`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import socket
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from ditmesh.common import tracing
 from ditmesh.common.errors import DitmeshError
 from ditmesh.common.tls import ServerTLS
 from ditmesh.gateway.auth import ApiKeys
@@ -52,6 +57,16 @@ MAX_BODY_BYTES = 1024 * 1024
 REQUEST_ID_HEADER = "x-request-id"
 # How often a non-streamed request checks that its client is still there.
 DISCONNECT_POLL_S = 0.5
+GENERATIONS = "/v1/images/generations"
+# FastAPI 0.165 and later trace (and meter, and log) requests themselves when OpenTelemetry
+# is importable, with the global provider that tracing.setup installs: their SERVER span
+# and the request's own (`_in_span`) would be siblings, or apart in two traces. The
+# request's span is the one, as on the gRPC side; older FastAPI has no such option.
+_NO_NATIVE_TELEMETRY = (
+    {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+    if "telemetry" in inspect.signature(FastAPI).parameters
+    else {}
+)
 
 
 async def _finishing(gw: Gateway, run: RequestRun) -> AsyncIterator:
@@ -71,6 +86,53 @@ async def _finishing(gw: Gateway, run: RequestRun) -> AsyncIterator:
         raise
     finally:
         gw.finish(run, status)
+
+
+@dataclass(frozen=True, slots=True)
+class _Raised:
+    """What ended a run in `_in_span`'s task, handed to its reader to raise."""
+
+    error: Exception
+
+
+_END = object()
+
+
+async def _in_span(
+    events: AsyncIterator, span: Callable[[], contextlib.AbstractContextManager]
+) -> AsyncIterator:
+    """`events`, run by a task of their own inside `span()`, handed over one by one.
+
+    Why a task: a span is made current through a context variable, which must be set and
+    reset in one task, and the stage calls' spans find their parent there. A streamed
+    body is iterated by starlette's task and, when its client leaves mid-stream, closed
+    later from another; a span entered in a generator would end in a foreign context. The
+    task enters and leaves it itself, and holds it from the first stage call to the end.
+    Closing this generator cancels the task, which closes `events` (freeing the run).
+    """
+    handoff: asyncio.Queue = asyncio.Queue(maxsize=1)
+
+    async def pump() -> None:
+        try:
+            with span():
+                async with contextlib.aclosing(events):
+                    async for event in events:
+                        await handoff.put(event)
+        except Exception as exc:  # raised again by the reader: the error stays the run's
+            await handoff.put(_Raised(exc))
+            return
+        await handoff.put(_END)
+
+    pumping = asyncio.ensure_future(pump())
+    try:
+        while (item := await handoff.get()) is not _END:
+            if isinstance(item, _Raised):
+                raise item.error
+            yield item
+    finally:
+        pumping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pumping
 
 
 async def _read_json(request: Request) -> object:
@@ -145,7 +207,9 @@ async def _stream(
 
 def make_app(gw: Gateway, keys: ApiKeys | None, serving: Callable[[], bool]) -> FastAPI:
     """The HTTP API of gateway `gw`; `serving()` says whether it takes work (/healthz)."""
-    app = FastAPI(title="ditmesh", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="ditmesh", docs_url=None, redoc_url=None, openapi_url=None, **_NO_NATIVE_TELEMETRY
+    )
 
     def error(exc: OpenAIError) -> JSONResponse:
         return JSONResponse(exc.body(), exc.status, headers=exc.headers())
@@ -195,7 +259,7 @@ def make_app(gw: Gateway, keys: ApiKeys | None, serving: Callable[[], bool]) -> 
         ]
         return JSONResponse({"object": "list", "data": data})
 
-    @app.post("/v1/images/generations")
+    @app.post(GENERATIONS)
     async def generations(request: Request):
         authorize(request)
         g = parse_generation(await _read_json(request))
@@ -206,6 +270,13 @@ def make_app(gw: Gateway, keys: ApiKeys | None, serving: Callable[[], bool]) -> 
         # Started at once (its first event is `queued`, which OpenAI's API has no word
         # for), so however the response ends, even unsent, closing it frees the run.
         await anext(events)
+        if tracing.enabled():  # off, the run stays in the response's task: no extra one
+            events = _in_span(
+                events,
+                lambda: tracing.request_span(
+                    f"POST {GENERATIONS}", plan.request_id, request.headers
+                ),
+            )
         headers = {REQUEST_ID_HEADER: plan.request_id}
         output_format = FORMAT_NAMES[plan.output_format]
         if g.stream:

@@ -8,11 +8,14 @@ one trace whose parent links go gateway server span -> gateway client span per s
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -296,3 +299,104 @@ def test_a_request_outside_grpc_gets_a_server_span_over_its_calls(receiver):
     assert http.parent_id == "b7ad6b7169203331" and call.parent_id == http.span_id
     assert http.attributes["ditmesh.request_id"] == "http-1"
     assert call.attributes["server.port"] == 7001
+
+
+def _http_url(log_path, timeout: float = 30) -> str:
+    """The gateway's HTTP API address, from the line it logs when it listens."""
+    found: list[str] = []
+
+    def listening() -> bool:
+        found[:] = re.findall(r"gateway HTTP API listening on (\S+)", log_path.read_text())
+        return bool(found)
+
+    wait_for(listening, timeout=timeout, step=0.1)
+    return found[0]
+
+
+def _post(url: str, body: dict, headers: dict) -> bytes:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+    req.add_header("Content-Type", "application/json")
+    for k, v in headers.items():
+        req.add_header(k, v)
+    with urllib.request.urlopen(req, timeout=180) as r:
+        assert r.status == 200
+        return r.read()
+
+
+@pytest.mark.slow
+def test_an_http_request_is_one_trace_under_its_server_span(receiver, tiny_flux, tmp_path):
+    """Through the gateway's HTTP API, a non-streamed request continues its caller's trace
+    and a streamed one (with a partial image) starts its own: in each, the HTTP server span
+    is the parent of every stage call, and each stage's span is that call's child."""
+    env = _traced_env(receiver.endpoint)
+    caller_trace, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    started: list[Service] = []
+    try:
+        for stage in ("encoder", "denoiser", "vae"):
+            started.append(Service([stage, "--model", tiny_flux], env, tmp_path / f"{stage}.log"))
+        enc, den, vae = started
+        gateway_args = ["gateway", "--model", tiny_flux, "--encoder", enc.address]
+        gateway_args += ["--denoiser", den.address, "--vae", vae.address, "--http-port", "0"]
+        started.append(Service(gateway_args, env, tmp_path / "gateway.log"))
+        url = _http_url(tmp_path / "gateway.log") + "/v1/images/generations"
+
+        body = {"prompt": "a red fox", "size": "64x64", "steps": STEPS, "seed": 1}
+        traceparent = f"00-{caller_trace}-{caller_span}-01"
+        plain = json.loads(
+            _post(url, body, {"traceparent": traceparent, "x-request-id": "http-trace-1"})
+        )
+        assert len(plain["data"]) == 1
+        streamed = _post(
+            url, {**body, "stream": True, "partial_images": 1}, {"x-request-id": "http-trace-2"}
+        ).decode()
+        assert streamed.count("event: image_generation.partial_image") == 1
+        assert streamed.count("event: image_generation.completed") == 1
+
+        def complete() -> bool:
+            spans = receiver.snapshot()
+            return (
+                len([s for s in spans if s.name == "denoise step"]) >= 2 * STEPS
+                and len([s for s in spans if s.name == "image_encode"]) >= 3
+                and len([s for s in spans if s.kind == SERVER]) >= 8
+            )
+
+        wait_for(complete, timeout=60, step=0.2)
+        time.sleep(0.5)  # anything late (it must not be a third trace) arrives too
+        spans = receiver.snapshot()
+    finally:
+        for s in reversed(started):
+            s.stop()
+
+    traces: dict[str, list[Span]] = {}
+    for s in spans:
+        traces.setdefault(s.trace_id, []).append(s)
+    assert len(traces) == 2, sorted({(s.service, s.name) for s in spans})
+    assert caller_trace in traces
+    (other,) = set(traces) - {caller_trace}
+    expected_calls = {
+        "ditmesh.v1.Encoder/Encode": 1,
+        "ditmesh.v1.Denoiser/Denoise": 1,
+        "ditmesh.v1.Vae/Decode": 1,
+    }
+    for trace_id, rid, parent, calls in (
+        (caller_trace, "http-trace-1", caller_span, expected_calls),
+        (other, "http-trace-2", "", {**expected_calls, "ditmesh.v1.Vae/Decode": 2}),
+    ):
+        trace = traces[trace_id]
+        by_id = {s.span_id: s for s in trace}
+        (root,) = [s for s in trace if s.kind == SERVER and s.service == "ditmesh-gateway"]
+        assert root.name == "POST /v1/images/generations" and root.parent_id == parent
+        assert root.attributes["ditmesh.request_id"] == rid
+        clients = [s for s in trace if s.kind == CLIENT]
+        assert {c.name: sum(x.name == c.name for x in clients) for c in clients} == calls
+        for c in clients:
+            assert c.service == "ditmesh-gateway" and c.parent_id == root.span_id
+            assert c.attributes["ditmesh.request_id"] == rid
+        stage_servers = [s for s in trace if s.kind == SERVER and s is not root]
+        assert len(stage_servers) == len(clients)
+        for server in stage_servers:
+            assert by_id[server.parent_id].kind == CLIENT, server
+            assert server.attributes["ditmesh.request_id"] == rid
+        (loop,) = [s for s in trace if s.name == "denoise"]
+        assert by_id[loop.parent_id].service == "ditmesh-denoiser"
+        assert len([s for s in trace if s.name == "denoise step"]) == STEPS
