@@ -19,6 +19,7 @@ import torch
 import transformers
 from diffusers import (
     FluxPipeline,
+    HunyuanDiTPipeline,
     PixArtAlphaPipeline,
     PixArtSigmaPipeline,
     StableDiffusion3Pipeline,
@@ -33,6 +34,7 @@ PIPELINES = {
     "sd3": StableDiffusion3Pipeline,
     "pixart-sigma": PixArtSigmaPipeline,
     "pixart-alpha": PixArtAlphaPipeline,
+    "hunyuandit": HunyuanDiTPipeline,
 }
 
 # The lengths the real checkpoints' tokenizers declare; pipelines read them.
@@ -44,9 +46,13 @@ MAX_LENGTHS = {
     ("sd3", "tokenizer_3"): 512,
     ("pixart-sigma", "tokenizer"): 300,
     ("pixart-alpha", "tokenizer"): 120,
+    ("hunyuandit", "tokenizer"): 77,
+    ("hunyuandit", "tokenizer_2"): 256,
 }
 
 SENTENCE = "A photo of a red cat sitting on a wooden table at sunset, 4k!"
+# HunyuanDiT's tokenizers are bilingual.
+CHINESE = "一只红色的猫坐在桌子上, 水墨画风格"
 
 
 def _refuse_network(*args: object, **kwargs: object) -> None:
@@ -102,7 +108,8 @@ def test_pipeline_runs_after_reload(family: str, folders: dict[str, pathlib.Path
     pipe = PIPELINES[family].from_pretrained(folders[family])
     pipe.set_progress_bar_config(disable=True)
     assert pipe.vae_scale_factor == 8
-    kwargs = {"use_resolution_binning": False} if family.startswith("pixart") else {}
+    binned = family.startswith("pixart") or family == "hunyuandit"
+    kwargs = {"use_resolution_binning": False} if binned else {}
 
     def generate() -> np.ndarray:
         return pipe(
@@ -156,7 +163,8 @@ def test_tokenizers_reload_with_built_vocab(family: str, folders: dict[str, path
     assert names, "every family has at least one tokenizer"
     built = {
         "CLIPTokenizer": len(tiny_text.clip_tokenizer()),
-        "T5Tokenizer": len(tiny_text.t5_tokenizer(8)),
+        "T5Tokenizer": len(tiny_text.t5_tokenizer(8, multilingual=family == "hunyuandit")),
+        "BertTokenizer": len(tiny_text.bert_tokenizer()),
     }
     for name in names:
         library, class_name = index[name]
@@ -171,7 +179,9 @@ def test_tokenizers_reload_with_built_vocab(family: str, folders: dict[str, path
         assert len(ids) > 3
         assert tok.unk_token_id not in ids, tok.convert_ids_to_tokens(ids)
         with_specials = tok(SENTENCE).input_ids
-        assert with_specials[-1] == tok.eos_token_id
+        # BERT ends a sequence with [SEP] (it has no eos token).
+        end = tok.eos_token_id if class_name != "BertTokenizer" else tok.sep_token_id
+        assert end is not None and with_specials[-1] == end
 
 
 def test_t5_spiece_model_matches_tokenizer_json(folders: dict[str, pathlib.Path]) -> None:
@@ -191,3 +201,35 @@ def test_clip_vocab_files_match_tokenizer_json(folders: dict[str, pathlib.Path])
     vocab, merges = BPE.read_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
     from_files = transformers.CLIPTokenizer(vocab=vocab, merges=merges)
     assert from_files(SENTENCE).input_ids == tok(SENTENCE).input_ids
+
+
+@pytest.mark.parametrize("name", ["tokenizer", "tokenizer_2"])
+def test_hunyuandit_tokenizers_take_chinese(name: str, folders: dict[str, pathlib.Path]) -> None:
+    folder = folders["hunyuandit"] / name
+    index = _model_index(folders["hunyuandit"])
+    tok = getattr(transformers, index[name][1]).from_pretrained(folder)
+    ids = tok(CHINESE, add_special_tokens=False).input_ids
+    # BERT cuts Chinese into characters; mT5's pieces are characters too.
+    assert len(ids) >= len(CHINESE.replace(" ", "").replace(",", "")), ids
+    assert tok.unk_token_id not in ids, tok.convert_ids_to_tokens(ids)
+    assert tok.decode(ids).replace(" ", "") == CHINESE.replace(" ", "")
+
+
+def test_mt5_spiece_model_matches_tokenizer_json(folders: dict[str, pathlib.Path]) -> None:
+    import sentencepiece
+
+    folder = folders["hunyuandit"] / "tokenizer_2"
+    tok = transformers.T5Tokenizer.from_pretrained(folder)
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(folder / "spiece.model"))
+    assert processor.get_piece_size() == len(tok)
+    for text in (SENTENCE, CHINESE):
+        assert processor.encode(text) == tok(text, add_special_tokens=False).input_ids
+
+
+def test_bert_vocab_file_matches_tokenizer_json(folders: dict[str, pathlib.Path]) -> None:
+    folder = folders["hunyuandit"] / "tokenizer"
+    tok = transformers.BertTokenizer.from_pretrained(folder)
+    lines = (folder / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    from_file = transformers.BertTokenizer(vocab={t: i for i, t in enumerate(lines)})
+    for text in (SENTENCE, CHINESE):
+        assert from_file(text).input_ids == tok(text).input_ids
