@@ -1,13 +1,20 @@
-"""SD3, PixArt-Sigma and PixArt-alpha through the whole mesh, against plain diffusers.
+"""SD3, PixArt-Sigma, PixArt-alpha and HunyuanDiT through the whole mesh, against plain
+diffusers.
 
 Each family's tiny model is served by the four stages in this process (real gRPC
 on loopback); every image must be the image the family's diffusers pipeline
 makes from the same folder, prompt and seed: float32 on CPU, max abs pixel
 difference <= 1/255. The PixArt pipelines run with `use_resolution_binning=False`
-(the mesh makes the size asked for) and `clean_caption=False` (as the encoder).
+(the mesh makes the size asked for) and `clean_caption=False` (as the encoder); so does
+HunyuanDiTPipeline with `use_resolution_binning=False`. HunyuanDiT is bilingual: a
+Chinese prompt must pass through the gateway, the SDK and the CLI unchanged and give the
+pipeline's image.
 """
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import grpc
 import numpy as np
@@ -16,20 +23,27 @@ import torch
 
 from ditmesh.v1 import gateway_pb2, gateway_pb2_grpc, vae_pb2
 
-from .helpers import InProcessMesh, pixart_alpha_with_micro_conditions
+from .helpers import InProcessMesh, hunyuandit_v11_style, pixart_alpha_with_micro_conditions
 
 pytestmark = pytest.mark.slow  # every test runs a whole mesh of its family in this process
 
 TOL = 1  # uint8 levels, i.e. 1/255
 
 # Family name -> (make_tiny family, prompt token limit). "pixart-alpha-1024" is alpha
-# with the size/aspect micro-conditions of the 1024-px checkpoint.
+# with the size/aspect micro-conditions of the 1024-px checkpoint; "hunyuandit-v1.1" is
+# HunyuanDiT with the image meta size and style embedded (v1.2, make_tiny's, has neither).
 CASES = {
     "sd3": ("sd3", 256),
     "pixart-sigma": ("pixart-sigma", 300),
     "pixart-alpha": ("pixart-alpha", 120),
     "pixart-alpha-1024": ("pixart-alpha", 120),
+    "hunyuandit": ("hunyuandit", 256),
+    "hunyuandit-v1.1": ("hunyuandit", 256),
 }
+
+# Chinese prompts (every character in the tiny tokenizers' vocabularies).
+ASTRONAUT = "一个宇航员在骑马"
+INK_PAINTING = "水墨画风格的山水, 红色的太阳"
 
 
 class Served:
@@ -43,6 +57,8 @@ class Served:
         folder = make_tiny(family, root / case, seed=0)
         if case == "pixart-alpha-1024":
             pixart_alpha_with_micro_conditions(folder)
+        if case == "hunyuandit-v1.1":
+            hunyuandit_v11_style(folder)
         self.folder = str(folder)
         self.model = resolve_model(self.folder)
         self.pipe = getattr(diffusers, self.model.family.pipeline_classes[0]).from_pretrained(
@@ -66,6 +82,8 @@ class Served:
         extra = {}
         if self.model.family.name.startswith("pixart"):
             extra = dict(use_resolution_binning=False, clean_caption=False)
+        elif self.model.family.name == "hunyuandit":
+            extra = dict(use_resolution_binning=False)
         out = self.pipe(
             prompt,
             negative_prompt=negative_prompt,
@@ -149,3 +167,55 @@ def test_prompt_over_the_token_limit(served):
         served.generate(prompt="a cat", negative_prompt=prompt, height=64, width=64, steps=1)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "negative prompt" in info.value.details()
+
+
+def bilingual(served) -> None:
+    if served.model.family.name != "hunyuandit":
+        pytest.skip("this family's tokenizers are English-only")
+
+
+@pytest.mark.parametrize(
+    "prompt, negative, height, width, guidance",
+    [
+        (ASTRONAUT, "", 64, 64, 5.0),  # CFG against "", square
+        (INK_PAINTING, "模糊的照片", 48, 80, 4.0),  # CFG with a Chinese negative, not square
+        (ASTRONAUT, "", 80, 48, 1.0),  # no CFG, not square
+    ],
+)
+def test_chinese_prompt_matches_diffusers(served, prompt, negative, height, width, guidance):
+    bilingual(served)
+    kw = dict(height=height, width=width, steps=3, seed=5, guidance=guidance)
+    images = served.generate(prompt=prompt, negative_prompt=negative, **kw)
+    ref = served.reference(prompt, negative_prompt=negative, **kw)
+    assert images[0].shape == (height, width, 3)
+    assert max_diff(images[0], ref[0]) <= TOL
+    # The prompt matters: one character less is another image.
+    other = served.reference(prompt[:-1], negative_prompt=negative, **kw)
+    assert max_diff(images[0], other[0]) > TOL
+
+
+def test_chinese_prompt_through_the_sdk_and_the_cli(served, tmp_path):
+    """Unicode passes through the SDK and the CLI (argv, then gRPC) unchanged."""
+    from PIL import Image
+
+    from ditmesh.client import Client
+
+    bilingual(served)
+    kw = dict(height=64, width=96, steps=2, seed=9, guidance=5.0)
+    ref = served.reference(ASTRONAUT, **kw)[0]
+    with Client(served.mesh.address, timeout=120) as client:
+        result = client.generate(ASTRONAUT, **kw, output_format="raw")
+    assert max_diff(np.asarray(result.images[0].convert("RGB")), ref) <= TOL
+
+    out = tmp_path / "astronaut.png"
+    args = ["--height", "64", "--width", "96", "--steps", "2", "--seed", "9"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "ditmesh.cli", "generate", "--gateway", served.mesh.address]
+        + [ASTRONAUT, *args, "--guidance", "5.0", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(out) as image:
+        assert max_diff(np.asarray(image.convert("RGB")), ref) <= TOL
