@@ -11,14 +11,19 @@ a CPU the first call costs nothing extra worth a start-up delay.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import torch
 
 from ditmesh.common.models import ModelRef
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 WARMUP_MODES = ("auto", "on", "off")
 
@@ -31,23 +36,50 @@ def should_warm(mode: str, device: torch.device | str) -> bool:
     return mode == "on"
 
 
-def warm_encoder(encoder) -> None:
-    """Encodes a prompt, as a request would (the negative branch uses the same code)."""
+class ModelThread:
+    """The one thread that runs a stage's model calls (and the warm-up before them).
+
+    CUDA libraries keep state per thread (cuBLAS handles and workspaces, among others),
+    and a gRPC server hands each call to whichever of its pool threads is free: on one
+    H200 the first request after start still encoded in 107 ms against 34 ms for the
+    next, though the stage had warmed up, on its main thread. Calls run here with the
+    caller's context (the call's timing clock and trace span), one at a time, which is
+    how the GPU would run them anyway.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+
+    def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return self._pool.submit(contextvars.copy_context().run, fn, *args).result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+
+
+def warm_encoder(service) -> None:
+    """Runs a request through the encoder's servicer: checks, both prompts, serialization."""
+    from ditmesh.v1 import encoder_pb2
+
     start = time.perf_counter()
-    encoder.encode("a warm-up prompt")
+    req = encoder_pb2.EncodeRequest(prompt="a warm-up prompt", encode_negative=True)
+    list(service.Encode(req, None))
     log.info("encoder warm in %.2f s", time.perf_counter() - start)
 
 
-def warm_vae(decoder, model: ModelRef) -> None:
-    """Decodes zero latents at the family's default size and PNG-encodes the result."""
+def warm_vae(service, model: ModelRef) -> None:
+    """Runs a request through the VAE's servicer: zero latents at the family's default
+    size, decoded and PNG-encoded."""
+    from ditmesh.common import codec
     from ditmesh.v1 import vae_pb2
-    from ditmesh.vae.decoder import encode_image
 
     start = time.perf_counter()
-    size = model.family.default_size // model.vae_scale_factor
-    latents = torch.zeros(1, model.latent_channels, size, size)
-    images = decoder.decode(latents)
-    encode_image(images[0], vae_pb2.OUTPUT_FORMAT_PNG)
+    size = model.family.default_size
+    scale = model.vae_scale_factor
+    latents = torch.zeros(1, model.latent_channels, size // scale, size // scale)
+    params = vae_pb2.DecodeParams(height=size, width=size, output_format=vae_pb2.OUTPUT_FORMAT_PNG)
+    requests = codec.params_and_tensors_stream(vae_pb2.DecodeRequest, params, {"latents": latents})
+    list(service.Decode(iter(requests), None))
     log.info(
         "VAE warm at %dx%d in %.2f s",
         model.family.default_size,

@@ -26,7 +26,7 @@ from ditmesh.common.models import (
 )
 from ditmesh.common.server import RunningServer, StageOptions, start_server
 from ditmesh.common.stage_info import stage_info
-from ditmesh.common.warmup import should_warm, warm_encoder
+from ditmesh.common.warmup import ModelThread, should_warm, warm_encoder
 from ditmesh.v1 import encoder_pb2, encoder_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,7 @@ def load_text_encoder(model: ModelRef, device: str = "auto", dtype: str = "auto"
 class EncoderService(encoder_pb2_grpc.EncoderServicer):
     def __init__(self, encoder: TextEncoder) -> None:
         self.encoder = encoder
+        self.thread = ModelThread("encoder")
 
     def Encode(self, request: encoder_pb2.EncodeRequest, context: grpc.ServicerContext):
         check_model_name(request.model, self.encoder.model)
@@ -97,13 +98,18 @@ class EncoderService(encoder_pb2_grpc.EncoderServicer):
             texts["negative_"] = request.negative_prompt
         for prefix, text in texts.items():
             check_prompt(self.encoder, text, "negative prompt" if prefix else "prompt")
+        chunks, done = self.thread.run(self._encode, texts)
+        for chunk in chunks:
+            yield encoder_pb2.EncodeResponse(chunk=chunk)
+        yield encoder_pb2.EncodeResponse(done=done)
+
+    def _encode(self, texts: dict[str, str]) -> tuple[list, object]:
+        """On the model thread: the tensors, and their bytes (the copy off the GPU)."""
         tensors = {}
         for prefix, text in texts.items():
             for name, t in self.encoder.encode(text).items():
                 tensors[prefix + name] = t
-        for chunk in codec.iter_tensor_chunks(tensors):
-            yield encoder_pb2.EncodeResponse(chunk=chunk)
-        yield encoder_pb2.EncodeResponse(done=codec.done_message(tensors))
+        return list(codec.iter_tensor_chunks(tensors)), codec.done_message(tensors)
 
 
 def compile_text_encoders(encoder: TextEncoder) -> list[str]:
@@ -135,16 +141,19 @@ def serve(
             "compiling %s (at the warm-up, before serving)",
             ", ".join(compile_text_encoders(encoder)),
         )
+    service = EncoderService(encoder)
     if compile or should_warm(o.warmup, pick_device(o.device)):
-        warm_encoder(encoder)
-    return start_server(
+        warm_encoder(service)
+    running = start_server(
         o.server_config("encoder"),
         [
             (
                 encoder_pb2_grpc.add_EncoderServicer_to_server,
-                EncoderService(encoder),
+                service,
                 "ditmesh.v1.Encoder",
             ),
             stage_info("encoder", model),
         ],
     )
+    running.on_stop.append(service.thread.close)
+    return running

@@ -14,7 +14,7 @@ from ditmesh.common.gangs import GangLaunch, GangLeader
 from ditmesh.common.models import check_model_name, pick_device, pick_dtype, resolve_model
 from ditmesh.common.server import RunningServer, StageOptions, start_server
 from ditmesh.common.stage_info import stage_info
-from ditmesh.common.warmup import should_warm, warm_vae
+from ditmesh.common.warmup import ModelThread, should_warm, warm_vae
 from ditmesh.v1 import vae_pb2, vae_pb2_grpc
 from ditmesh.vae.decoder import MIME, Decoder, VaeDecoder, encode_image, normalise_format
 from ditmesh.vae.gang import VaeGang, check_parallel
@@ -50,6 +50,7 @@ def iter_image_chunks(
 class VaeService(vae_pb2_grpc.VaeServicer):
     def __init__(self, decoder: Decoder, on_fatal: Callable[[str], None] | None = None) -> None:
         self.decoder = decoder
+        self.thread = ModelThread("vae")
         self.on_fatal = on_fatal
         """Called when a gang breaks, to stop the stage for good (RunningServer.fail)."""
 
@@ -79,16 +80,23 @@ class VaeService(vae_pb2_grpc.VaeServicer):
         latents = tensors["latents"]
         self.decoder.check_latents(latents, p.height, p.width)
         try:
-            with timings.phase("decode"):
-                images = self.decoder.decode(latents)
+            encoded = self.thread.run(self._decode, latents, fmt, p.quality)
         except Unavailable:
             if self.decoder.is_broken() and self.on_fatal is not None:
                 self.on_fatal("the VAE gang lost a process or a collective timed out")
             raise
-        for i, pixels in enumerate(images):
+        for i, (data, height, width) in enumerate(encoded):
+            yield from iter_image_chunks(i, data, fmt, width, height)
+
+    def _decode(self, latents, fmt: int, quality: int) -> list[tuple[bytes, int, int]]:
+        """On the model thread: each image's encoded bytes, height and width."""
+        with timings.phase("decode"):
+            images = self.decoder.decode(latents)
+        out = []
+        for pixels in images:
             with timings.phase("image_encode", **{"ditmesh.image_format": fmt}):
-                data = encode_image(pixels, fmt, p.quality)
-            yield from iter_image_chunks(i, data, fmt, pixels.shape[1], pixels.shape[0])
+                out.append((encode_image(pixels, fmt, quality), pixels.shape[0], pixels.shape[1]))
+        return out
 
 
 def serve(
@@ -115,15 +123,11 @@ def serve(
         )
         # Always a fresh loopback port: MASTER_PORT may belong to a denoiser gang.
         decoder = VaeGang(model_source, launch.rendezvous(), name=o.name)
-    try:
-        if should_warm(o.warmup, pick_device(o.device)):
-            warm_vae(decoder, decoder.model)
-    except BaseException:
-        decoder.close()
-        raise
     holder: dict[str, RunningServer] = {}
     service = VaeService(decoder, on_fatal=lambda why: holder["server"].fail(why))
     try:
+        if should_warm(o.warmup, pick_device(o.device)):
+            warm_vae(service, decoder.model)
         running = start_server(
             o.server_config("vae"),
             [
@@ -136,6 +140,7 @@ def serve(
         raise
     holder["server"] = running
     running.on_stop.append(decoder.close)
+    running.on_stop.append(service.thread.close)
     if isinstance(decoder, GangLeader):
         watch_gang(decoder, running)
     return running
