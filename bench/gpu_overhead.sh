@@ -29,7 +29,7 @@ for ph in ${PHASES:-setup gang mesh}; do
       grep -E "^RESULT" $L/gang.log || tail -20 $L/gang.log ;;
     mesh)
       timeout -k 10 330 python3 bench/mesh_overhead.py --model /tmp/flux-mesh --requests ${N:-4} \
-        --denoiser-flags "--compile --cuda-graphs" --encoder-flags "${ENC:---compile}" --trace --out $L > $L/mesh.log 2>&1
+        --denoiser-flags "--compile --cuda-graphs" --encoder-flags="${ENC:---compile}" --trace --out $L > $L/mesh.log 2>&1
       grep -E "^RESULT|^\|" $L/mesh.log || tail -40 $L/mesh.log
       pkill -9 -f ditmesh.cli 2>/dev/null ;;
   esac
