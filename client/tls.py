@@ -155,7 +155,7 @@ def add_channel_tls_flags(
         f"--{prefix}tls-cert",
         default=None,
         metavar="PEM",
-        help=f"certificate to present to {whom} that requires one (mutual TLS; with "
+        help=f"certificate this process presents to {whom}, for mutual TLS (with "
         f"--{prefix}tls-key)",
     )
     p.add_argument(f"--{prefix}tls-key", default=None, metavar="PEM", help="its private key")
@@ -163,8 +163,8 @@ def add_channel_tls_flags(
         f"--{prefix}tls-server-name",
         default=None,
         metavar="NAME",
-        help=f"name {whom}'s certificate must carry when the address is not that name "
-        "(e.g. pod IPs behind one Service's certificate)",
+        help=f"name the certificate of {whom} must carry when the address dialled is not "
+        "that name (e.g. pod IPs behind one Service's certificate)",
     )
 
 
