@@ -56,6 +56,11 @@ def serve(
     names = [name] if isinstance(name, str) else list(name or [])
     catalog = load_catalog(sources, names)
     addresses = {"encoder": encoder, "denoiser": denoiser, "vae": vae}
+    if s.autoscale.active:
+        # Its refusals (a workload that fits no pool, ...) before anything starts.
+        from ditmesh.gateway.autoscale_gateway import autoscale_plan
+
+        autoscale_plan(s.autoscale, {p.label: p.stage for p in pools_of(catalog).values()})
     server = GatewayServer(
         ServerConfig(
             stage="gateway",
