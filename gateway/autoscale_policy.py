@@ -94,7 +94,8 @@ class AutoscaleSettings:
     """The policy's settings for all stages."""
 
     stages: dict[str, StageScaling] = field(default_factory=dict)
-    """Per stage name (`encoder`, `denoiser`, `vae`); stages not named are left alone."""
+    """Per pool label (a stage's name, or `stage@model` where a stage has several pools);
+    pools not named are left alone."""
     gpu_budget: int = 0
     """GPUs all stages together may hold; 0: no budget."""
     decision_period_s: float = 5.0

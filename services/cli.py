@@ -204,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("make-tiny", help="write a small random-weight model folder (no download)")
-    p.add_argument("family", help="model family: flux, sd3, pixart-sigma or pixart-alpha")
+    p.add_argument(
+        "family", help="model family: flux, sd3, pixart-sigma, pixart-alpha or hunyuandit"
+    )
     p.add_argument("dir", help="output folder")
     p.add_argument("--seed", type=int, default=0)
 

@@ -3,7 +3,7 @@ loops call, the `Prepared` request it makes, its base class, conditioning lookup
 noise, schedulers, CFG.
 
 The loops (sampler.py, parallel/pipefusion.py) know the mesh and nothing of a family;
-an adapter (flux.py, sd3.py, pixart.py) knows its model and nothing of the mesh beyond
+an adapter (flux.py, sd3.py, pixart.py, hunyuan.py) knows its model and nothing of the mesh beyond
 the plans it declares (its sequence plan, and a PipeFusion plan where it has one).
 """
 

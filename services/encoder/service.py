@@ -1,6 +1,6 @@
 """The encoder stage's gRPC service: prompt checks, then the family's text encoder.
 
-The family modules (flux.py, sd3.py, pixart.py) only load and run their encoders;
+The family modules (flux.py, sd3.py, pixart.py, hunyuan.py) only load and run their encoders;
 what every family checks the same way (empty prompt, length in characters and in
 tokens) is done here, once.
 """
