@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DenoiseParams(_message.Message):
-    __slots__ = ("request_id", "model", "height", "width", "steps", "guidance", "true_cfg_scale", "seed", "num_images", "preview_steps")
+    __slots__ = ("request_id", "model", "height", "width", "steps", "guidance", "true_cfg_scale", "seed", "num_images", "preview_steps", "num_frames")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,7 @@ class DenoiseParams(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_STEPS_FIELD_NUMBER: _ClassVar[int]
+    NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     height: int
@@ -29,7 +30,8 @@ class DenoiseParams(_message.Message):
     seed: int
     num_images: int
     preview_steps: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., true_cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., preview_steps: _Optional[_Iterable[int]] = ...) -> None: ...
+    num_frames: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., true_cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., preview_steps: _Optional[_Iterable[int]] = ..., num_frames: _Optional[int] = ...) -> None: ...
 
 class DenoiseRequest(_message.Message):
     __slots__ = ("params", "chunk", "done")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from ditmesh.v1 import vae_pb2 as ditmesh_dot_v1_dot_vae__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64itmesh/v1/gateway.proto\x12\nditmesh.v1\x1a\x14\x64itmesh/v1/vae.proto\"\xe9\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x04 \x01(\t\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\r\n\x05width\x18\x06 \x01(\x05\x12\r\n\x05steps\x18\x07 \x01(\x05\x12\x15\n\x08guidance\x18\x08 \x01(\x02H\x00\x88\x01\x01\x12\x1b\n\x0etrue_cfg_scale\x18\t \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x03H\x02\x88\x01\x01\x12\x12\n\nnum_images\x18\x0b \x01(\x05\x12/\n\routput_format\x18\x0c \x01(\x0e\x32\x18.ditmesh.v1.OutputFormat\x12\x0f\n\x07quality\x18\r \x01(\x05\x12\x16\n\x0epartial_images\x18\x0e \x01(\x05\x42\x0b\n\t_guidanceB\x11\n\x0f_true_cfg_scaleB\x07\n\x05_seed\"\x1a\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\x05\"\x1a\n\x07\x45ncoded\x12\x0f\n\x07seconds\x18\x01 \x01(\x01\"#\n\x04Step\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\r\n\x05total\x18\x02 \x01(\x05\"j\n\x0cPartialImage\x12\x1b\n\x13partial_image_index\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\r\n\x05total\x18\x03 \x01(\x05\x12 \n\x05image\x18\x04 \x01(\x0b\x32\x11.ditmesh.v1.Image\"\x1a\n\x07\x44\x65\x63oded\x12\x0f\n\x07seconds\x18\x01 \x01(\x01\"\xb5\x01\n\x08\x46inished\x12\x0c\n\x04seed\x18\x01 \x01(\x03\x12\x12\n\nnum_images\x18\x02 \x01(\x05\x12\x16\n\x0e\x65ncode_seconds\x18\x03 \x01(\x01\x12\x17\n\x0f\x64\x65noise_seconds\x18\x04 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x05 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x06 \x01(\x01\x12\'\n\x06stages\x18\x07 \x03(\x0b\x32\x17.ditmesh.v1.StageTiming\"\xa4\x01\n\x0bStageTiming\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x15\n\rqueue_seconds\x18\x02 \x01(\x01\x12\x14\n\x0cwork_seconds\x18\x03 \x01(\x01\x12\x18\n\x10transfer_seconds\x18\x04 \x01(\x01\x12\x1c\n\x14image_encode_seconds\x18\x05 \x01(\x01\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\x05\x12\x0f\n\x07replica\x18\x07 \x01(\t\"\xca\x02\n\rGenerateEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x06queued\x18\x02 \x01(\x0b\x32\x12.ditmesh.v1.QueuedH\x00\x12&\n\x07\x65ncoded\x18\x03 \x01(\x0b\x32\x13.ditmesh.v1.EncodedH\x00\x12 \n\x04step\x18\x04 \x01(\x0b\x32\x10.ditmesh.v1.StepH\x00\x12&\n\x07\x64\x65\x63oded\x18\x05 \x01(\x0b\x32\x13.ditmesh.v1.DecodedH\x00\x12\'\n\x05image\x18\x06 \x01(\x0b\x32\x16.ditmesh.v1.ImageChunkH\x00\x12(\n\x08\x66inished\x18\x07 \x01(\x0b\x32\x14.ditmesh.v1.FinishedH\x00\x12\x31\n\rpartial_image\x18\x08 \x01(\x0b\x32\x18.ditmesh.v1.PartialImageH\x00\x42\x07\n\x05\x65vent\"\x80\x01\n\x05Image\x12\r\n\x05index\x18\x01 \x01(\x05\x12(\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x18.ditmesh.v1.OutputFormat\x12\x11\n\tmime_type\x18\x03 \x01(\t\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\"q\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12!\n\x06images\x18\x02 \x03(\x0b\x32\x11.ditmesh.v1.Image\x12&\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x14.ditmesh.v1.Finished\"\x13\n\x11ListModelsRequest\"\xbb\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_height\x18\x03 \x01(\x05\x12\x15\n\rdefault_width\x18\x04 \x01(\x05\x12\x15\n\rdefault_steps\x18\x05 \x01(\x05\x12\x18\n\x10\x64\x65\x66\x61ult_guidance\x18\x06 \x01(\x02\x12\x15\n\rsize_multiple\x18\x07 \x01(\x05\x12\x19\n\x11max_prompt_tokens\x18\x08 \x01(\x05\"R\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.ditmesh.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t2\xe8\x01\n\x07Gateway\x12\x44\n\x08Generate\x12\x1b.ditmesh.v1.GenerateRequest\x1a\x19.ditmesh.v1.GenerateEvent0\x01\x12J\n\rGenerateUnary\x12\x1b.ditmesh.v1.GenerateRequest\x1a\x1c.ditmesh.v1.GenerateResponse\x12K\n\nListModels\x12\x1d.ditmesh.v1.ListModelsRequest\x1a\x1e.ditmesh.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64itmesh/v1/gateway.proto\x12\nditmesh.v1\x1a\x14\x64itmesh/v1/vae.proto\"\x8a\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x04 \x01(\t\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\r\n\x05width\x18\x06 \x01(\x05\x12\r\n\x05steps\x18\x07 \x01(\x05\x12\x15\n\x08guidance\x18\x08 \x01(\x02H\x00\x88\x01\x01\x12\x1b\n\x0etrue_cfg_scale\x18\t \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x03H\x02\x88\x01\x01\x12\x12\n\nnum_images\x18\x0b \x01(\x05\x12/\n\routput_format\x18\x0c \x01(\x0e\x32\x18.ditmesh.v1.OutputFormat\x12\x0f\n\x07quality\x18\r \x01(\x05\x12\x16\n\x0epartial_images\x18\x0e \x01(\x05\x12\x12\n\nnum_frames\x18\x0f \x01(\x05\x12\x0b\n\x03\x66ps\x18\x10 \x01(\x05\x42\x0b\n\t_guidanceB\x11\n\x0f_true_cfg_scaleB\x07\n\x05_seed\"\x1a\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\x05\"\x1a\n\x07\x45ncoded\x12\x0f\n\x07seconds\x18\x01 \x01(\x01\"#\n\x04Step\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\r\n\x05total\x18\x02 \x01(\x05\"j\n\x0cPartialImage\x12\x1b\n\x13partial_image_index\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\r\n\x05total\x18\x03 \x01(\x05\x12 \n\x05image\x18\x04 \x01(\x0b\x32\x11.ditmesh.v1.Image\"\x1a\n\x07\x44\x65\x63oded\x12\x0f\n\x07seconds\x18\x01 \x01(\x01\"\xb5\x01\n\x08\x46inished\x12\x0c\n\x04seed\x18\x01 \x01(\x03\x12\x12\n\nnum_images\x18\x02 \x01(\x05\x12\x16\n\x0e\x65ncode_seconds\x18\x03 \x01(\x01\x12\x17\n\x0f\x64\x65noise_seconds\x18\x04 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x05 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x06 \x01(\x01\x12\'\n\x06stages\x18\x07 \x03(\x0b\x32\x17.ditmesh.v1.StageTiming\"\xa4\x01\n\x0bStageTiming\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x15\n\rqueue_seconds\x18\x02 \x01(\x01\x12\x14\n\x0cwork_seconds\x18\x03 \x01(\x01\x12\x18\n\x10transfer_seconds\x18\x04 \x01(\x01\x12\x1c\n\x14image_encode_seconds\x18\x05 \x01(\x01\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\x05\x12\x0f\n\x07replica\x18\x07 \x01(\t\"\xca\x02\n\rGenerateEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x06queued\x18\x02 \x01(\x0b\x32\x12.ditmesh.v1.QueuedH\x00\x12&\n\x07\x65ncoded\x18\x03 \x01(\x0b\x32\x13.ditmesh.v1.EncodedH\x00\x12 \n\x04step\x18\x04 \x01(\x0b\x32\x10.ditmesh.v1.StepH\x00\x12&\n\x07\x64\x65\x63oded\x18\x05 \x01(\x0b\x32\x13.ditmesh.v1.DecodedH\x00\x12\'\n\x05image\x18\x06 \x01(\x0b\x32\x16.ditmesh.v1.ImageChunkH\x00\x12(\n\x08\x66inished\x18\x07 \x01(\x0b\x32\x14.ditmesh.v1.FinishedH\x00\x12\x31\n\rpartial_image\x18\x08 \x01(\x0b\x32\x18.ditmesh.v1.PartialImageH\x00\x42\x07\n\x05\x65vent\"\xa1\x01\n\x05Image\x12\r\n\x05index\x18\x01 \x01(\x05\x12(\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x18.ditmesh.v1.OutputFormat\x12\x11\n\tmime_type\x18\x03 \x01(\t\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x12\n\nnum_frames\x18\x07 \x01(\x05\x12\x0b\n\x03\x66ps\x18\x08 \x01(\x05\"q\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12!\n\x06images\x18\x02 \x03(\x0b\x32\x11.ditmesh.v1.Image\x12&\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x14.ditmesh.v1.Finished\"\x13\n\x11ListModelsRequest\"\x9c\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_height\x18\x03 \x01(\x05\x12\x15\n\rdefault_width\x18\x04 \x01(\x05\x12\x15\n\rdefault_steps\x18\x05 \x01(\x05\x12\x18\n\x10\x64\x65\x66\x61ult_guidance\x18\x06 \x01(\x02\x12\x15\n\rsize_multiple\x18\x07 \x01(\x05\x12\x19\n\x11max_prompt_tokens\x18\x08 \x01(\x05\x12\x1a\n\x12\x64\x65\x66\x61ult_num_frames\x18\t \x01(\x05\x12\x16\n\x0emax_num_frames\x18\n \x01(\x05\x12\x16\n\x0e\x66rame_multiple\x18\x0b \x01(\x05\x12\x13\n\x0b\x64\x65\x66\x61ult_fps\x18\x0c \x01(\x05\"R\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.ditmesh.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t2\xe8\x01\n\x07Gateway\x12\x44\n\x08Generate\x12\x1b.ditmesh.v1.GenerateRequest\x1a\x19.ditmesh.v1.GenerateEvent0\x01\x12J\n\rGenerateUnary\x12\x1b.ditmesh.v1.GenerateRequest\x1a\x1c.ditmesh.v1.GenerateResponse\x12K\n\nListModels\x12\x1d.ditmesh.v1.ListModelsRequest\x1a\x1e.ditmesh.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,33 +33,33 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ditmesh.v1.gateway_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=63
-  _globals['_GENERATEREQUEST']._serialized_end=424
-  _globals['_QUEUED']._serialized_start=426
-  _globals['_QUEUED']._serialized_end=452
-  _globals['_ENCODED']._serialized_start=454
-  _globals['_ENCODED']._serialized_end=480
-  _globals['_STEP']._serialized_start=482
-  _globals['_STEP']._serialized_end=517
-  _globals['_PARTIALIMAGE']._serialized_start=519
-  _globals['_PARTIALIMAGE']._serialized_end=625
-  _globals['_DECODED']._serialized_start=627
-  _globals['_DECODED']._serialized_end=653
-  _globals['_FINISHED']._serialized_start=656
-  _globals['_FINISHED']._serialized_end=837
-  _globals['_STAGETIMING']._serialized_start=840
-  _globals['_STAGETIMING']._serialized_end=1004
-  _globals['_GENERATEEVENT']._serialized_start=1007
-  _globals['_GENERATEEVENT']._serialized_end=1337
-  _globals['_IMAGE']._serialized_start=1340
-  _globals['_IMAGE']._serialized_end=1468
-  _globals['_GENERATERESPONSE']._serialized_start=1470
-  _globals['_GENERATERESPONSE']._serialized_end=1583
-  _globals['_LISTMODELSREQUEST']._serialized_start=1585
-  _globals['_LISTMODELSREQUEST']._serialized_end=1604
-  _globals['_MODELINFO']._serialized_start=1607
-  _globals['_MODELINFO']._serialized_end=1794
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1796
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1878
-  _globals['_GATEWAY']._serialized_start=1881
-  _globals['_GATEWAY']._serialized_end=2113
+  _globals['_GENERATEREQUEST']._serialized_end=457
+  _globals['_QUEUED']._serialized_start=459
+  _globals['_QUEUED']._serialized_end=485
+  _globals['_ENCODED']._serialized_start=487
+  _globals['_ENCODED']._serialized_end=513
+  _globals['_STEP']._serialized_start=515
+  _globals['_STEP']._serialized_end=550
+  _globals['_PARTIALIMAGE']._serialized_start=552
+  _globals['_PARTIALIMAGE']._serialized_end=658
+  _globals['_DECODED']._serialized_start=660
+  _globals['_DECODED']._serialized_end=686
+  _globals['_FINISHED']._serialized_start=689
+  _globals['_FINISHED']._serialized_end=870
+  _globals['_STAGETIMING']._serialized_start=873
+  _globals['_STAGETIMING']._serialized_end=1037
+  _globals['_GENERATEEVENT']._serialized_start=1040
+  _globals['_GENERATEEVENT']._serialized_end=1370
+  _globals['_IMAGE']._serialized_start=1373
+  _globals['_IMAGE']._serialized_end=1534
+  _globals['_GENERATERESPONSE']._serialized_start=1536
+  _globals['_GENERATERESPONSE']._serialized_end=1649
+  _globals['_LISTMODELSREQUEST']._serialized_start=1651
+  _globals['_LISTMODELSREQUEST']._serialized_end=1670
+  _globals['_MODELINFO']._serialized_start=1673
+  _globals['_MODELINFO']._serialized_end=1957
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1959
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2041
+  _globals['_GATEWAY']._serialized_start=2044
+  _globals['_GATEWAY']._serialized_end=2276
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt", "negative_prompt", "height", "width", "steps", "guidance", "true_cfg_scale", "seed", "num_images", "output_format", "quality", "partial_images")
+    __slots__ = ("request_id", "model", "prompt", "negative_prompt", "height", "width", "steps", "guidance", "true_cfg_scale", "seed", "num_images", "output_format", "quality", "partial_images", "num_frames", "fps")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,8 @@ class GenerateRequest(_message.Message):
     OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     PARTIAL_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    FPS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt: str
@@ -37,7 +39,9 @@ class GenerateRequest(_message.Message):
     output_format: _vae_pb2.OutputFormat
     quality: int
     partial_images: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., true_cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., output_format: _Optional[_Union[_vae_pb2.OutputFormat, str]] = ..., quality: _Optional[int] = ..., partial_images: _Optional[int] = ...) -> None: ...
+    num_frames: int
+    fps: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., true_cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., output_format: _Optional[_Union[_vae_pb2.OutputFormat, str]] = ..., quality: _Optional[int] = ..., partial_images: _Optional[int] = ..., num_frames: _Optional[int] = ..., fps: _Optional[int] = ...) -> None: ...
 
 class Queued(_message.Message):
     __slots__ = ("position",)
@@ -134,20 +138,24 @@ class GenerateEvent(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., queued: _Optional[_Union[Queued, _Mapping]] = ..., encoded: _Optional[_Union[Encoded, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., decoded: _Optional[_Union[Decoded, _Mapping]] = ..., image: _Optional[_Union[_vae_pb2.ImageChunk, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., partial_image: _Optional[_Union[PartialImage, _Mapping]] = ...) -> None: ...
 
 class Image(_message.Message):
-    __slots__ = ("index", "format", "mime_type", "width", "height", "data")
+    __slots__ = ("index", "format", "mime_type", "width", "height", "data", "num_frames", "fps")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     MIME_TYPE_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    FPS_FIELD_NUMBER: _ClassVar[int]
     index: int
     format: _vae_pb2.OutputFormat
     mime_type: str
     width: int
     height: int
     data: bytes
-    def __init__(self, index: _Optional[int] = ..., format: _Optional[_Union[_vae_pb2.OutputFormat, str]] = ..., mime_type: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    num_frames: int
+    fps: int
+    def __init__(self, index: _Optional[int] = ..., format: _Optional[_Union[_vae_pb2.OutputFormat, str]] = ..., mime_type: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., data: _Optional[bytes] = ..., num_frames: _Optional[int] = ..., fps: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "images", "finished")
@@ -164,7 +172,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "family", "default_height", "default_width", "default_steps", "default_guidance", "size_multiple", "max_prompt_tokens")
+    __slots__ = ("name", "family", "default_height", "default_width", "default_steps", "default_guidance", "size_multiple", "max_prompt_tokens", "default_num_frames", "max_num_frames", "frame_multiple", "default_fps")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +181,10 @@ class ModelInfo(_message.Message):
     DEFAULT_GUIDANCE_FIELD_NUMBER: _ClassVar[int]
     SIZE_MULTIPLE_FIELD_NUMBER: _ClassVar[int]
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    FRAME_MULTIPLE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_FPS_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: str
     default_height: int
@@ -181,7 +193,11 @@ class ModelInfo(_message.Message):
     default_guidance: float
     size_multiple: int
     max_prompt_tokens: int
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., default_height: _Optional[int] = ..., default_width: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance: _Optional[float] = ..., size_multiple: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ...) -> None: ...
+    default_num_frames: int
+    max_num_frames: int
+    frame_multiple: int
+    default_fps: int
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., default_height: _Optional[int] = ..., default_width: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance: _Optional[float] = ..., size_multiple: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., default_num_frames: _Optional[int] = ..., max_num_frames: _Optional[int] = ..., frame_multiple: _Optional[int] = ..., default_fps: _Optional[int] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models", "default_model")

@@ -14,27 +14,35 @@ class OutputFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OUTPUT_FORMAT_JPEG: _ClassVar[OutputFormat]
     OUTPUT_FORMAT_WEBP: _ClassVar[OutputFormat]
     OUTPUT_FORMAT_RAW: _ClassVar[OutputFormat]
+    OUTPUT_FORMAT_MP4: _ClassVar[OutputFormat]
+    OUTPUT_FORMAT_GIF: _ClassVar[OutputFormat]
 OUTPUT_FORMAT_UNSPECIFIED: OutputFormat
 OUTPUT_FORMAT_PNG: OutputFormat
 OUTPUT_FORMAT_JPEG: OutputFormat
 OUTPUT_FORMAT_WEBP: OutputFormat
 OUTPUT_FORMAT_RAW: OutputFormat
+OUTPUT_FORMAT_MP4: OutputFormat
+OUTPUT_FORMAT_GIF: OutputFormat
 
 class DecodeParams(_message.Message):
-    __slots__ = ("request_id", "model", "height", "width", "output_format", "quality")
+    __slots__ = ("request_id", "model", "height", "width", "output_format", "quality", "num_frames", "fps")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
+    NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    FPS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     height: int
     width: int
     output_format: OutputFormat
     quality: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., quality: _Optional[int] = ...) -> None: ...
+    num_frames: int
+    fps: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., quality: _Optional[int] = ..., num_frames: _Optional[int] = ..., fps: _Optional[int] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("params", "chunk", "done")
@@ -47,7 +55,7 @@ class DecodeRequest(_message.Message):
     def __init__(self, params: _Optional[_Union[DecodeParams, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ..., done: _Optional[_Union[_tensor_pb2.TensorsDone, _Mapping]] = ...) -> None: ...
 
 class ImageChunk(_message.Message):
-    __slots__ = ("index", "format", "mime_type", "width", "height", "offset", "data", "last", "total_bytes")
+    __slots__ = ("index", "format", "mime_type", "width", "height", "offset", "data", "last", "total_bytes", "num_frames", "fps")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     MIME_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +65,8 @@ class ImageChunk(_message.Message):
     DATA_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    FPS_FIELD_NUMBER: _ClassVar[int]
     index: int
     format: OutputFormat
     mime_type: str
@@ -66,4 +76,6 @@ class ImageChunk(_message.Message):
     data: bytes
     last: bool
     total_bytes: int
-    def __init__(self, index: _Optional[int] = ..., format: _Optional[_Union[OutputFormat, str]] = ..., mime_type: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+    num_frames: int
+    fps: int
+    def __init__(self, index: _Optional[int] = ..., format: _Optional[_Union[OutputFormat, str]] = ..., mime_type: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ..., total_bytes: _Optional[int] = ..., num_frames: _Optional[int] = ..., fps: _Optional[int] = ...) -> None: ...
