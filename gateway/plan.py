@@ -1,5 +1,10 @@
 """A request checked and completed: every default filled in, every limit applied.
 
+Video models (`Family.video`) take `num_frames` and `fps` too, checked against the
+model's frame rule with the nearest valid counts in the error (common/models.py);
+their output is MP4 unless asked otherwise (WEBP is then animated; PNG and JPEG are
+refused), image models refuse the video formats.
+
 Nothing here waits or talks to a stage; the gateway refuses a bad request with
 INVALID_ARGUMENT (NOT_FOUND for an unknown model) before it takes a place in any queue.
 """
@@ -20,13 +25,21 @@ from ditmesh.common.limits import (
     check_size,
     check_steps,
 )
-from ditmesh.common.models import Family, ModelRef
+from ditmesh.common.models import Family, ModelRef, check_fps, check_num_frames
 from ditmesh.gateway.previews import preview_steps
 from ditmesh.v1 import gateway_pb2, vae_pb2
 
 MAX_PROMPT_CHARS = 20_000
 MAX_REQUEST_ID_CHARS = 128
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]+")
+
+VIDEO_FORMATS = (
+    vae_pb2.OUTPUT_FORMAT_MP4,
+    vae_pb2.OUTPUT_FORMAT_WEBP,
+    vae_pb2.OUTPUT_FORMAT_GIF,
+    vae_pb2.OUTPUT_FORMAT_RAW,
+)
+IMAGE_ONLY_FORMATS = (vae_pb2.OUTPUT_FORMAT_PNG, vae_pb2.OUTPUT_FORMAT_JPEG)
 
 
 def check_request_id(rid: str) -> None:
@@ -61,6 +74,10 @@ class RequestPlan:
     quality: int
     preview_steps: tuple[int, ...] = ()
     """Steps after which a partial image is sent (gateway/previews.py)."""
+    num_frames: int = 0
+    """Video: frames per video; 0 for image models."""
+    fps: int = 0
+    """Video: frames per second written into the container; 0 for image models."""
 
     @property
     def family(self) -> Family:
@@ -85,11 +102,18 @@ class RequestPlan:
         if stage == "encoder":
             return 2.0 if self.encode_negative else 1.0
         images = float(self.num_images)
+        # A video costs its latent frames' tokens in the denoiser and its frames in the VAE.
+        if self.num_frames:
+            m = self.model.frame_multiple or 1
+            latent_frames = (self.num_frames - 1) // m + 1
+        else:
+            latent_frames = 1
         if stage == "denoiser":
-            tokens = (self.height // 16) * (self.width // 16)
+            tokens = (self.height // 16) * (self.width // 16) * latent_frames
             branches = 2.0 if self.encode_negative else 1.0
             return self.steps * images * branches * tokens / 4096.0
-        return images * self.height * self.width / (1024.0 * 1024.0)
+        frames = max(self.num_frames, 1)
+        return images * frames * self.height * self.width / (1024.0 * 1024.0)
 
 
 def make_plan(
@@ -117,8 +141,9 @@ def make_plan(
             raise InvalidArgument(
                 f"the {what} is {len(text)} characters long; the limit is {MAX_PROMPT_CHARS}"
             )
-    height = req.height or m.family.default_size
-    width = req.width or m.family.default_size
+    default_h, default_w = m.family.default_hw
+    height = req.height or default_h
+    width = req.width or default_w
     check_size(m, height, width, limits)
     steps = req.steps or m.default_steps
     check_steps(steps, limits)
@@ -134,6 +159,7 @@ def make_plan(
         raise InvalidArgument(f"unknown output format {req.output_format}")
     if req.quality and not 1 <= req.quality <= 100:
         raise InvalidArgument(f"quality must be between 1 and 100; got {req.quality}")
+    output_format, num_frames, fps = _video_fields(req, m)
     return RequestPlan(
         request_id=rid,
         model=m,
@@ -146,7 +172,36 @@ def make_plan(
         true_cfg_scale=true_cfg,
         seed=seed,
         num_images=n,
-        output_format=req.output_format or vae_pb2.OUTPUT_FORMAT_PNG,
+        output_format=output_format,
         quality=req.quality,
         preview_steps=preview_steps(req.partial_images, steps),
+        num_frames=num_frames,
+        fps=fps,
     )
+
+
+def _video_fields(req: gateway_pb2.GenerateRequest, m: ModelRef) -> tuple[int, int, int]:
+    """(output format, num_frames, fps) with the model's defaults, each checked."""
+    fmt = req.output_format
+    if not m.video:
+        check_num_frames(m, req.num_frames)
+        check_fps(m, req.fps)
+        if fmt in VIDEO_FORMATS and fmt not in (
+            vae_pb2.OUTPUT_FORMAT_WEBP,
+            vae_pb2.OUTPUT_FORMAT_RAW,
+        ):
+            raise InvalidArgument(
+                f"output format {vae_pb2.OutputFormat.Name(fmt)} is for video models; "
+                f"model {m.name!r} makes images"
+            )
+        return fmt or vae_pb2.OUTPUT_FORMAT_PNG, 0, 0
+    if fmt in IMAGE_ONLY_FORMATS:
+        raise InvalidArgument(
+            f"model {m.name!r} makes videos: ask for MP4, WEBP (animated), GIF or RAW frames, "
+            f"not {vae_pb2.OutputFormat.Name(fmt)}"
+        )
+    num_frames = req.num_frames or m.family.default_num_frames
+    check_num_frames(m, num_frames)
+    fps = req.fps or m.family.default_fps
+    check_fps(m, fps)
+    return fmt or vae_pb2.OUTPUT_FORMAT_MP4, num_frames, fps

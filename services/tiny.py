@@ -6,7 +6,9 @@ classes. So each family here copies the *structure* of its real checkpoint
 (component classes, channel layout, text lengths, scheduler and VAE factors) at a
 size that builds, runs and saves in about a second and a few MB.
 
-Tokenizers and text encoders are built offline in `ditmesh.tiny_text`.
+Tokenizers and text encoders are built offline in `ditmesh.tiny_text`; CogVideoX's
+pipelines in `ditmesh.tiny_video` ("cogvideox" is the 5B layout, "cogvideox-2b" the
+2B one).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from diffusers import (
 )
 from transformers import BertTokenizer, CLIPTokenizer, T5Tokenizer
 
+from ditmesh import tiny_latte_mochi, tiny_video
 from ditmesh.tiny_text import (
     bert_encoder,
     bert_tokenizer,
@@ -46,7 +49,17 @@ from ditmesh.tiny_text import (
     write_spiece_model,
 )
 
-FAMILIES = ("flux", "sd3", "pixart-sigma", "pixart-alpha", "hunyuandit")
+FAMILIES = (
+    "flux",
+    "sd3",
+    "pixart-sigma",
+    "pixart-alpha",
+    "hunyuandit",
+    "cogvideox",
+    "cogvideox-2b",
+    "latte",
+    "mochi",
+)
 
 # --------------------------------------------------------------------------- VAE
 
@@ -286,6 +299,10 @@ _BUILDERS: dict[str, Callable[[int], DiffusionPipeline]] = {
         seed, max_length=120, vae_scaling=0.18215, pipeline_cls=PixArtAlphaPipeline
     ),
     "hunyuandit": _hunyuandit,
+    "cogvideox": lambda seed: tiny_video.cogvideox(seed, five_b=True),
+    "cogvideox-2b": lambda seed: tiny_video.cogvideox(seed, five_b=False),
+    "latte": tiny_latte_mochi.latte,
+    "mochi": tiny_latte_mochi.mochi,
 }
 
 

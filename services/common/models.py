@@ -3,6 +3,15 @@
 Only JSON configs are read here (model_index.json, the VAE and transformer
 configs), so the gateway can validate requests without loading any weights;
 each stage then loads just its own components (see the stage packages).
+
+A video family (`Family.video`) plugs in here with its frame defaults and limits
+(`default_num_frames`, `max_num_frames`, `frame_multiple`: valid counts are
+`frame_multiple * k + 1`, what a VAE that compresses time by that factor decodes back;
+the VAE config's `temporal_compression_ratio` overrides it), its default height and
+width, and its three stage classes: `text_encoder`, `denoiser` and `video_decoder` (the
+VAE stage's, see services/vae/video_decoder.py). The gateway then checks and fills in
+`num_frames` and `fps`, the denoiser gets `num_frames` in its job, and the VAE stage
+encodes the frames as MP4, animated WebP or GIF, or raw frames (services/vae/video.py).
 """
 
 from __future__ import annotations
@@ -46,6 +55,29 @@ class Family:
     negative prompt and true_cfg_scale > 1, since guidance is distilled into the
     model. "guidance" (SD3, PixArt, HunyuanDiT): whenever guidance > 1, against the empty prompt
     when no negative prompt is given."""
+
+    video: bool = False
+    """Makes videos: requests take `num_frames` and `fps`; the VAE decodes frames."""
+    default_height: int = 0
+    """The pipeline's default height when it is not `default_size` (CogVideoX: 480)."""
+    default_width: int = 0
+    """The pipeline's default width when it is not `default_size` (CogVideoX: 720)."""
+    default_num_frames: int = 0
+    """Video: the pipeline's default frame count."""
+    max_num_frames: int = 0
+    """Video: the most frames the model was trained for (its positions cover no more)."""
+    frame_multiple: int = 1
+    """Video: valid frame counts are `frame_multiple * k + 1` (the VAE's temporal
+    compression); a VAE config's `temporal_compression_ratio` overrides it."""
+    default_fps: int = 0
+    """Video: the frame rate the model's clips are made for."""
+    video_decoder: str = ""
+    """Video: "module:Class" of the VAE stage's decoder for this family."""
+
+    @property
+    def default_hw(self) -> tuple[int, int]:
+        """(height, width) the pipeline uses when none is asked for."""
+        return (self.default_height or self.default_size, self.default_width or self.default_size)
 
     def uses_cfg(self, *, guidance: float, true_cfg_scale: float, has_negative: bool) -> bool:
         """Whether a request runs a conditional and an unconditional branch.
@@ -135,8 +167,79 @@ HUNYUAN_DIT = Family(
     cfg_rule="guidance",
 )
 
+# CogVideoX 1.0 (2B and 5B; 1.5's temporal patches are not served): T5 padded to 226
+# tokens, 49 frames of 480x720 at 8 fps, a VAE that compresses time by 4.
+COGVIDEOX = Family(
+    name="cogvideox",
+    pipeline_classes=("CogVideoXPipeline",),
+    default_size=480,
+    default_height=480,
+    default_width=720,
+    default_steps=50,
+    default_guidance=6.0,
+    latent_patch=2,
+    text_encoder="ditmesh.encoder.cogvideox:CogVideoXTextEncoder",
+    denoiser="ditmesh.denoiser.cogvideox:CogVideoXAdapter",
+    max_prompt_tokens_from="tokenizer",
+    max_sequence_length=226,
+    cfg_rule="guidance",
+    video=True,
+    default_num_frames=49,
+    max_num_frames=49,
+    frame_multiple=4,
+    default_fps=8,
+    video_decoder="ditmesh.vae.video_decoder:CogVideoXDecoder",
+)
+
+# Latte-1: T5 cut at 120 tokens (LattePipeline fixes it) and masked by cutting the
+# embeddings at the prompt's length; exactly 16 frames (its temporal positions), 512 px,
+# a 2-D VAE (no temporal compression) decoding frame by frame.
+LATTE = Family(
+    name="latte",
+    pipeline_classes=("LattePipeline",),
+    default_size=512,
+    default_steps=50,
+    default_guidance=7.5,
+    latent_patch=2,
+    text_encoder="ditmesh.encoder.latte:LatteTextEncoder",
+    denoiser="ditmesh.denoiser.latte:LatteAdapter",
+    max_prompt_tokens_from="tokenizer",
+    max_sequence_length=120,
+    cfg_rule="guidance",
+    video=True,
+    default_num_frames=16,
+    max_num_frames=16,
+    frame_multiple=1,
+    default_fps=8,
+    video_decoder="ditmesh.vae.video_decoder:LatteDecoder",
+)
+
+# Mochi-1: T5 (256 tokens) with its mask into joint attention over all frames, 19 frames
+# of 480x848 by default (up to 163, 5.4 s at 30 fps), a causal VAE that compresses time by 6.
+MOCHI = Family(
+    name="mochi",
+    pipeline_classes=("MochiPipeline",),
+    default_size=480,
+    default_height=480,
+    default_width=848,
+    default_steps=64,
+    default_guidance=4.5,
+    latent_patch=2,
+    text_encoder="ditmesh.encoder.mochi:MochiTextEncoder",
+    denoiser="ditmesh.denoiser.mochi:MochiAdapter",
+    max_prompt_tokens_from="tokenizer",
+    max_sequence_length=256,
+    cfg_rule="guidance",
+    video=True,
+    default_num_frames=19,
+    max_num_frames=163,
+    frame_multiple=6,
+    default_fps=30,
+    video_decoder="ditmesh.vae.video_decoder:MochiDecoder",
+)
+
 FAMILIES: dict[str, Family] = {
-    f.name: f for f in (FLUX, SD3, PIXART_SIGMA, PIXART_ALPHA, HUNYUAN_DIT)
+    f.name: f for f in (FLUX, SD3, PIXART_SIGMA, PIXART_ALPHA, HUNYUAN_DIT, COGVIDEOX, LATTE, MOCHI)
 }
 
 
@@ -166,6 +269,12 @@ class ModelRef:
     """Attention heads of the transformer (what Ulysses splits)."""
     blocks: int = 0
     """Transformer blocks (Flux: double- and single-stream; what PipeFusion splits)."""
+    frame_multiple: int = 0
+    """Video: valid frame counts are `frame_multiple * k + 1` (0 for image models)."""
+
+    @property
+    def video(self) -> bool:
+        return self.family.video
 
     @property
     def size_multiple(self) -> int:
@@ -241,6 +350,11 @@ def resolve_model(source: str, name: str | None = None) -> ModelRef:
         max_prompt_tokens=max_tokens,
         heads=int(tr_cfg.get("num_attention_heads", 0)),
         blocks=int(tr_cfg.get("num_layers", 0)) + int(tr_cfg.get("num_single_layers", 0)),
+        frame_multiple=(
+            int(vae_cfg.get("temporal_compression_ratio", family.frame_multiple))
+            if family.video
+            else 0
+        ),
     )
 
 
@@ -276,3 +390,43 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
 def offline_default() -> None:
     """Local folders need no hub; don't let a missing network stall loading."""
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+MAX_FPS = 120
+
+
+def valid_frame_counts(model: ModelRef) -> range:
+    """Every frame count a video model takes: `frame_multiple * k + 1` up to its maximum."""
+    m = model.frame_multiple or 1
+    return range(1, model.family.max_num_frames + 1, m)
+
+
+def check_num_frames(model: ModelRef, n: int) -> None:
+    """Refuses a frame count the model cannot make, naming the nearest ones it can."""
+    if not model.video:
+        if n:
+            raise InvalidArgument(
+                f"model {model.name!r} makes images; num_frames is for video models (got {n})"
+            )
+        return
+    valid = valid_frame_counts(model)
+    if n in valid:
+        return
+    below = [v for v in valid if v < n][-1:]
+    above = [v for v in valid if v > n][:1]
+    nearest = " or ".join(str(v) for v in below + above)
+    raise InvalidArgument(
+        f"model {model.name!r} makes videos of {model.frame_multiple}k+1 frames, "
+        f"1 to {model.family.max_num_frames}; {n} is not one: the nearest are {nearest}"
+    )
+
+
+def check_fps(model: ModelRef, fps: int) -> None:
+    if not model.video:
+        if fps:
+            raise InvalidArgument(
+                f"model {model.name!r} makes images; fps is for video models (got {fps})"
+            )
+        return
+    if not 1 <= fps <= MAX_FPS:
+        raise InvalidArgument(f"fps must be between 1 and {MAX_FPS}; got {fps}")
