@@ -16,7 +16,7 @@ import grpc
 from grpc._cython import cygrpc
 
 from ditmesh.common.aio_server import rpc_errors
-from ditmesh.common.errors import DitmeshError
+from ditmesh.common.errors import DitmeshError, InvalidArgument
 from ditmesh.gateway.auth import ApiKeys, check_grpc
 from ditmesh.gateway.core import Gateway
 from ditmesh.gateway.plan import make_plan
@@ -85,6 +85,12 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
 
     @rpc_errors("gateway")
     async def GenerateUnary(self, request, context):
+        if request.partial_images:
+            # Its one reply has no place for them: refused rather than decoded and dropped.
+            raise InvalidArgument(
+                "partial_images needs the streaming Generate call; GenerateUnary returns "
+                "only the finished images"
+            )
         images: dict[int, gateway_pb2.Image] = {}
         finished = None
         rid = ""

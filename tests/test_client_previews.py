@@ -205,3 +205,20 @@ def test_cli_says_when_a_preview_cannot_be_written(inproc_mesh, tmp_path, capsys
         .startswith(f"error: cannot write {blocked / 'out-partial-0.png'}: ")
     )
     assert "Traceback" not in err and not out.exists()
+
+
+def test_the_unary_call_refuses_partial_images_at_the_gateway(inproc_mesh):
+    """Asked of the gateway directly (the SDK refuses before sending): one reply has no
+    place for previews, so the gateway says so instead of decoding and dropping them."""
+    import grpc
+
+    from ditmesh.v1 import gateway_pb2, gateway_pb2_grpc
+
+    with grpc.insecure_channel(inproc_mesh.address) as ch:
+        req = gateway_pb2.GenerateRequest(
+            prompt="a fox", height=64, width=64, steps=4, partial_images=1
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            gateway_pb2_grpc.GatewayStub(ch).GenerateUnary(req, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "partial_images needs the streaming Generate call" in err.value.details()
