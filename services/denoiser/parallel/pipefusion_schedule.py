@@ -15,8 +15,9 @@ What cannot be stepped a patch at a time is refused up front (`check_patchable`)
 the reason: state that mixes tokens (dynamic thresholding takes a quantile over the
 whole image), and an input scaling that follows the scheduler's step index (the first
 stage scales the model input but never steps a scheduler). A stochastic step (DDPM)
-draws its noise in the patch's shape from the generator it is given: the same draws, in
-the same order, on one rank and on a gang's last stage.
+would draw its noise in the patch's shape from the generator it is given: the same
+draws, in the same order, on one rank and on a gang's last stage (the loops pass no
+generator yet; a family whose scheduler needs one adds it where both loops call `step`).
 
 The loop that steps the patches is pipefusion.py; how a patch is cut from the latents,
 pipefusion_patches.py.
