@@ -1,0 +1,98 @@
+"""Video latents to frames: the VAE stage's decoders for video families (issue 18).
+
+A video family names its decoder in `Family.video_decoder`; the VAE service builds it in
+place of the image `VaeDecoder` and then encodes each video's frames (services/vae/video.py).
+A decoder takes the denoiser's latents as the pipeline holds them before its own
+`decode_latents` (for CogVideoX [N, latent frames, C, h, w], scaling not yet undone) and
+returns uint8 frames [N, frames, H, W, 3], rounded as diffusers' `numpy_to_pil` rounds,
+so the frames equal the pipeline's. How a family plugs in: subclass `VideoDecoder`, load
+the VAE in `__init__`, and write `latent_shape` (what a request's latents must look like)
+and `decode_float` (the pipeline's own decode and `postprocess_video`).
+
+One process decodes a whole video; the video VAE gang (3D causal convolutions split
+across processes with halo exchange) is not built yet, so `--parallel` on a video model
+is refused by the service.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ditmesh.common.errors import InvalidArgument
+from ditmesh.common.models import ModelRef
+from ditmesh.vae.decoder import to_uint8
+
+
+class VideoDecoder:
+    """What every video decoder shares: the checks and the uint8 rounding."""
+
+    video = True
+
+    def __init__(self, model: ModelRef, device: torch.device, dtype: torch.dtype) -> None:
+        from diffusers.video_processor import VideoProcessor
+
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.processor = VideoProcessor(vae_scale_factor=model.vae_scale_factor)
+
+    def latent_shape(self, height: int, width: int, num_frames: int) -> tuple[int, ...]:
+        """The shape of one video's latents (no batch dim) for a request of this size."""
+        raise NotImplementedError
+
+    def check_latents(
+        self, latents: torch.Tensor, height: int, width: int, num_frames: int = 0
+    ) -> None:
+        if num_frames < 1:
+            raise InvalidArgument(
+                f"model {self.model.name!r} makes videos: DecodeParams.num_frames must be set"
+            )
+        expect = self.latent_shape(height, width, num_frames)
+        if latents.dim() != len(expect) + 1 or tuple(latents.shape[1:]) != expect:
+            raise InvalidArgument(
+                f"latents of shape {list(latents.shape)} do not fit {num_frames} frames of "
+                f"{height}x{width} (expected [N, {', '.join(map(str, expect))}])"
+            )
+
+    def decode_float(self, latents: torch.Tensor) -> np.ndarray:
+        """Float frames [N, F, H, W, 3] in [0, 1], as the pipeline's output_type="np"."""
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """uint8 frames [N, F, H, W, 3]."""
+        return to_uint8(self.decode_float(latents))
+
+    def is_broken(self) -> bool:
+        return False  # one process: nothing to lose
+
+    def close(self) -> None:
+        pass
+
+
+class CogVideoXDecoder(VideoDecoder):
+    """AutoencoderKLCogVideoX: 3D causal convolutions, time compressed 4x (13 latent frames
+    give 49). The latents are [N, F, C, h, w]; `CogVideoXPipeline.decode_latents` moves
+    channels in front of frames and divides by the scaling factor, then the VAE decodes."""
+
+    def __init__(self, model: ModelRef, device: torch.device, dtype: torch.dtype) -> None:
+        from diffusers import AutoencoderKLCogVideoX
+
+        super().__init__(model, device, dtype)
+        self.vae = AutoencoderKLCogVideoX.from_pretrained(
+            model.source, subfolder="vae", dtype=dtype
+        ).to(device)
+        self.vae.eval()
+        self.scaling = float(self.vae.config.scaling_factor)
+
+    def latent_shape(self, height: int, width: int, num_frames: int) -> tuple[int, ...]:
+        vsf = self.model.vae_scale_factor
+        frames = (num_frames - 1) // self.model.frame_multiple + 1
+        return (frames, self.model.latent_channels, height // vsf, width // vsf)
+
+    @torch.inference_mode()
+    def decode_float(self, latents: torch.Tensor) -> np.ndarray:
+        z = latents.to(self.device, self.dtype).permute(0, 2, 1, 3, 4) / self.scaling
+        frames = self.vae.decode(z).sample
+        return self.processor.postprocess_video(frames, output_type="np")
