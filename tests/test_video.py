@@ -1,0 +1,104 @@
+"""The video path's parts (issue 18): the gateway's frame rules, the VAE stage's CogVideoX
+decoder against CogVideoXPipeline's own decode, and the containers read back with PyAV
+and Pillow. (The mesh end to end needs the gateway's plumbing of num_frames; see the
+report of helper V1.)"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from ditmesh.common.errors import InvalidArgument
+from ditmesh.common.limits import DEFAULT_LIMITS
+from ditmesh.common.models import resolve_model
+from ditmesh.v1 import gateway_pb2, vae_pb2
+
+
+@pytest.fixture(scope="module")
+def cog_dir(tmp_path_factory) -> str:
+    from ditmesh.tiny import make_tiny
+
+    return str(make_tiny("cogvideox", tmp_path_factory.mktemp("cog") / "model"))
+
+
+def _plan(model_dir, **kw):
+    from ditmesh.gateway.plan import make_plan
+
+    m = resolve_model(model_dir)
+    req = gateway_pb2.GenerateRequest(prompt="a red ball", **kw)
+    return make_plan(req, {m.name: m}, m.name, DEFAULT_LIMITS)
+
+
+def test_plan_fills_in_video_defaults(cog_dir):
+    p = _plan(cog_dir)
+    assert (p.height, p.width, p.num_frames, p.fps) == (480, 720, 49, 8)
+    assert p.output_format == vae_pb2.OUTPUT_FORMAT_MP4
+    # 13 latent frames of 30x45 tokens, both CFG branches, 50 steps.
+    assert p.work_units("denoiser") == pytest.approx(50 * 2 * 13 * 30 * 45 / 4096)
+
+
+def test_plan_refuses_frame_counts_with_the_nearest_valid(cog_dir):
+    with pytest.raises(InvalidArgument, match="the nearest are 9 or 13"):
+        _plan(cog_dir, num_frames=11)
+    with pytest.raises(InvalidArgument, match="the nearest are 49$"):
+        _plan(cog_dir, num_frames=50)
+    with pytest.raises(InvalidArgument, match="not PNG|OUTPUT_FORMAT_PNG"):
+        _plan(cog_dir, output_format=vae_pb2.OUTPUT_FORMAT_PNG)
+    with pytest.raises(InvalidArgument, match="fps"):
+        _plan(cog_dir, fps=1000)
+    assert _plan(cog_dir, num_frames=13, fps=24).num_frames == 13
+
+
+def test_image_models_refuse_video_fields(tmp_path):
+    from ditmesh.tiny import make_tiny
+
+    folder = make_tiny("pixart-sigma", tmp_path / "pixart")
+    with pytest.raises(InvalidArgument, match="num_frames is for video models"):
+        _plan(folder, num_frames=9)
+    with pytest.raises(InvalidArgument, match="for video models"):
+        _plan(folder, output_format=vae_pb2.OUTPUT_FORMAT_MP4)
+    assert _plan(folder).num_frames == 0
+
+
+def test_decoder_frames_equal_the_pipelines(cog_dir):
+    from diffusers import CogVideoXPipeline
+
+    from ditmesh.vae.video_decoder import CogVideoXDecoder
+
+    m = resolve_model(cog_dir)
+    dec = CogVideoXDecoder(m, torch.device("cpu"), torch.float32)
+    latents = torch.randn(2, 3, 16, 6, 8, generator=torch.Generator().manual_seed(0))
+    dec.check_latents(latents, 48, 64, 9)
+    with pytest.raises(InvalidArgument, match="do not fit"):
+        dec.check_latents(latents, 48, 64, 13)
+    got = dec.decode(latents)
+    pipe = CogVideoXPipeline.from_pretrained(cog_dir)
+    with torch.inference_mode():
+        want = pipe.video_processor.postprocess_video(
+            pipe.decode_latents(latents), output_type="np"
+        )
+    assert got.shape == (2, 9, 48, 64, 3) and got.dtype == np.uint8
+    assert np.abs(got.astype(np.float64) / 255 - want).max() <= 1 / 255
+
+
+def test_containers_read_back():
+    import av
+    from PIL import Image
+
+    from ditmesh.vae.video import encode_video
+
+    frames = (np.random.default_rng(0).random((9, 48, 64, 3)) * 255).astype(np.uint8)
+    mp4 = encode_video(frames, vae_pb2.OUTPUT_FORMAT_MP4, 8)
+    with av.open(io.BytesIO(mp4)) as c:
+        stream = c.streams.video[0]
+        decoded = [f.to_ndarray(format="rgb24") for f in c.decode(stream)]
+        assert stream.average_rate == 8 and stream.codec_context.name == "h264"
+    assert len(decoded) == 9 and decoded[0].shape == (48, 64, 3)
+    for fmt, name in ((vae_pb2.OUTPUT_FORMAT_WEBP, "WEBP"), (vae_pb2.OUTPUT_FORMAT_GIF, "GIF")):
+        im = Image.open(io.BytesIO(encode_video(frames, fmt, 8)))
+        assert (im.format, im.n_frames, im.size) == (name, 9, (64, 48))
+    raw = encode_video(frames, vae_pb2.OUTPUT_FORMAT_RAW, 8)
+    assert np.array_equal(np.frombuffer(raw, np.uint8).reshape(frames.shape), frames)
