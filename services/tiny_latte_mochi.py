@@ -26,8 +26,8 @@ from ditmesh.tiny_text import t5_encoder, t5_tokenizer
 _HEADS = 4
 _HEAD_DIM = 16
 
-LATTE_FRAMES = 4
-"""Frames of the tiny Latte (`video_length`; the real Latte-1 has 16). Latte's temporal
+LATTE_FRAMES = 16
+"""Frames of the tiny Latte (`video_length`), as the real Latte-1 has. Latte's temporal
 position table is that long, so a video has exactly this many frames."""
 
 
