@@ -188,6 +188,7 @@ async def denoise(
         seed=plan.seed,
         num_images=plan.num_images,
         preview_steps=plan.preview_steps,
+        num_frames=plan.num_frames,
     )
     stub = denoiser_pb2_grpc.DenoiserStub(attempt.replica.channel)
     requests = codec.params_and_tensors_stream(denoiser_pb2.DenoiseRequest, params, cond)
@@ -225,6 +226,8 @@ async def decode(
         width=plan.width,
         output_format=plan.output_format,
         quality=plan.quality,
+        num_frames=plan.num_frames,
+        fps=plan.fps,
     )
     stub = vae_pb2_grpc.VaeStub(attempt.replica.channel)
     requests = codec.params_and_tensors_stream(vae_pb2.DecodeRequest, params, {"latents": latents})

@@ -43,6 +43,8 @@ def whole_images(chunks: list[vae_pb2.ImageChunk]) -> list[gateway_pb2.Image]:
                 mime_type=c.mime_type,
                 width=c.width,
                 height=c.height,
+                num_frames=c.num_frames,
+                fps=c.fps,
             )
             parts[c.index] = []
         parts[c.index].append(c.data)

@@ -115,12 +115,16 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
                 gateway_pb2.ModelInfo(
                     name=m.name,
                     family=m.family.name,
-                    default_height=m.family.default_size,
-                    default_width=m.family.default_size,
+                    default_height=m.family.default_hw[0],
+                    default_width=m.family.default_hw[1],
                     default_steps=m.default_steps,
                     default_guidance=m.default_guidance,
                     size_multiple=m.size_multiple,
                     max_prompt_tokens=m.max_prompt_tokens,
+                    default_num_frames=m.family.default_num_frames,
+                    max_num_frames=m.family.max_num_frames,
+                    frame_multiple=m.frame_multiple,
+                    default_fps=m.family.default_fps,
                 )
                 for m in gw.models.values()
             ],
@@ -132,6 +136,12 @@ def _add_chunk(images: dict[int, gateway_pb2.Image], c) -> None:
     img = images.get(c.index)
     if img is None:
         img = images[c.index] = gateway_pb2.Image(
-            index=c.index, format=c.format, mime_type=c.mime_type, width=c.width, height=c.height
+            index=c.index,
+            format=c.format,
+            mime_type=c.mime_type,
+            width=c.width,
+            height=c.height,
+            num_frames=c.num_frames,
+            fps=c.fps,
         )
     img.data += c.data

@@ -22,6 +22,8 @@ class DenoiseJob:
     """Conditioning from the encoder, by name (prompt_embeds, negative_prompt_embeds, ...)."""
     preview_steps: tuple[int, ...] = ()
     """Steps (1-based) after which the latents so far are handed to the preview callback."""
+    num_frames: int = 0
+    """Video models: frames of each video in pixel space; 0 for image models."""
 
 
 # Called after each step with (step, total), 1-based; may raise to cancel the job.

@@ -25,7 +25,7 @@ from ditmesh.common.limits import (
     check_size,
     check_steps,
 )
-from ditmesh.common.models import check_model_name, resolve_model
+from ditmesh.common.models import check_model_name, check_num_frames, resolve_model
 from ditmesh.common.server import RunningServer, StageOptions, start_server
 from ditmesh.common.stage_info import stage_info
 from ditmesh.common.tracing import REQUEST_ID_ATTR
@@ -52,6 +52,7 @@ def read_job(request_iterator, runner: Runner) -> DenoiseJob:
     check_guidance(p.guidance, "guidance")
     check_guidance(p.true_cfg_scale, "true_cfg_scale")
     check_seed(p.seed)
+    check_num_frames(model, p.num_frames)
     preview_steps = tuple(p.preview_steps)
     check_preview_steps(preview_steps, p.steps, runner)
     return DenoiseJob(
@@ -65,6 +66,7 @@ def read_job(request_iterator, runner: Runner) -> DenoiseJob:
         num_images=p.num_images,
         cond=cond,
         preview_steps=preview_steps,
+        num_frames=p.num_frames,
     )
 
 
