@@ -211,7 +211,7 @@ LATTE = Family(
     max_num_frames=16,
     frame_multiple=1,
     default_fps=8,
-    video_decoder="ditmesh.vae.video_decoder:LatteDecoder",
+    video_decoder="ditmesh.vae.latte_mochi:LatteDecoder",
 )
 
 # Mochi-1: T5 (256 tokens) with its mask into joint attention over all frames, 19 frames
@@ -235,7 +235,7 @@ MOCHI = Family(
     max_num_frames=163,
     frame_multiple=6,
     default_fps=30,
-    video_decoder="ditmesh.vae.video_decoder:MochiDecoder",
+    video_decoder="ditmesh.vae.latte_mochi:MochiDecoder",
 )
 
 FAMILIES: dict[str, Family] = {

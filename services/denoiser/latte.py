@@ -101,7 +101,7 @@ class LatteAdapter(TransformerAdapterBase):
 
     def frames(self, job: DenoiseJob) -> int:
         """The job's frame count, checked against what the model takes."""
-        frames = getattr(job, "num_frames", 0) or self.video_length
+        frames = job.num_frames
         if frames not in (1, self.video_length):
             raise InvalidArgument(
                 f"model {self.model.name!r} makes videos of exactly {self.video_length} "

@@ -23,6 +23,7 @@ import functools
 import numpy as np
 import torch
 
+from ditmesh.common.errors import InvalidArgument
 from ditmesh.common.models import ModelRef
 from ditmesh.denoiser.adapter import (
     Prepared,
@@ -159,8 +160,9 @@ class MochiAdapter(TransformerAdapterBase):
         return out.unflatten(0, (self.videos, -1)).flatten(1, 2)
 
     def latent_frames(self, job: DenoiseJob) -> int:
-        frames = getattr(job, "num_frames", 0) or self.model.family.default_num_frames
-        return (frames - 1) // TEMPORAL_COMPRESSION + 1
+        if job.num_frames < 1:
+            raise InvalidArgument(f"model {self.model.name!r} makes videos: num_frames must be set")
+        return (job.num_frames - 1) // TEMPORAL_COMPRESSION + 1
 
     def warmup_cond(self) -> dict[str, torch.Tensor]:
         """Conditioning of the shapes the encoder sends (T5 padded to its max length)."""
