@@ -283,3 +283,40 @@ class TestThroughTheMesh:
         ).frames[0]
         want = np.round(np.asarray(want) * 255).astype(np.int16)
         assert np.abs(got.astype(np.int16) - want).max() <= 1
+
+    def test_mp4_reads_back_with_the_frames_size_and_fps(self, mochi):
+        import io
+
+        import av
+        import grpc
+
+        from ditmesh.v1 import gateway_pb2, gateway_pb2_grpc, vae_pb2
+
+        from .helpers import InProcessMesh
+
+        mesh = InProcessMesh(mochi.folder)
+        try:
+            with grpc.insecure_channel(mesh.address) as channel:
+                resp = gateway_pb2_grpc.GatewayStub(channel).GenerateUnary(
+                    gateway_pb2.GenerateRequest(
+                        prompt=PROMPT,
+                        height=48,
+                        width=80,
+                        steps=2,
+                        seed=1,
+                        num_frames=13,
+                        fps=12,
+                        output_format=vae_pb2.OUTPUT_FORMAT_MP4,
+                    ),
+                    timeout=300,
+                )
+        finally:
+            mesh.stop()
+        (video,) = resp.images
+        assert (video.num_frames, video.fps, video.mime_type) == (13, 12, "video/mp4")
+        with av.open(io.BytesIO(video.data)) as container:
+            stream = container.streams.video[0]
+            frames = [f for f in container.decode(stream)]
+            assert stream.average_rate == 12
+        assert len(frames) == 13
+        assert (frames[0].height, frames[0].width) == (48, 80)
