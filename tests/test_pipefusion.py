@@ -1,5 +1,5 @@
 """PipeFusion on real gloo gangs: stages and patches against one process (Flux, SD3,
-PixArt-Sigma and PixArt-alpha), and schedulers stepped a patch at a time.
+PixArt-Sigma, PixArt-alpha and HunyuanDiT), and schedulers stepped a patch at a time.
 
 - With every step a warm-up step (whole image, in sync) a PipeFusion gang computes exactly
   what the plain single process does.
@@ -43,6 +43,7 @@ from ditmesh.denoiser.parallel.pipefusion_schedule import (
     check_patchable,
     history_of,
 )
+from ditmesh.denoiser.parallel.pipefusion_skips import StandIn
 from ditmesh.denoiser.parallel.sequence import attach
 from ditmesh.denoiser.runner import load_adapter
 from ditmesh.denoiser.sampler import sample
@@ -91,10 +92,11 @@ def one_rank(model_dir: str, jobs, **degrees) -> list[torch.Tensor]:
     return out
 
 
-def _blocks(transformer) -> int:
-    return len(transformer.transformer_blocks) + len(
-        getattr(transformer, "single_transformer_blocks", ())
-    )
+def _blocks(adapter) -> int:
+    """The blocks the adapter's transformer runs (another stage's stand-ins not counted)."""
+    t = adapter.transformer
+    lists = [getattr(t, name) for name in adapter.pipefusion_plan.block_lists]
+    return sum(not isinstance(blk, StandIn) for blocks in lists for blk in blocks)
 
 
 def _rank_main(rank, world, port, model_dir, jobs, layouts, out_path):
@@ -107,11 +109,11 @@ def _rank_main(rank, world, port, model_dir, jobs, layouts, out_path):
             adapter = load_adapter(model, torch.device("cpu"), "float32")
             cfg.check_model(heads=adapter.heads, family=model.family.name)
             mesh = build_mesh(cfg, rank, world, timeout=timedelta(seconds=60))
-            blocks = _blocks(adapter.transformer)
+            blocks = _blocks(adapter)
             attached = attach(adapter.transformer, adapter.plan, mesh)
             stage = attach_pipefusion(adapter, mesh, attached.sp if attached else None)
             adapter.pipefusion_stage = stage
-            kept = _blocks(adapter.transformer)
+            kept = _blocks(adapter)
             # Each stage keeps only its own consecutive blocks.
             assert kept == stage.blocks[1] - stage.blocks[0] < blocks, (kept, blocks)
             out[name] = [sample(adapter, jobs[i], mesh) for i in picked]
@@ -256,7 +258,7 @@ def test_pipefusion_refuses_what_it_cannot_run():
         ParallelConfigError, match="models only so far; this model is no-such-family"
     ):
         ParallelConfig(pipefusion=2).check_model(heads=4, family="no-such-family")
-    for family in ("flux", "sd3", "pixart-sigma", "pixart-alpha"):
+    for family in ("flux", "sd3", "pixart-sigma", "pixart-alpha", "hunyuandit"):
         ParallelConfig(pipefusion=2).check_model(heads=4, family=family)
     with pytest.raises(ParallelConfigError, match="leave out --compile and --cuda-graphs"):
         check_speed(True, False)
@@ -567,3 +569,123 @@ def test_pixart_up_with_two_stages_matches_diffusers(tmp_path_factory):
         clean_caption=False,
     ).images[0]
     assert max_diff(images[0], np.asarray(ref.convert("RGB"))) <= 1
+
+
+# ------------------------------------------------------------ HunyuanDiT (v1.2 and v1.1)
+
+
+@pytest.fixture(scope="module", params=["v1.2", "v1.1"])
+def hunyuan_dir(request, tmp_path_factory) -> str:
+    """Tiny HunyuanDiT (6 blocks, long skips 0 -> 5 and 1 -> 4), and v1.1 with the image
+    meta size and style embedded."""
+    from ditmesh.tiny import make_tiny
+
+    from .helpers import hunyuandit_v11_style
+
+    folder = make_tiny("hunyuandit", tmp_path_factory.mktemp(f"hunyuandit-{request.param}") / "m")
+    if request.param == "v1.1":
+        folder = hunyuandit_v11_style(folder)
+    return str(folder)
+
+
+def test_a_hunyuandit_patch_draws_ddpm_noise_from_the_one_generator():
+    """DDPM's per-step noise comes from the request's generator (SeededSteps); the patches'
+    copies share it, so patches stepped in order draw what the request's scheduler would
+    draw for the same patches in the same order (a copied generator would repeat draws)."""
+    import diffusers
+
+    from ditmesh.denoiser.hunyuan import SeededSteps
+
+    def steps(per_patch: bool) -> torch.Tensor:
+        s = diffusers.DDPMScheduler(num_train_timesteps=1000)
+        s.set_timesteps(4)
+        seeded = SeededSteps(s, torch.Generator().manual_seed(3), 2)
+        x = torch.randn(2, 4, 6, 5, generator=torch.Generator().manual_seed(0))
+        bands = [(slice(None), slice(None), slice(a, z)) for a, z in patch_bounds(6, 3)]
+        copies = PatchSchedulers(seeded, x, bands) if per_patch else None
+        for i, t in enumerate(s.timesteps):
+            for p, rows in enumerate(bands):
+                step = copies[p] if per_patch else seeded
+                sample = x[rows].clone()
+                x[rows] = step.step(_model_output(sample, i), t, sample)[0]
+        if per_patch:
+            assert all(c.generator is seeded.generator for c in copies.copies)
+        return x
+
+    assert torch.equal(steps(True), steps(False))
+
+
+@pytest.mark.slow  # seconds of sampling
+def test_hunyuan_one_patch_a_step_is_exact_and_stale_patches_are_not(hunyuan_dir):
+    from .test_parallel_hunyuan import hunyuan_jobs
+
+    jobs = hunyuan_jobs(hunyuan_dir)
+    exact = single(hunyuan_dir, jobs)
+    _all_close(one_rank(hunyuan_dir, jobs, patches=1), exact, "HunyuanDiT one patch vs plain")
+    _all_close(
+        one_rank(hunyuan_dir, jobs, patches=3, pipefusion_warmup=99),
+        exact,
+        "HunyuanDiT every step whole on one rank vs plain",
+    )
+    # Stale keys and values, and DDPM's noise drawn patch by patch (the same draws in
+    # another arrangement): not the plain image.
+    for j, (got, want) in enumerate(
+        zip(one_rank(hunyuan_dir, jobs, patches=2), exact, strict=True)
+    ):
+        assert relative_error(got, want) > REL_TOL, f"job {j}"
+
+
+@pytest.mark.slow
+def test_hunyuan_two_stages_whole_and_stale(hunyuan_dir, tmp_path):
+    """Two stages of three blocks: both long skips cross the boundary with each patch."""
+    from .test_parallel_hunyuan import hunyuan_jobs
+
+    jobs = hunyuan_jobs(hunyuan_dir)
+    every = list(range(len(jobs)))
+    got = spawn(
+        hunyuan_dir,
+        jobs,
+        2,
+        {
+            "pf2-exact": (dict(pipefusion=2, pipefusion_warmup=99), every),
+            "pf2-p3": (dict(pipefusion=2, patches=3), every),
+        },
+        tmp_path,
+    )
+    _all_close(got["pf2-exact"], single(hunyuan_dir, jobs), "HunyuanDiT pf2 every step whole")
+    want = one_rank(hunyuan_dir, jobs, patches=3)
+    _all_close(got["pf2-p3"], want, "HunyuanDiT pf2 3 patches vs the same patches on one rank")
+
+
+@pytest.mark.slow
+def test_hunyuan_stages_with_cfg_ulysses_dp_and_relayed_skips(hunyuan_dir, tmp_path):
+    """cfg2 x pf2 and pf2 x u2, every step whole (against plain sampling) and with stale
+    patches (against the same patches on one rank); dp2 x pf2 splits the images (DDPM's
+    noise for the whole batch); pf4 (blocks 0-1, 2-3, 4, 5) relays skip 0 through two
+    stages and skip 1 through one."""
+    from .test_parallel_hunyuan import hunyuan_jobs
+
+    jobs = hunyuan_jobs(hunyuan_dir)
+    every = list(range(len(jobs)))
+    got = spawn(
+        hunyuan_dir,
+        jobs,
+        4,
+        {
+            "cfg2pf2-exact": (dict(cfg=2, pipefusion=2, pipefusion_warmup=99), every),
+            "pf2u2-exact": (dict(pipefusion=2, ulysses=2, pipefusion_warmup=99), every),
+            "cfg2pf2": (dict(cfg=2, pipefusion=2), every),
+            "pf2u2": (dict(pipefusion=2, ulysses=2), every),
+            "dp2pf2": (dict(dp=2, pipefusion=2), every),
+            "pf4": (dict(pipefusion=4), every),
+        },
+        tmp_path,
+    )
+    exact = single(hunyuan_dir, jobs)
+    for name in ("cfg2pf2-exact", "pf2u2-exact"):
+        _all_close(got[name], exact, f"HunyuanDiT {name} vs single")
+    stale = one_rank(hunyuan_dir, jobs, patches=2)
+    for name in ("cfg2pf2", "pf2u2", "dp2pf2"):
+        _all_close(got[name], stale, f"HunyuanDiT {name} vs the same patches on one rank")
+    want = one_rank(hunyuan_dir, jobs, patches=4)
+    _all_close(got["pf4"], want, "HunyuanDiT pf4 vs the same patches on one rank")

@@ -17,6 +17,13 @@ diffusers' `apply_rotary_emb` unpacks as it does the pipeline's tuple). Only the
 self-attention (attn1) mixes image tokens; the cross-attention to the text (attn2) is
 local to each shard's queries (their rotary rows come split), so it keeps diffusers'
 processor. The long skips are per token, so each shard keeps its own.
+
+PipeFusion (`HUNYUAN_PIPEFUSION`): a patch is a band of token rows, as for PixArt; the
+self-attention keeps stale keys and values (rotary positions applied before they are
+kept), the rotary table is cut to the patch's rows, the text is an input of every patch.
+The long skips that cross a stage boundary travel with the patch (`long_skips`, see
+parallel/pipefusion_skips.py). DDPM keeps no history; its per-patch copies share the
+request's generator and draw in patch order (parallel/pipefusion_schedule.py).
 """
 
 from __future__ import annotations
@@ -39,6 +46,9 @@ from ditmesh.denoiser.adapter import (
     unstack_branches,
 )
 from ditmesh.denoiser.job import DenoiseJob
+from ditmesh.denoiser.parallel.pipefusion_attention import StaleSelfProcessor
+from ditmesh.denoiser.parallel.pipefusion_patches import RowBandPatches
+from ditmesh.denoiser.parallel.pipefusion_stage import PipeFusionPlan
 from ditmesh.denoiser.parallel.processors import attend
 from ditmesh.denoiser.parallel.sequence import SequencePlan
 from ditmesh.denoiser.parallel.usp import SequenceParallel
@@ -96,6 +106,29 @@ HUNYUAN_PLAN = SequencePlan(
 )
 
 
+def long_skips(blocks: int) -> dict[int, int]:
+    """HunyuanDiT2DModel's long skips, producer -> the block that takes its output: its
+    forward pushes the outputs of blocks 0..n/2-2 and pops one in each block past n/2, so
+    block j feeds block n-1-j (the 6-block tiny model: 0 -> 5, 1 -> 4)."""
+    if blocks % 2:
+        raise ValueError(f"HunyuanDiT's long skips need an even number of blocks, not {blocks}")
+    return {j: blocks - 1 - j for j in range(blocks // 2 - 1)}
+
+
+# One block list; attn1 over kept keys and values (rotary on q and k), attn2 (to the
+# text) as it is. Bands of token rows are cut after pos_embed, the rotary table with them,
+# and put back before proj_out. Blocks return the image tokens alone.
+HUNYUAN_PIPEFUSION = PipeFusionPlan(
+    block_lists=("blocks",),
+    processors={"attn1": StaleSelfProcessor},
+    patches=RowBandPatches,
+    cut_at=("pos_embed", "proj_out"),
+    carried=("hidden_states",),
+    cut_inputs={"image_rotary_emb": 1},
+    long_skips=long_skips,
+)
+
+
 class SeededSteps:
     """The request's scheduler, stepped with the request's generator as the pipeline does.
 
@@ -116,7 +149,12 @@ class SeededSteps:
         self.seeded = "generator" in inspect.signature(scheduler.step).parameters
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.scheduler, name)
+        # Only once made: copy.deepcopy (PipeFusion's per-patch copies) looks up
+        # __setstate__ on an instance that has no `scheduler` yet.
+        scheduler = self.__dict__.get("scheduler")
+        if scheduler is None:
+            raise AttributeError(name)
+        return getattr(scheduler, name)
 
     def step(self, model_output, timestep, sample, return_dict: bool = False):
         if not self.seeded:
@@ -135,6 +173,7 @@ class SeededSteps:
 
 class HunyuanDiTAdapter(TransformerAdapterBase):
     plan = HUNYUAN_PLAN
+    pipefusion_plan = HUNYUAN_PIPEFUSION
 
     def __init__(
         self, model: ModelRef, device: torch.device, dtype: torch.dtype, on_host: bool = False
@@ -217,8 +256,10 @@ class HunyuanDiTAdapter(TransformerAdapterBase):
         )
 
     def predict(
-        self, prep: Prepared, latents, t, branches: list[str], images: slice
+        self, prep: Prepared, latents, t, branches: list[str], images: slice, *, text: bool = True
     ) -> list[torch.Tensor]:
+        """`text` is PipeFusion's (False: a patch after the first); the text goes to a
+        cross-attention, which every patch needs whole, so every call takes it."""
         prep.scheduler.images = images  # the rows this rank steps next
         order, inputs = stack_branches(prep, branches, images)
         x = torch.cat([latents] * len(order)) if len(order) > 1 else latents

@@ -36,7 +36,7 @@ DIMS = ("dp", "cfg", "pipefusion", "ulysses", "ring")
 
 # Families whose adapter has a PipeFusion plan (parallel/pipefusion_stage.py); the leader
 # checks this before any process starts.
-PIPEFUSION_FAMILIES = ("flux", "sd3", "pixart-sigma", "pixart-alpha")
+PIPEFUSION_FAMILIES = ("flux", "sd3", "pixart-sigma", "pixart-alpha", "hunyuandit")
 
 
 def split_counts(n: int, parts: int) -> list[int]:

@@ -5,8 +5,10 @@ from the last time it saw them (this step for earlier patches, the previous step
 later ones). A whole-image pass (warm-up) replaces them all. `PatchContext` says which
 pass is running; the loop (pipefusion.py) sets it, the processors and the hooks of
 pipefusion_stage.py read it. Which processor goes on which attention is the family's
-PipeFusionPlan (flux.py, sd3.py, pixart.py). A cross-attention (PixArt's attn2) keeps
-its own processor: its keys and values are the text's, the same for every patch.
+PipeFusionPlan (flux.py, sd3.py, pixart.py, hunyuan.py). A cross-attention (PixArt's and
+HunyuanDiT's attn2) keeps its own processor: its keys and values are the text's, the same
+for every patch (HunyuanDiT's queries take the patch's rows of the rotary table, which
+the stage's hooks cut).
 """
 
 from __future__ import annotations
@@ -176,16 +178,32 @@ class StaleJointProcessor(_StaleKV):
 
 
 class StaleSelfProcessor(_StaleKV):
-    """Image self-attention (SD3.5's second attention, PixArt's attn1) over kept keys and
-    values; projections as diffusers' AttnProcessor2_0 for a plain attention."""
+    """Image self-attention (SD3.5's second attention, PixArt's and HunyuanDiT's attn1)
+    over kept keys and values; projections as diffusers' AttnProcessor2_0 for a plain
+    attention, and, where the model passes a rotary table (HunyuanDiT, as its
+    HunyuanAttnProcessor2_0 does), rotary positions on the normed queries and keys. The
+    table's rows are this pass's tokens, so the kept keys carry their own positions."""
 
     text = False
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        image_rotary_emb=None,
+    ):
+        from diffusers.models.embeddings import apply_rotary_emb
+
         if attention_mask is not None or encoder_hidden_states is not None:
             raise ValueError("PipeFusion's image self-attention takes image tokens only, no mask")
         _check_plain(attn)
         q = _projection(attn, hidden_states, attn.to_q, attn.norm_q)
         k = _projection(attn, hidden_states, attn.to_k, attn.norm_k)
         v = _projection(attn, hidden_states, attn.to_v, None)
+        if image_rotary_emb is not None:
+            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
         return attn.to_out[1](attn.to_out[0](self.attend(q, k, v, 0)))

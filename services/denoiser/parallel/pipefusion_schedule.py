@@ -9,15 +9,19 @@ once per patch, and in each copy every tensor of the latents' shape (the history
 replaced by the patch's rows of it (`PatchSchedulers`). Each copy then steps once a step,
 so its step index and solver order advance as the whole-image scheduler's would; its
 timesteps and sigmas are the request's. Nothing here names a scheduler class: a scheduler
-without history (flow-matching Euler, DDPM) is copied the same way, with nothing to cut.
+without history (flow-matching Euler, DDPM) is copied the same way, with nothing to cut,
+and a wrapper that holds the scheduler (HunyuanDiT's SeededSteps) has the history of the
+scheduler it holds cut the same way.
 
 What cannot be stepped a patch at a time is refused up front (`check_patchable`), with
 the reason: state that mixes tokens (dynamic thresholding takes a quantile over the
 whole image), and an input scaling that follows the scheduler's step index (the first
 stage scales the model input but never steps a scheduler). A stochastic step (DDPM)
-would draw its noise in the patch's shape from the generator it is given: the same
-draws, in the same order, on one rank and on a gang's last stage (the loops pass no
-generator yet; a family whose scheduler needs one adds it where both loops call `step`).
+draws its noise in the patch's shape from the generator it is given: the same draws, in
+the same order (patch by patch), on one rank and on a gang's last stage. A generator the
+scheduler keeps (HunyuanDiT's SeededSteps keeps the request's) is shared by all the
+copies, not copied, so the patches draw from one stream in patch order and the
+whole-image steps before and after draw from it too.
 
 The loop that steps the patches is pipefusion.py; how a patch is cut from the latents,
 pipefusion_patches.py.
@@ -62,8 +66,22 @@ def history_of(scheduler: Any, shape: torch.Size) -> list[torch.Tensor]:
     and never match a latents shape ([B, N, C] or [B, C, H, W])."""
     found: list[torch.Tensor] = []
     for value in vars(scheduler).values():
+        if callable(getattr(value, "step", None)) and hasattr(value, "__dict__"):
+            found += history_of(value, shape)  # the scheduler a wrapper holds
+            continue
         items = value if isinstance(value, (list, tuple)) else (value,)
         found += [x for x in items if isinstance(x, torch.Tensor) and x.shape == shape]
+    return found
+
+
+def generators_of(scheduler: Any) -> list[torch.Generator]:
+    """The random generators a scheduler (or a wrapper of one) keeps."""
+    found: list[torch.Generator] = []
+    for value in vars(scheduler).values():
+        if isinstance(value, torch.Generator):
+            found.append(value)
+        elif callable(getattr(value, "step", None)) and hasattr(value, "__dict__"):
+            found += generators_of(value)
     return found
 
 
@@ -75,11 +93,14 @@ class PatchSchedulers:
         """`latents`: what the scheduler has stepped so far (its history is shaped like
         them); `indices[p]`: patch p's rows of them."""
         history = history_of(scheduler, latents.shape)
+        shared = generators_of(scheduler)
         self.copies = []
         for index in indices:
             # deepcopy's memo maps an object's id to its copy: each history tensor is
-            # "copied" as the patch's rows of it, wherever the scheduler keeps it.
+            # "copied" as the patch's rows of it, wherever the scheduler keeps it, and a
+            # generator as itself (one stream of draws for all patches).
             memo: dict[int, Any] = {id(h): h[index].clone() for h in history}
+            memo.update({id(g): g for g in shared})
             self.copies.append(copy.deepcopy(scheduler, memo))
 
     def __getitem__(self, patch: int) -> Any:

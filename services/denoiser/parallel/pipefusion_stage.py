@@ -7,10 +7,13 @@ after its last (`StageDone` carries them out to the loop, which sends them on); 
 a block's inputs and outputs are those activations is the plan's `carried`. Every
 kept attention gets the stale-KV processor the family's plan names
 (pipefusion_attention.py); for a model that patchifies inside (SD3) two more hooks cut
-the patch's tokens out after the embedding and put them back before the output layer.
+the patch's tokens out after the embedding and put them back before the output layer, and
+a third cuts inputs of whole-image rows (HunyuanDiT's rotary table) to the patch's. Long
+skips that cross a stage boundary (HunyuanDiT's) travel with the patch after the carried
+activations (pipefusion_skips.py).
 
 A family declares what PipeFusion needs as data, a `PipeFusionPlan` on its adapter
-(flux.py, sd3.py, pixart.py); a family whose adapter has none cannot run PipeFusion. The loop that
+(flux.py, sd3.py, pixart.py, hunyuan.py); a family whose adapter has none cannot run PipeFusion. The loop that
 drives the stages is pipefusion.py; the rank layout is mesh.py's.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +35,7 @@ from ditmesh.denoiser.parallel.mesh import (
 )
 from ditmesh.denoiser.parallel.pipefusion_attention import PatchContext
 from ditmesh.denoiser.parallel.pipefusion_patches import patch_bounds
+from ditmesh.denoiser.parallel.pipefusion_skips import SkipRelay, StandIn
 from ditmesh.denoiser.parallel.usp import SequenceParallel
 
 log = logging.getLogger(__name__)
@@ -56,6 +61,22 @@ class PipeFusionPlan:
     name. Joint attention (Flux, SD3) carries the text stream too; a block that only reads
     the text (PixArt's cross-attention) carries the image tokens alone, and each stage
     embeds the text itself."""
+    cut_inputs: dict[str, int] = field(default_factory=dict)
+    """Forward keyword argument -> its token dim, for inputs of one row per image token
+    that the blocks read (HunyuanDiT's rotary table): cut to the patch's rows as the
+    embedding's output is (needs `cut_at`)."""
+    long_skips: Callable[[int], dict[int, int]] | None = None
+    """For a forward that hands earlier blocks' outputs to later blocks by their index in
+    its one block list (HunyuanDiT): `long_skips(n)` of its n blocks, producer -> the
+    block that takes its output (pipefusion_skips.py). None: no such skips."""
+
+    def __post_init__(self) -> None:
+        if self.cut_inputs and self.cut_at is None:
+            raise ValueError("cut_inputs needs cut_at: a patch's rows are cut after the embedding")
+        if self.long_skips is not None and (
+            len(self.block_lists) != 1 or "hidden_states" not in self.carried
+        ):
+            raise ValueError("long skips need one block list that carries hidden_states")
 
 
 class StageDone(Exception):
@@ -80,13 +101,18 @@ class Stage:
     blocks: tuple[int, int]
     carried: tuple[str, ...] = ()
     """The plan's `carried`: what this stage receives and sends, in this order."""
+    skips: SkipRelay | None = None
+    """The long skips this stage receives and sends after the carried ones (None: none)."""
     handles: list = field(default_factory=list)
     processors: list = field(default_factory=list)
 
     def forget(self) -> None:
-        """Drops every kept key and value (after a request: a few GB for Flux at 1024²)."""
+        """Drops every kept key and value (after a request: a few GB for Flux at 1024²)
+        and the last pass's skips."""
         for proc in self.processors:
             proc.kv.clear()
+        if self.skips is not None:
+            self.skips.clear()
 
 
 def stage_blocks(total: int, stages: int) -> list[tuple[int, int]]:
@@ -134,8 +160,16 @@ def attach_pipefusion(
         )
     lo, hi = stage_blocks(len(everything), group.size)[group.rank]
     mine = everything[lo:hi]
-    for name in plan.block_lists:
-        setattr(model, name, torch.nn.ModuleList([blk for n, blk in mine if n == name]))
+    relay = None
+    if plan.long_skips is None:
+        for name in plan.block_lists:
+            setattr(model, name, torch.nn.ModuleList([blk for n, blk in mine if n == name]))
+    else:
+        # The earlier stages' blocks keep their places (stand-ins): the forward pushes and
+        # pops the skips by a block's index in the list.
+        relay = SkipRelay.of(plan.long_skips(len(everything)), lo, hi)
+        kept = [StandIn(j, relay) for j in range(lo)] + [blk for _, blk in mine]
+        setattr(model, plan.block_lists[0], torch.nn.ModuleList(kept))
     stage = Stage(
         ctx=PatchContext(),
         group=group,
@@ -144,8 +178,13 @@ def attach_pipefusion(
         last=group.rank == group.size - 1,
         blocks=(lo, hi),
         carried=plan.carried,
+        skips=relay,
     )
-    _hook_stage_ends(stage, mine[0][1], mine[-1][1])
+    if relay is not None:
+        # Before the last block's stop hook, which sends what these keep.
+        stage.handles += relay.keep_made({lo + i: blk for i, (_, blk) in enumerate(mine)})
+    first_in_list = getattr(model, mine[0][0])[0]  # a stand-in, or the first block itself
+    _hook_stage_ends(stage, first_in_list, mine[0][1], mine[-1][1])
     if sp is not None:
         sp.text_whole = True
     _install(model, plan, [blk for _, blk in mine], stage, sp)
@@ -186,32 +225,55 @@ def local_stage(adapter) -> Stage:
     return stage
 
 
-def _hook_stage_ends(stage: Stage, first_block, last_block) -> None:
+def _hook_stage_ends(stage: Stage, first_module, first_block, last_block) -> None:
     """A later stage takes its inputs from the previous stage; an earlier one stops after
-    its last block."""
+    its last block. `first_module`: what the forward runs first of the stage's list (a
+    stand-in of an earlier block, which may need a received skip, or `first_block`)."""
     group = stage.group
     if not stage.first:
         params = list(inspect.signature(first_block.forward).parameters)
+        inbound: list[torch.Tensor] = []
+
+        def arg(args, kwargs, name: str) -> torch.Tensor:
+            # An input may come by name or by position (PixArt's blocks take
+            # hidden_states positionally); a stand-in is called as the block is.
+            return kwargs[name] if name in kwargs else args[params.index(name)]
+
+        def receive(like: torch.Tensor) -> torch.Tensor:
+            # The previous stage's activations have the shapes this rank's own embedding
+            # of the (placeholder) inputs has: same rows, same split.
+            if not like.shape[1]:
+                return like
+            # Contiguous, as a receive needs (`like` may be a slice of the patch).
+            t = like.new_empty(like.shape)
+            dist.recv(t, group.global_rank(group.rank - 1), group=group.pg)
+            return t
+
+        def receive_all(module, args, kwargs):
+            # In the order the previous stage sends: the carried ones, then the skips.
+            inbound[:] = [receive(arg(args, kwargs, name)) for name in stage.carried]
+            if stage.skips is not None:
+                like = arg(args, kwargs, "hidden_states")  # a skip is a block's output
+                stage.skips.received = {j: receive(like) for j in stage.skips.takes}
 
         def take_inbound(module, args, kwargs):
-            # The previous stage's activations have the shapes this rank's own embedding
-            # of the (placeholder) inputs has: same rows, same split. An input may come
-            # by name or by position (PixArt's blocks take hidden_states positionally).
             args = list(args)
-            for name in stage.carried:
-                where, key = (kwargs, name) if name in kwargs else (args, params.index(name))
-                like = where[key]
-                if like.shape[1]:
-                    # Contiguous, as a receive needs (`like` may be a slice of the patch).
-                    where[key] = like.new_empty(like.shape)
-                    dist.recv(where[key], group.global_rank(group.rank - 1), group=group.pg)
+            for name, x in zip(stage.carried, inbound, strict=True):
+                if name in kwargs:
+                    kwargs[name] = x
+                else:
+                    args[params.index(name)] = x
             return tuple(args), kwargs
 
+        stage.handles.append(first_module.register_forward_pre_hook(receive_all, with_kwargs=True))
         stage.handles.append(first_block.register_forward_pre_hook(take_inbound, with_kwargs=True))
     if not stage.last:
 
         def stop(module, args, output):
-            raise StageDone(output if isinstance(output, tuple) else (output,))
+            outputs = output if isinstance(output, tuple) else (output,)
+            if stage.skips is not None:
+                outputs += stage.skips.outgoing()
+            raise StageDone(outputs)
 
         stage.handles.append(last_block.register_forward_hook(stop))
 
@@ -235,6 +297,13 @@ def _install(model, plan: PipeFusionPlan, blocks: list, stage: Stage, sp=None) -
     def cut(module, args, out):
         return out[:, ctx.start : ctx.stop]
 
+    def cut_inputs(module, args, kwargs):
+        for name, dim in plan.cut_inputs.items():
+            if kwargs.get(name) is None:
+                raise ValueError(f"PipeFusion needs the {name!r} keyword argument")
+            kwargs[name] = kwargs[name].narrow(dim, ctx.start, ctx.stop - ctx.start)
+        return args, kwargs
+
     def place(module, args, out):
         whole = out.new_zeros((out.shape[0], ctx.image_total, out.shape[2]))
         whole[:, ctx.start : ctx.stop] = out
@@ -242,4 +311,8 @@ def _install(model, plan: PipeFusionPlan, blocks: list, stage: Stage, sp=None) -
 
     # Before the sequence plan's own hooks: cut first, then shard; gather, then place.
     stage.handles.append(getattr(model, embed).register_forward_hook(cut, prepend=True))
+    if plan.cut_inputs:
+        stage.handles.append(
+            model.register_forward_pre_hook(cut_inputs, with_kwargs=True, prepend=True)
+        )
     stage.handles.append(getattr(model, output).register_forward_hook(place))
