@@ -102,3 +102,27 @@ def test_containers_read_back():
         assert (im.format, im.n_frames, im.size) == (name, 9, (64, 48))
     raw = encode_video(frames, vae_pb2.OUTPUT_FORMAT_RAW, 8)
     assert np.array_equal(np.frombuffer(raw, np.uint8).reshape(frames.shape), frames)
+
+
+def test_latte_takes_one_frame_or_its_whole_length(tmp_path):
+    """Latte's temporal positions are a fixed table: the gateway refuses other counts
+    (before, they passed the gateway and were refused by the denoiser)."""
+    from ditmesh.tiny import make_tiny
+
+    latte = str(make_tiny("latte", tmp_path / "latte"))
+    with pytest.raises(
+        InvalidArgument, match=r"1 frame or exactly 16; 8 is not one: the nearest are 1 or 16"
+    ):
+        _plan(latte, num_frames=8)
+    assert _plan(latte, num_frames=1).num_frames == 1
+    assert _plan(latte, num_frames=16).num_frames == 16
+
+
+def test_warmup_job_of_a_video_model_has_its_frames(cog_dir):
+    """The GPU warm-up (compile, CUDA graphs) runs a video model's default clip."""
+    from ditmesh.denoiser.runner import load_adapter, warmup_job
+
+    model = resolve_model(cog_dir)
+    adapter = load_adapter(model, torch.device("cpu"), "float32")
+    job = warmup_job(adapter, model, cfg=False)
+    assert (job.height, job.width, job.num_frames) == (480, 720, 49)

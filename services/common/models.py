@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -71,6 +72,9 @@ class Family:
     compression); a VAE config's `temporal_compression_ratio` overrides it."""
     default_fps: int = 0
     """Video: the frame rate the model's clips are made for."""
+    exact_frames: bool = False
+    """Video: only 1 frame or exactly `max_num_frames` (Latte's temporal positions are a
+    fixed table of its `video_length`)."""
     video_decoder: str = ""
     """Video: "module:Class" of the VAE stage's decoder for this family."""
 
@@ -211,6 +215,7 @@ LATTE = Family(
     max_num_frames=16,
     frame_multiple=1,
     default_fps=8,
+    exact_frames=True,
     video_decoder="ditmesh.vae.latte_mochi:LatteDecoder",
 )
 
@@ -395,8 +400,11 @@ def offline_default() -> None:
 MAX_FPS = 120
 
 
-def valid_frame_counts(model: ModelRef) -> range:
-    """Every frame count a video model takes: `frame_multiple * k + 1` up to its maximum."""
+def valid_frame_counts(model: ModelRef) -> Sequence[int]:
+    """Every frame count a video model takes: `frame_multiple * k + 1` up to its maximum
+    (1 or the maximum for a family with `exact_frames`)."""
+    if model.family.exact_frames:
+        return (1, model.family.max_num_frames)
     m = model.frame_multiple or 1
     return range(1, model.family.max_num_frames + 1, m)
 
@@ -415,9 +423,12 @@ def check_num_frames(model: ModelRef, n: int) -> None:
     below = [v for v in valid if v < n][-1:]
     above = [v for v in valid if v > n][:1]
     nearest = " or ".join(str(v) for v in below + above)
+    if model.family.exact_frames:
+        what = f"1 frame or exactly {model.family.max_num_frames}"
+    else:
+        what = f"{model.frame_multiple}k+1 frames, 1 to {model.family.max_num_frames}"
     raise InvalidArgument(
-        f"model {model.name!r} makes videos of {model.frame_multiple}k+1 frames, "
-        f"1 to {model.family.max_num_frames}; {n} is not one: the nearest are {nearest}"
+        f"model {model.name!r} makes videos of {what}; {n} is not one: the nearest are {nearest}"
     )
 
 

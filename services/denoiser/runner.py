@@ -57,7 +57,7 @@ def warmup_job(
     only with `cfg` (true CFG)."""
     cond = adapter.warmup_cond()
     cond.update({"negative_" + k: v.clone() for k, v in cond.items()})
-    height, width = size or (model.family.default_size, model.family.default_size)
+    height, width = size or model.family.default_hw
     return DenoiseJob(
         request_id="warmup",
         height=height,
@@ -67,13 +67,14 @@ def warmup_job(
         true_cfg_scale=2.0 if cfg else 1.0,
         seed=0,
         num_images=num_images,
+        num_frames=model.family.default_num_frames if model.video else 0,
         cond=cond,
     )
 
 
 def warmup_sizes(model: ModelRef, speed: Speedups) -> list[tuple[int, int]]:
     """The model's default size, then `speed.warmup_sizes`; each checked as a request's is."""
-    default = (model.family.default_size, model.family.default_size)
+    default = model.family.default_hw
     sizes = [default]
     for h, w in speed.warmup_sizes:
         check_size(model, h, w)
