@@ -29,6 +29,7 @@ from ditmesh.client.types import (
     StageTimings,
     Timings,
 )
+from ditmesh.client.video import Video
 
 __all__ = [
     "AsyncClient",
@@ -51,4 +52,5 @@ __all__ = [
     "TLSError",
     "Timings",
     "UnavailableError",
+    "Video",
 ]

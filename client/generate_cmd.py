@@ -11,6 +11,9 @@ a flag's value is refused with the sentence the SDK and the gateway use.
 With `--partial-images N` each preview is written as it arrives, next to the output
 or in `--partial-dir`, named after the output (`out-partial-0.png`, ...), and its path
 goes to stderr with the progress.
+A video model writes a video: `-o clip.mp4 --num-frames 49 --fps 8` (the suffix picks
+MP4, animated WebP, GIF or raw frames; without `-o`, a request with `--num-frames` or
+`--fps` writes out.mp4).
 `--tls` (the system's CAs) or `--tls-ca PEM` connect with TLS; `--tls-cert/--tls-key` add a
 client certificate for a gateway that requires one (client/tls.py).
 Needs only the client's dependencies: it runs in a client-only install.
@@ -40,7 +43,7 @@ from ditmesh.client.types import (
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
 GATEWAY_ENV = "DITMESH_GATEWAY"
-_FORMATS = ("png", "jpeg", "webp", "raw")
+_FORMATS = ("png", "jpeg", "webp", "raw", "mp4", "gif")
 
 
 def _positive_float(text: str) -> float:
@@ -54,8 +57,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Adds `generate` to an argparse subparsers object (ditmesh.cli owns the top level)."""
     parser = subparsers.add_parser(
         "generate",
-        help="generate image(s) from a prompt through a gateway",
-        description="Send one prompt to a ditmesh gateway and write the image(s).",
+        help="generate image(s) or video(s) from a prompt through a gateway",
+        description="Send one prompt to a ditmesh gateway and write the image(s) or video(s).",
     )
     parser.add_argument("prompt", help="the text prompt")
     parser.add_argument(
@@ -84,7 +87,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         dest="output_format",
         choices=_FORMATS,
         default=None,
-        help="image format (default: from the output's suffix, else png)",
+        help="image format (png, jpeg, webp, raw) or video format (mp4, webp, gif, raw) "
+        "(default: from the output's suffix, else png, or mp4 for a video)",
     )
     parser.add_argument(
         "--quality", type=int, default=0, help="JPEG/WebP quality 1-100 (0: default)"
@@ -94,6 +98,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--request-id",
         default=None,
         help="1-128 characters of [A-Za-z0-9._:-] for the logs (default: random)",
+    )
+    parser.add_argument(
+        "--num-frames",
+        type=int,
+        default=0,
+        metavar="N",
+        help="video models: frames per video (default: the model's)",
+    )
+    parser.add_argument(
+        "--fps",
+        type=int,
+        default=0,
+        help="video models: frames per second of the video (default: the model's)",
     )
     parser.add_argument(
         "--partial-images",
@@ -123,8 +140,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "-o",
         "--output",
-        default="out.png",
-        help="output path; several images get -0, -1, ... before the suffix (default: out.png)",
+        default=None,
+        help="output path; several images get -0, -1, ... before the suffix; a video's "
+        "suffix is .mp4, .webp, .gif or .raw (default: out.png, or out.mp4 with "
+        "--num-frames or --fps)",
     )
     tls = parser.add_argument_group("TLS (default: plaintext)")
     tls.add_argument(
@@ -214,10 +233,17 @@ class _ProgressReporter:
             self._bar_drawn = False
 
 
+def _output_path(args: argparse.Namespace) -> str:
+    """The -o path, else out.png, or out.mp4 when the flags ask for a video."""
+    if args.output is not None:
+        return args.output
+    return "out.mp4" if args.num_frames or args.fps else "out.png"
+
+
 def _output_format(args: argparse.Namespace) -> str:
     if args.output_format:
         return args.output_format
-    return FORMAT_BY_SUFFIX.get(Path(args.output).suffix.lower(), "png")
+    return FORMAT_BY_SUFFIX.get(Path(_output_path(args)).suffix.lower(), "png")
 
 
 def params_of(args: argparse.Namespace) -> GenerateParams:
@@ -234,13 +260,14 @@ def _fail(code: str, sentence: str) -> None:
 def run(args: argparse.Namespace) -> int:
     """Executes `generate`; returns the process exit status."""
     gateway = args.gateway or os.environ.get(GATEWAY_ENV) or DEFAULT_GATEWAY
+    output = _output_path(args)
     if args.partial_dir is not None and not args.partial_images:
         print("error: --partial-dir needs --partial-images N", file=sys.stderr)
         return 2
     partials = None
     if args.partial_images:
         folder = None if args.partial_dir is None else Path(args.partial_dir)
-        partials = PartialWriter(Path(args.output), folder, args.num_images)
+        partials = PartialWriter(Path(output), folder, args.num_images)
     reporter = _ProgressReporter(sys.stderr, partials)
     try:
         params = params_of(args)  # before connecting: a bad flag costs no round trip
@@ -265,12 +292,17 @@ def run(args: argparse.Namespace) -> int:
         return 1
     reporter.close()
     try:
-        paths = result.save(args.output)
+        paths = result.save(output)
     except OSError as exc:
-        print(f"error: cannot write {args.output}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"error: cannot write {output}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except (ValueError, ImportError) as exc:  # a conversion the suffix asks for, not done
+        print(f"error: cannot write {output}: {exc}", file=sys.stderr)
         return 1
     for path in paths:
         print(path)
+    for video in result.videos:
+        print(f"video: {video.num_frames} frames at {video.fps} fps, {video.format}")
     print(f"seed: {result.seed}")
     print(f"total_seconds: {result.timings.total:.3f}")
     if getattr(args, "show_timings", False):

@@ -76,7 +76,8 @@ class GenerateParams:
     num_images: int = 1
     """Images from the one prompt and seed."""
     output_format: OutputFormat = "png"
-    """png, jpeg, webp or raw ([height, width, 3] uint8), or an OutputFormat enum value."""
+    """png, jpeg, webp or raw ([height, width, 3] uint8), or an OutputFormat enum value.
+    A video model's: mp4, webp (animated), gif or raw ([frames, height, width, 3])."""
     quality: int = 0
     """JPEG / WebP quality 1-100 (0: the encoder's default)."""
     model: str = ""
@@ -87,11 +88,16 @@ class GenerateParams:
     """Previews (0-3) before the final image(s), at evenly spaced steps, each handed to
     `generate`'s on_progress as a "partial_image" event; the gateway refuses more than
     steps - 1. Streaming calls only: `generate_unary` has no events to carry them."""
+    num_frames: int = 0
+    """Video models: frames per video (0: the model's default); the model's rule (e.g.
+    4k+1) and limit are the gateway's to check. Image models refuse it."""
+    fps: int = 0
+    """Video models: frames per second written into the container (0: the model's)."""
 
     def __post_init__(self) -> None:
         _check_text("negative_prompt", self.negative_prompt)
         _check_text("model", self.model)
-        for name in ("height", "width", "steps"):
+        for name in ("height", "width", "steps", "num_frames", "fps"):
             if _integer(name, getattr(self, name)) < 0:
                 raise invalid_argument(
                     f"{name} must be >= 0 (0 means the model's default), got {getattr(self, name)}"
@@ -151,6 +157,8 @@ class GenerateParams:
             output_format=format_value(self.output_format),
             quality=self.quality,
             partial_images=self.partial_images,
+            num_frames=self.num_frames,
+            fps=self.fps,
         )
         # Unset (not 0) leaves the choice to the gateway: guidance 0.0 is a real value.
         for name in ("guidance", "true_cfg_scale", "seed"):
@@ -183,7 +191,8 @@ def request_of(
 
 
 def format_value(output_format: OutputFormat) -> int:
-    """Accepts a name ("png", "jpeg", "webp", "raw") or an OutputFormat enum value."""
+    """Accepts a name ("png", "jpeg", "webp", "raw"; for video "mp4", "gif") or an
+    OutputFormat enum value."""
     if isinstance(output_format, str):
         value = FORMAT_BY_NAME.get(output_format.lower().lstrip("."))
         if value is not None:
@@ -191,7 +200,10 @@ def format_value(output_format: OutputFormat) -> int:
     elif isinstance(output_format, int) and not isinstance(output_format, bool):
         if output_format in NAME_BY_FORMAT:
             return output_format
-    raise invalid_argument(f"unknown output_format {output_format!r}; use png, jpeg, webp or raw")
+    raise invalid_argument(
+        f"unknown output_format {output_format!r}; use png, jpeg, webp or raw "
+        "(videos: mp4, webp, gif or raw)"
+    )
 
 
 def _integer(name: str, value: Any) -> int:

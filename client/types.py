@@ -2,19 +2,21 @@
 
 Plain dataclasses with no channel and no protobuf in them, so a caller can keep,
 compare and pickle them. Turning wire messages into them is `ditmesh.client.wire`'s
-job; checking what a caller asks for is `ditmesh.client.params`'.
+job; checking what a caller asks for is `ditmesh.client.params`'; a video model's
+output is a `Video` (ditmesh.client.video).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from PIL import Image
 
+from ditmesh.client.video import Video
 from ditmesh.v1 import vae_pb2
 
 __all__ = [
@@ -31,17 +33,22 @@ __all__ = [
     "ProgressCallback",
     "StageTimings",
     "Timings",
+    "Video",
 ]
 
-OutputFormat = Literal["png", "jpeg", "jpg", "webp", "raw"] | int
+OutputFormat = Literal["png", "jpeg", "jpg", "webp", "raw", "mp4", "gif"] | int
 
-# Lower-case names a caller may pass as output_format, and the reverse mapping.
+# Lower-case names a caller may pass as output_format, and the reverse mapping. Images:
+# png, jpeg, webp, raw; videos: mp4, webp (animated), gif, raw (the gateway knows which
+# the model makes and refuses the others).
 FORMAT_BY_NAME: dict[str, int] = {
     "png": vae_pb2.OUTPUT_FORMAT_PNG,
     "jpeg": vae_pb2.OUTPUT_FORMAT_JPEG,
     "jpg": vae_pb2.OUTPUT_FORMAT_JPEG,
     "webp": vae_pb2.OUTPUT_FORMAT_WEBP,
     "raw": vae_pb2.OUTPUT_FORMAT_RAW,
+    "mp4": vae_pb2.OUTPUT_FORMAT_MP4,
+    "gif": vae_pb2.OUTPUT_FORMAT_GIF,
 }
 NAME_BY_FORMAT: dict[int, str] = {
     vae_pb2.OUTPUT_FORMAT_UNSPECIFIED: "png",  # the proto says unspecified means PNG
@@ -49,17 +56,29 @@ NAME_BY_FORMAT: dict[int, str] = {
     vae_pb2.OUTPUT_FORMAT_JPEG: "jpeg",
     vae_pb2.OUTPUT_FORMAT_WEBP: "webp",
     vae_pb2.OUTPUT_FORMAT_RAW: "raw",
+    vae_pb2.OUTPUT_FORMAT_MP4: "mp4",
+    vae_pb2.OUTPUT_FORMAT_GIF: "gif",
 }
 DEFAULT_MIME = {
     "png": "image/png",
     "jpeg": "image/jpeg",
     "webp": "image/webp",
     "raw": "application/octet-stream",
+    "mp4": "video/mp4",
+    "gif": "image/gif",
 }
 # File suffixes `GenerateResult.save` (and `ditmesh generate -o`) understand; any other
 # suffix gets the bytes as received.
-FORMAT_BY_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp", ".raw": "raw"}
-_PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+FORMAT_BY_SUFFIX = {
+    ".png": "png",
+    ".jpg": "jpeg",
+    ".jpeg": "jpeg",
+    ".webp": "webp",
+    ".raw": "raw",
+    ".mp4": "mp4",
+    ".gif": "gif",
+}
+_PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "gif": "GIF"}
 
 
 def write_image(path: Path, data: bytes, fmt: str, image: Image.Image) -> None:
@@ -70,6 +89,8 @@ def write_image(path: Path, data: bytes, fmt: str, image: Image.Image) -> None:
         path.write_bytes(data)
     elif wanted == "raw":
         path.write_bytes(image.convert("RGB").tobytes())
+    elif wanted == "mp4":
+        raise ValueError(f"{path} names an MP4, which holds a video; this is a still image")
     else:
         image.convert("RGB").save(path, format=_PIL_FORMAT[wanted])
 
@@ -77,22 +98,27 @@ def write_image(path: Path, data: bytes, fmt: str, image: Image.Image) -> None:
 @dataclass(kw_only=True, slots=True, frozen=True)
 class PartialImage:
     """A preview of a request (`partial_images`): its latents after a step, decoded like
-    the final image and in its format."""
+    the final image and in its format. A video model's preview is a whole video, in
+    `video`, and `image` is None."""
 
     index: int
     """0-based, in the order the previews came (OpenAI's partial_image_index)."""
     image_index: int
-    """Which of the request's images it previews (0 unless num_images > 1)."""
-    image: Image.Image
+    """Which of the request's images (or videos) it previews (0 unless num_images > 1)."""
+    image: Image.Image | None
     data: bytes
-    """The bytes `image` was decoded from, as received."""
+    """The bytes `image` (or `video`) was decoded from, as received."""
     format: str
-    """png, jpeg, webp or raw."""
+    """png, jpeg, webp or raw; for a video mp4, webp, gif or raw."""
     mime_type: str
+    video: Video | None = None
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Writes it as `GenerateResult.save` writes an image; returns the path."""
+        """Writes it as `GenerateResult.save` writes an image (or video); returns the path."""
         target = Path(path)
+        if self.video is not None:
+            return self.video.save(target)
+        assert self.image is not None  # one of the two is always set (client/wire.py)
         write_image(target, self.data, self.format, self.image)
         return target
 
@@ -194,7 +220,11 @@ class Timings:
 
 @dataclass(kw_only=True, slots=True)
 class GenerateResult:
-    """The images of one request; `raw[i]` holds the bytes `images[i]` was decoded from."""
+    """The images of one request; `raw[i]` holds the bytes `images[i]` was decoded from.
+
+    A video model's request has its videos in `videos` (bytes, frames, fps: see `Video`)
+    and no images: `images`, `raw`, `formats` and `mime_types` are then empty.
+    """
 
     request_id: str
     images: list[Image.Image]
@@ -203,21 +233,30 @@ class GenerateResult:
     mime_types: list[str]
     seed: int
     timings: Timings
+    videos: list[Video] = field(default_factory=list)
+
+    @property
+    def video(self) -> Video | None:
+        """The first video (the only one unless num_images > 1); None for images."""
+        return self.videos[0] if self.videos else None
 
     def save(self, path: str | os.PathLike[str]) -> list[Path]:
-        """Writes the images; several get `-{i}` before the suffix. Returns the paths.
+        """Writes the images (or videos); several get `-{i}` before the suffix. Returns
+        the paths.
 
         When the suffix matches the received format (or is unknown) the bytes are
         written as received, so nothing is re-encoded; otherwise the image is
-        converted (e.g. a raw tensor saved as out.png becomes a PNG).
+        converted (e.g. a raw tensor saved as out.png becomes a PNG; a video's
+        conversions are `Video.save`'s).
         """
         target = Path(path)
-        if len(self.raw) == 1:
+        count = len(self.videos) or len(self.raw)
+        if count == 1:
             paths = [target]
         else:
-            paths = [
-                target.with_name(f"{target.stem}-{i}{target.suffix}") for i in range(len(self.raw))
-            ]
+            paths = [target.with_name(f"{target.stem}-{i}{target.suffix}") for i in range(count)]
+        if self.videos:
+            return [video.save(out) for out, video in zip(paths, self.videos, strict=True)]
         for out, data, fmt, image in zip(paths, self.raw, self.formats, self.images, strict=True):
             write_image(out, data, fmt, image)
         return paths
@@ -235,6 +274,12 @@ class ModelInfo:
     default_guidance: float
     size_multiple: int
     max_prompt_tokens: int
+    default_num_frames: int = 0
+    """Video models: frames per video unless a request says (0 for image models)."""
+    max_num_frames: int = 0
+    frame_multiple: int = 0
+    """Video models: valid frame counts are frame_multiple * k + 1, up to max_num_frames."""
+    default_fps: int = 0
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)

@@ -4,7 +4,9 @@
 back to the caller and puts chunked images together, checking the order rules of
 gateway.proto (offsets contiguous, a last chunk, total_bytes kept, nothing after
 Finished); `unary_result` and `model_list` turn the unary answers into the SDK's
-types. No channel, retry or deadline here: the clients drive the calls.
+types; an item with `num_frames` set is a video (ditmesh.client.video), its bytes
+kept as they came and its frames decoded when the caller reads them. No channel,
+retry or deadline here: the clients drive the calls.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ditmesh.client.types import (
     StageTimings,
     Timings,
 )
+from ditmesh.client.video import Video
 from ditmesh.v1 import gateway_pb2, vae_pb2
 
 __all__ = ["StreamAssembler", "model_list", "unary_result"]
@@ -44,6 +47,21 @@ class _ImageBytes:
     data: bytearray = field(default_factory=bytearray)
     total_bytes: int = 0
     complete: bool = False
+    num_frames: int = 0
+    """Frames of a video (0: a still image)."""
+    fps: int = 0
+
+    def video(self) -> Video:
+        name = NAME_BY_FORMAT.get(self.format, "raw")
+        return Video(
+            data=bytes(self.data),
+            format=name,
+            mime_type=self.mime_type or DEFAULT_MIME[name],
+            width=self.width,
+            height=self.height,
+            num_frames=self.num_frames,
+            fps=self.fps,
+        )
 
 
 def _decode(image: _ImageBytes) -> Image.Image:
@@ -66,10 +84,8 @@ def _decode(image: _ImageBytes) -> Image.Image:
     return decoded
 
 
-def _partial_image(part: gateway_pb2.PartialImage) -> PartialImage:
-    """A preview, whole in one event (previews are not chunked)."""
-    im = part.image
-    whole = _ImageBytes(
+def _whole(im: gateway_pb2.Image) -> _ImageBytes:
+    return _ImageBytes(
         index=im.index,
         format=im.format,
         mime_type=im.mime_type,
@@ -77,21 +93,34 @@ def _partial_image(part: gateway_pb2.PartialImage) -> PartialImage:
         height=im.height,
         data=bytearray(im.data),
         complete=True,
+        num_frames=im.num_frames,
+        fps=im.fps,
     )
-    fmt = NAME_BY_FORMAT.get(im.format, "png")
+
+
+def _partial_image(part: gateway_pb2.PartialImage) -> PartialImage:
+    """A preview, whole in one event (previews are not chunked)."""
+    whole = _whole(part.image)
+    video = whole.video() if whole.num_frames else None
+    fmt = NAME_BY_FORMAT.get(whole.format, "png")
     return PartialImage(
         index=part.partial_image_index,
-        image_index=im.index,
-        image=_decode(whole),
-        data=bytes(im.data),
+        image_index=whole.index,
+        image=None if video else _decode(whole),
+        data=bytes(whole.data),
         format=fmt,
-        mime_type=im.mime_type or DEFAULT_MIME[fmt],
+        mime_type=whole.mime_type or DEFAULT_MIME[fmt],
+        video=video,
     )
 
 
 def _make_result(
-    request_id: str, images: Sequence[_ImageBytes], finished: gateway_pb2.Finished
+    request_id: str, items: Sequence[_ImageBytes], finished: gateway_pb2.Finished
 ) -> GenerateResult:
+    videos = [item.video() for item in items if item.num_frames]
+    if videos and len(videos) != len(items):
+        raise ProtocolError("the gateway sent videos and still images for one request")
+    images = [] if videos else list(items)
     formats = [NAME_BY_FORMAT.get(image.format, "png") for image in images]
     return GenerateResult(
         request_id=request_id,
@@ -99,6 +128,7 @@ def _make_result(
         raw=[bytes(image.data) for image in images],
         formats=formats,
         mime_types=[im.mime_type or DEFAULT_MIME[f] for im, f in zip(images, formats, strict=True)],
+        videos=videos,
         seed=finished.seed,
         timings=Timings(
             encode=finished.encode_seconds,
@@ -180,6 +210,8 @@ class StreamAssembler:
                 mime_type=chunk.mime_type,
                 width=chunk.width,
                 height=chunk.height,
+                num_frames=chunk.num_frames,
+                fps=chunk.fps,
             )
         elif image.complete:
             raise ProtocolError(f"image {chunk.index} got a chunk after its last one")
@@ -218,18 +250,7 @@ def unary_result(
 ) -> GenerateResult:
     expected = response.finished.num_images or max(request.num_images, 1)
     _check_indices([image.index for image in response.images], expected)
-    images = [
-        _ImageBytes(
-            index=im.index,
-            format=im.format,
-            mime_type=im.mime_type,
-            width=im.width,
-            height=im.height,
-            data=bytearray(im.data),
-            complete=True,
-        )
-        for im in sorted(response.images, key=lambda im: im.index)
-    ]
+    images = [_whole(im) for im in sorted(response.images, key=lambda im: im.index)]
     return _make_result(response.request_id or request.request_id, images, response.finished)
 
 
