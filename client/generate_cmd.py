@@ -88,7 +88,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         choices=_FORMATS,
         default=None,
         help="image format (png, jpeg, webp, raw) or video format (mp4, webp, gif, raw) "
-        "(default: from the output's suffix, else png, or mp4 for a video)",
+        "(default: from the output's suffix, else the model's: png, or mp4 for a video)",
     )
     parser.add_argument(
         "--quality", type=int, default=0, help="JPEG/WebP quality 1-100 (0: default)"
@@ -240,10 +240,11 @@ def _output_path(args: argparse.Namespace) -> str:
     return "out.mp4" if args.num_frames or args.fps else "out.png"
 
 
-def _output_format(args: argparse.Namespace) -> str:
+def _output_format(args: argparse.Namespace) -> str | None:
+    """--format, else the output's suffix, else None: the model's (png, or mp4 for video)."""
     if args.output_format:
         return args.output_format
-    return FORMAT_BY_SUFFIX.get(Path(_output_path(args)).suffix.lower(), "png")
+    return FORMAT_BY_SUFFIX.get(Path(_output_path(args)).suffix.lower())
 
 
 def params_of(args: argparse.Namespace) -> GenerateParams:

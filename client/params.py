@@ -35,7 +35,7 @@ from typing import Any
 
 from ditmesh.client.errors import invalid_argument
 from ditmesh.client.types import FORMAT_BY_NAME, NAME_BY_FORMAT, OutputFormat
-from ditmesh.v1 import gateway_pb2
+from ditmesh.v1 import gateway_pb2, vae_pb2
 
 __all__ = [
     "MAX_PARTIAL_IMAGES",
@@ -75,9 +75,10 @@ class GenerateParams:
     """Seed of the initial noise, 0..2**63-1 (None: the gateway picks one and reports it)."""
     num_images: int = 1
     """Images from the one prompt and seed."""
-    output_format: OutputFormat = "png"
+    output_format: OutputFormat | None = None
     """png, jpeg, webp or raw ([height, width, 3] uint8), or an OutputFormat enum value.
-    A video model's: mp4, webp (animated), gif or raw ([frames, height, width, 3])."""
+    A video model's: mp4, webp (animated), gif or raw ([frames, height, width, 3]).
+    None: the model's kind decides, png for an image model, mp4 for a video model."""
     quality: int = 0
     """JPEG / WebP quality 1-100 (0: the encoder's default)."""
     model: str = ""
@@ -190,9 +191,11 @@ def request_of(
     return merged.to_request(prompt)
 
 
-def format_value(output_format: OutputFormat) -> int:
-    """Accepts a name ("png", "jpeg", "webp", "raw"; for video "mp4", "gif") or an
-    OutputFormat enum value."""
+def format_value(output_format: OutputFormat | None) -> int:
+    """Accepts a name ("png", "jpeg", "webp", "raw"; for video "mp4", "gif"), an
+    OutputFormat enum value, or None (UNSPECIFIED: the gateway picks by the model)."""
+    if output_format is None:
+        return vae_pb2.OUTPUT_FORMAT_UNSPECIFIED
     if isinstance(output_format, str):
         value = FORMAT_BY_NAME.get(output_format.lower().lstrip("."))
         if value is not None:

@@ -303,3 +303,18 @@ def test_cli_takes_gif_from_the_suffix(peer, tmp_path):
     assert peer.requests[0].output_format == vae_pb2.OUTPUT_FORMAT_GIF
     with Image.open(out) as gif:
         assert gif.n_frames == FRAMES
+
+
+def test_the_default_format_is_left_to_the_model(peer, client):
+    """Unset, the gateway picks: PNG for an image model, MP4 for a video model."""
+    peer.streams = [sdk.OK_SCRIPT]
+    client.generate("p")
+    assert peer.requests[0].output_format == vae_pb2.OUTPUT_FORMAT_UNSPECIFIED
+
+
+def test_cli_without_a_known_suffix_leaves_the_format_to_the_model(peer, tmp_path):
+    peer.streams = [script(mp4_of(pixels()), vae_pb2.OUTPUT_FORMAT_MP4)]
+    out = tmp_path / "clip"
+    assert generate_cmd.run(sdk.cli_args("p", "--gateway", peer.address, "-o", str(out))) == 0
+    assert peer.requests[0].output_format == vae_pb2.OUTPUT_FORMAT_UNSPECIFIED
+    assert out.read_bytes()[4:8] == b"ftyp"  # the MP4 as received
