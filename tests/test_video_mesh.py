@@ -124,3 +124,31 @@ def test_the_gateway_refuses_what_the_model_cannot_make(client):
         client.generate(PROMPT, output_format="png")
     with pytest.raises(InvalidArgumentError, match="fps"):
         client.generate(PROMPT, fps=1000)
+
+
+@pytest.mark.parametrize("name", ["cogvideox", "mochi"])
+def test_the_vae_warms_up_on_a_short_clip(name, folder, tmp_path, caplog):
+    """warm_vae on a video model decodes and MP4-encodes the shortest clip of more than
+    one frame at the family's default size, through the stage's own servicer. (The
+    family's default size is made small here: 480x720 on a CPU takes half a minute.)"""
+    import dataclasses
+    import logging
+
+    from ditmesh.common.models import load_class, resolve_model
+    from ditmesh.common.warmup import warm_vae, warmup_num_frames
+    from ditmesh.tiny import make_tiny
+    from ditmesh.vae.service import VaeService
+
+    source = folder if name == "cogvideox" else str(make_tiny(name, tmp_path / name, seed=0))
+    model = resolve_model(source)
+    small = dataclasses.replace(model.family, default_height=HEIGHT, default_width=WIDTH)
+    model = dataclasses.replace(model, family=small)
+    decoder = load_class(model.family.video_decoder)(model, torch.device("cpu"), torch.float32)
+    service = VaeService(decoder)
+    frames = warmup_num_frames(model)
+    assert frames > 1
+    with caplog.at_level(logging.INFO, logger="ditmesh.common.warmup"):
+        warm_vae(service, model)
+    (record,) = [r for r in caplog.records if r.name == "ditmesh.common.warmup"]
+    assert f"VAE warm at {HEIGHT}x{WIDTH}, {frames} frames" in record.getMessage()
+    service.thread.close()

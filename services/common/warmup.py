@@ -7,6 +7,11 @@ Flux, the first request after start spent 1.33 s encoding and 0.89 s decoding ag
 at start: services/denoiser/runner.py); this does the same for the other two stages, so
 the first user's request is no slower than the second. `auto` warms up on a GPU only: on
 a CPU the first call costs nothing extra worth a start-up delay.
+
+A video model's VAE warms up on a short clip (the fewest frames above one the model
+takes) at the family's default size, MP4-encoded, so the 3-D decoder's kernels and the
+H.264 encoder are loaded; a full-length clip would only add start-up time. What the
+stage does with the request is its servicer's; this module only builds the request.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from ditmesh.common.models import ModelRef
+from ditmesh.common.models import ModelRef, valid_frame_counts
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -69,20 +74,38 @@ def warm_encoder(service) -> None:
 
 def warm_vae(service, model: ModelRef) -> None:
     """Runs a request through the VAE's servicer: zero latents at the family's default
-    size, decoded and PNG-encoded."""
+    size, decoded and PNG-encoded; for a video model a short clip, MP4-encoded."""
     from ditmesh.common import codec
     from ditmesh.v1 import vae_pb2
 
     start = time.perf_counter()
-    size = model.family.default_size
-    scale = model.vae_scale_factor
-    latents = torch.zeros(1, model.latent_channels, size // scale, size // scale)
-    params = vae_pb2.DecodeParams(height=size, width=size, output_format=vae_pb2.OUTPUT_FORMAT_PNG)
+    if model.video:
+        height, width = model.family.default_hw
+        frames = warmup_num_frames(model)
+        # The decoder knows its family's latent layout (frames first or channels first).
+        latents = torch.zeros(1, *service.decoder.latent_shape(height, width, frames))
+        params = vae_pb2.DecodeParams(
+            height=height,
+            width=width,
+            output_format=vae_pb2.OUTPUT_FORMAT_MP4,
+            num_frames=frames,
+            fps=model.family.default_fps,
+        )
+    else:
+        height = width = model.family.default_size
+        scale = model.vae_scale_factor
+        latents = torch.zeros(1, model.latent_channels, height // scale, width // scale)
+        params = vae_pb2.DecodeParams(
+            height=height, width=width, output_format=vae_pb2.OUTPUT_FORMAT_PNG
+        )
     requests = codec.params_and_tensors_stream(vae_pb2.DecodeRequest, params, {"latents": latents})
     list(service.Decode(iter(requests), None))
-    log.info(
-        "VAE warm at %dx%d in %.2f s",
-        model.family.default_size,
-        model.family.default_size,
-        time.perf_counter() - start,
-    )
+    clip = f", {params.num_frames} frames" if model.video else ""
+    log.info("VAE warm at %dx%d%s in %.2f s", height, width, clip, time.perf_counter() - start)
+
+
+def warmup_num_frames(model: ModelRef) -> int:
+    """The shortest clip a video model takes with more than one frame (a single frame
+    would skip the temporal layers a real request runs)."""
+    valid = valid_frame_counts(model)
+    return next((n for n in valid if n > 1), valid[0])
