@@ -19,6 +19,19 @@ import sys
 # What make-tiny, serve and up need beyond the client's install: the `server` extra.
 SERVER_MODULES = ("torch", "diffusers", "transformers")
 SERVER_COMMANDS = ("make-tiny", "serve", "up")
+# `ditmesh.tiny.FAMILIES`, spelled out because the parser must build without torch (which
+# ditmesh.tiny imports); tests/test_tiny.py keeps the two equal.
+TINY_FAMILIES = (
+    "flux",
+    "sd3",
+    "pixart-sigma",
+    "pixart-alpha",
+    "hunyuandit",
+    "cogvideox",
+    "cogvideox-2b",
+    "latte",
+    "mochi",
+)
 
 
 def missing_server_modules() -> list[str]:
@@ -205,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-tiny", help="write a small random-weight model folder (no download)")
     p.add_argument(
-        "family", help="model family: flux, sd3, pixart-sigma, pixart-alpha or hunyuandit"
+        "family",
+        help=f"model family: {', '.join(TINY_FAMILIES[:-1])} or {TINY_FAMILIES[-1]} "
+        "(cogvideox is the 5B layout, cogvideox-2b the 2B one)",
     )
     p.add_argument("dir", help="output folder")
     p.add_argument("--seed", type=int, default=0)

@@ -131,6 +131,12 @@ def test_families_match_builders() -> None:
     assert tuple(PIPELINES) == tiny.FAMILIES
 
 
+def test_make_tiny_help_names_every_family() -> None:
+    from ditmesh import cli
+
+    assert cli.TINY_FAMILIES == tiny.FAMILIES
+
+
 def test_unknown_family_names_the_known_ones(tmp_path: pathlib.Path) -> None:
     with pytest.raises(ValueError) as info:
         tiny.make_tiny("sdxl", tmp_path)
