@@ -396,7 +396,7 @@ def test_total_bytes_mismatch_raises(peer, client):
 
 def test_bad_arguments_fail_before_the_network(peer, client):
     with pytest.raises(ValueError, match="output_format"):
-        client.generate("p", output_format="gif")
+        client.generate("p", output_format="bmp")
     with pytest.raises(ValueError, match="num_images"):
         client.generate("p", num_images=0)
     assert peer.requests == []

@@ -41,15 +41,18 @@ def test_plan_fills_in_video_defaults(cog_dir):
 
 
 def test_plan_refuses_frame_counts_with_the_nearest_valid(cog_dir):
-    with pytest.raises(InvalidArgument, match="the nearest are 9 or 13"):
+    # 8k+1: CogVideoX 1.0's VAE gives 8 frames from 2 latent frames, not 5 (models.py).
+    with pytest.raises(InvalidArgument, match="8k\\+1 frames.*the nearest are 9 or 17"):
         _plan(cog_dir, num_frames=11)
+    with pytest.raises(InvalidArgument, match="the nearest are 9 or 17"):
+        _plan(cog_dir, num_frames=13)
     with pytest.raises(InvalidArgument, match="the nearest are 49$"):
         _plan(cog_dir, num_frames=50)
     with pytest.raises(InvalidArgument, match="not PNG|OUTPUT_FORMAT_PNG"):
         _plan(cog_dir, output_format=vae_pb2.OUTPUT_FORMAT_PNG)
     with pytest.raises(InvalidArgument, match="fps"):
         _plan(cog_dir, fps=1000)
-    assert _plan(cog_dir, num_frames=13, fps=24).num_frames == 13
+    assert _plan(cog_dir, num_frames=17, fps=24).num_frames == 17
 
 
 def test_image_models_refuse_video_fields(tmp_path):

@@ -72,6 +72,10 @@ class Family:
     compression); a VAE config's `temporal_compression_ratio` overrides it."""
     default_fps: int = 0
     """Video: the frame rate the model's clips are made for."""
+    frame_step: int = 0
+    """Video: the step between valid frame counts when it is not `frame_multiple`.
+    CogVideoX 1.0's VAE returns the count asked for only from an odd number of latent
+    frames (1, 3, 5 -> 1, 9, 17 frames; 2 and 4 give 8 and 16), so its counts are 8k+1."""
     exact_frames: bool = False
     """Video: only 1 frame or exactly `max_num_frames` (Latte's temporal positions are a
     fixed table of its `video_length`)."""
@@ -191,6 +195,7 @@ COGVIDEOX = Family(
     default_num_frames=49,
     max_num_frames=49,
     frame_multiple=4,
+    frame_step=8,
     default_fps=8,
     video_decoder="ditmesh.vae.video_decoder:CogVideoXDecoder",
 )
@@ -405,7 +410,7 @@ def valid_frame_counts(model: ModelRef) -> Sequence[int]:
     (1 or the maximum for a family with `exact_frames`)."""
     if model.family.exact_frames:
         return (1, model.family.max_num_frames)
-    m = model.frame_multiple or 1
+    m = model.family.frame_step or model.frame_multiple or 1
     return range(1, model.family.max_num_frames + 1, m)
 
 
@@ -426,7 +431,8 @@ def check_num_frames(model: ModelRef, n: int) -> None:
     if model.family.exact_frames:
         what = f"1 frame or exactly {model.family.max_num_frames}"
     else:
-        what = f"{model.frame_multiple}k+1 frames, 1 to {model.family.max_num_frames}"
+        step = model.family.frame_step or model.frame_multiple
+        what = f"{step}k+1 frames, 1 to {model.family.max_num_frames}"
     raise InvalidArgument(
         f"model {model.name!r} makes videos of {what}; {n} is not one: the nearest are {nearest}"
     )

@@ -184,8 +184,8 @@ def serve(
     holder: dict[str, RunningServer] = {}
     service = VaeService(decoder, on_fatal=lambda why: holder["server"].fail(why))
     try:
-        # warm_vae decodes a PNG image: a video model's warm-up is not written yet.
-        if should_warm(o.warmup, pick_device(o.device)) and not model.video:
+        # A video model's warm-up decodes a short clip (common/warmup.py).
+        if should_warm(o.warmup, pick_device(o.device)):
             warm_vae(service, decoder.model)
         running = start_server(
             o.server_config("vae"),
