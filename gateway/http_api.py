@@ -12,6 +12,9 @@ has in hand, when the gateway stops. It serves HTTPS when the gateway serves TLS
 same certificate and, for mutual TLS, the same client CA (services/common/tls.py).
 With tracing on, each generation is one SERVER span (`tracing.request_span`, continuing
 the caller's `traceparent`) over its stage calls, as a gRPC request's is (`_in_span`).
+
+It runs a little past 350 lines: the request path, the SSE stream and the server's
+start and stop belong together; the JSON shapes already live in openai_shapes.py.
 """
 
 from __future__ import annotations

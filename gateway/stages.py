@@ -20,6 +20,9 @@ Scale-to-zero: with `cold_start_wait_s` set (an active autoscaler may start this
 from zero), a stage with no replica at all admits requests and holds them in its queue
 up to that long while a replica starts; past it they get UNAVAILABLE with a retry hint.
 Replicas that exist but are all down are a fault, held only `down_wait_seconds`.
+
+It runs a little past 350 lines: admission, the FIFO hand-out of slots and the health
+timers share one pool's state, and splitting them would put that state in two places.
 """
 
 from __future__ import annotations
