@@ -79,6 +79,9 @@ class Autoscaler:
         self.desired: dict[str, int] = {}
         """The replicas the autoscaler wants per stage now (after bounds, hysteresis and the
         GPU budget), also in dry-run: for export, so KEDA or an HPA can act on them."""
+        self.scale_events: dict[tuple[str, str], int] = {}
+        """(pool, "up" | "down") -> decisions whose target differs from the last one (the
+        first from the replicas there were), dry-run included: a running count, for export."""
 
     def step(self, read: dict[str, StageSnapshot] | None = None) -> list[Decision]:
         """One decision period; blocking (backend calls). `read`: the snapshots, when the
@@ -98,6 +101,10 @@ class Autoscaler:
             snaps[name] = dataclasses.replace(snap, replicas=replicas, ready=ready)
         decisions = self.policy.decide(self.clock(), snaps)
         for d in decisions:
+            before = self.desired.get(d.stage, d.inputs.replicas)
+            if d.target != before:
+                key = (d.stage, "up" if d.target > before else "down")
+                self.scale_events[key] = self.scale_events.get(key, 0) + 1
             self.desired[d.stage] = d.target
             log.info("%s", d.log_line())
             if d.changes:

@@ -11,7 +11,9 @@ Read at scrape time from the gateway's state, with no hook in the code that chan
 - `ditmesh_gateway_replicas`, `ditmesh_gateway_healthy_replicas`: known, and up;
 - `ditmesh_gateway_running_requests`: requests admitted and not finished (all pools);
 - `ditmesh_autoscaler_desired_replicas{pool}`: the autoscaler's last decision per pool,
-  while it runs (absent with `--autoscale off` and before its first decision).
+  while it runs (absent with `--autoscale off` and before its first decision);
+  `ditmesh_autoscaler_scale_events_total{pool,direction}`: decisions that changed a pool's
+  target (up or down) from the last one, dry-run included.
 The state belongs to the gateway's event loop, so the collector reads it there.
 
 Observed as each request ends (`observe_finish`, called once from `Gateway.finish`):
@@ -67,8 +69,10 @@ def _snapshot(server) -> dict:
                 pool.admitted,
             )
         )
-    desired = dict(server.autoscaler.desired) if server.autoscaler is not None else {}
-    return {"pools": pools, "running": gateway.running, "desired": desired}
+    scaler = server.autoscaler
+    desired = dict(scaler.desired) if scaler is not None else {}
+    events = dict(getattr(scaler.autoscaler, "scale_events", {})) if scaler is not None else {}
+    return {"pools": pools, "running": gateway.running, "desired": desired, "events": events}
 
 
 class GatewayCollector(Collector):
@@ -111,6 +115,15 @@ class GatewayCollector(Collector):
             for pool, count in sorted(snap["desired"].items()):
                 desired.add_metric([pool], count)
             yield desired
+        if snap.get("events"):
+            events = CounterMetricFamily(
+                "ditmesh_autoscaler_scale_events",
+                "Decisions that changed a pool's target from the last one (also in dry-run)",
+                labels=["pool", "direction"],
+            )
+            for (pool, direction), count in sorted(snap["events"].items()):
+                events.add_metric([pool, direction], count)
+            yield events
 
 
 class RequestMetrics:

@@ -322,6 +322,8 @@ def test_every_pool_of_a_two_model_gateway_is_decided_on_its_own():
         await asyncio.sleep(0.4)
         assert set(handle.desired) == set(TWO_MODELS)
         assert handle.desired["denoiser@schnell"] == 3 and handle.desired["denoiser@dev"] == 1
+        # One scale-up decided (repeating it in later periods is not another event).
+        assert handle.autoscaler.scale_events == {("denoiser@schnell", "up"): 1}
         await handle.stop()
         for pool in pools:
             await pool.close()

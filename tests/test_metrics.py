@@ -203,7 +203,12 @@ def test_gateway_collector_reads_every_pool_and_the_autoscaler():
     ]
     server = SimpleNamespace(
         gateway=SimpleNamespace(pools=pools, running=5),
-        autoscaler=SimpleNamespace(desired={"denoiser@dev": 3, "encoder": 1}),
+        autoscaler=SimpleNamespace(
+            desired={"denoiser@dev": 3, "encoder": 1},
+            autoscaler=SimpleNamespace(
+                scale_events={("denoiser@dev", "up"): 2, ("denoiser@dev", "down"): 1}
+            ),
+        ),
         run=lambda coro, timeout=None: asyncio.run(coro),
     )
     samples = {
@@ -224,6 +229,9 @@ def test_gateway_collector_reads_every_pool_and_the_autoscaler():
     assert value(samples, "ditmesh_gateway_running_requests") == 5
     assert value(samples, "ditmesh_autoscaler_desired_replicas", pool="denoiser@dev") == 3
     assert value(samples, "ditmesh_autoscaler_desired_replicas", pool="encoder") == 1
+    events = "ditmesh_autoscaler_scale_events_total"
+    assert value(samples, events, pool="denoiser@dev", direction="up") == 2
+    assert value(samples, events, pool="denoiser@dev", direction="down") == 1
     assert sum(1 for name, _ in samples if name == "ditmesh_gateway_queued_requests") == 4
 
 
