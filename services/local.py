@@ -206,7 +206,9 @@ class StageProcess:
                 sys.stderr.write(f"[{self.stage}] {line}")
         self._ready.set()
 
-    def wait_listening(self, timeout: float, abort: threading.Event | None = None) -> str:
+    def wait_listening(
+        self, timeout: float, abort: threading.Event | SignalFlag | None = None
+    ) -> str:
         deadline = time.monotonic() + timeout
         while not self._ready.wait(0.2):
             if abort is not None and abort.is_set():
@@ -248,7 +250,9 @@ class StageProcess:
         return code
 
 
-def wait_healthy(address: str, timeout: float, abort: threading.Event | None = None) -> None:
+def wait_healthy(
+    address: str, timeout: float, abort: threading.Event | SignalFlag | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
@@ -269,7 +273,7 @@ def wait_healthy(address: str, timeout: float, abort: threading.Event | None = N
 class LocalMesh:
     """The four stages as child processes; `abort` set by another thread cuts a start short."""
 
-    def __init__(self, config: UpConfig, abort: threading.Event | None = None) -> None:
+    def __init__(self, config: UpConfig, abort: threading.Event | SignalFlag | None = None) -> None:
         self.config = config
         self.abort = abort
         self.procs: list[StageProcess] = []
@@ -374,8 +378,30 @@ def _say(text: str) -> None:
     os.write(sys.stderr.fileno(), (text + "\n").encode())
 
 
+class SignalFlag:
+    """What `up`'s signal handler sets: a plain attribute, no lock. A handler runs in the
+    main thread between two bytecodes, maybe while that thread holds a lock (a
+    threading.Event's own, in the `wait` it interrupted): setting an Event there can
+    deadlock. `is_set` is what LocalMesh polls; `wait` sleeps in short steps."""
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while not self._set and time.monotonic() < end:
+            time.sleep(0.05)
+        return self._set
+
+
 def run_up(config: UpConfig) -> int:
-    stop = threading.Event()
+    stop = SignalFlag()
     mesh = LocalMesh(config, abort=stop)
     signals = 0
 

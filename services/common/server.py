@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -149,17 +150,23 @@ def _aborted(context: grpc.ServicerContext, exc: BaseException) -> bool:
 
 
 def wait_for_stop_signal(stopped: Callable[[], bool]) -> None:
-    """Blocks until SIGTERM or SIGINT arrives, or `stopped()` (the server stopped itself)."""
-    asked = threading.Event()
+    """Blocks until SIGTERM or SIGINT arrives, or `stopped()` (the server stopped itself).
+
+    The handler takes no lock: it runs in the main thread between two bytecodes, maybe
+    while that thread holds a lock the handler would need (setting a threading.Event
+    from here deadlocked now and then: the Event's own lock, held by the `wait` it
+    interrupted). A list append and a sleeping poll cannot."""
+    asked: list[int] = []
 
     def handler(signum, frame):  # noqa: ARG001
-        asked.set()
+        asked.append(signum)
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
-    while not asked.wait(0.5):
+    while not asked:
         if stopped():
             return
+        time.sleep(0.1)
 
 
 @dataclass(kw_only=True, slots=True)
