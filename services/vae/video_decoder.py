@@ -16,6 +16,8 @@ is refused by the service.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 
@@ -63,6 +65,13 @@ class VideoDecoder:
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """uint8 frames [N, F, H, W, 3]."""
         return to_uint8(self.decode_float(latents))
+
+    def iter_decode(self, latents: torch.Tensor) -> Iterator[np.ndarray]:
+        """One video's uint8 frames [f, H, W, 3], in order, as they are decoded: `latents`
+        is one video ([1, ...]) and the pieces concatenated are `decode(latents)[0]`. This
+        base decodes the whole video at once; a decoder that decodes a few frames at a time
+        yields each batch as soon as it is ready, so the service can send them on."""
+        yield self.decode(latents)[0]
 
     def is_broken(self) -> bool:
         return False  # one process: nothing to lose
