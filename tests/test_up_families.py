@@ -1,12 +1,13 @@
-"""HunyuanDiT and CogVideoX through `ditmesh up` itself, as a user starts them.
+"""HunyuanDiT, CogVideoX, Latte and Mochi-1 through `ditmesh up` itself, as a user starts them.
 
-test_families.py and test_video_mesh.py check these families with the four stages as
-servers in the test's own process; here each model runs in one `ditmesh up` child
-(helpers.UpProcess, one per model for the module), so the CLI's flags, the stages'
-own processes and their model loading are on the path too. The SDK's `Client` asks;
-the answer must equal the plain diffusers pipeline's from the same folder, prompt and
+test_families.py, test_video_mesh.py and test_video_families.py check these families with
+the four stages as servers in the test's own process; here each model runs in one
+`ditmesh up` child (helpers.UpProcess, one per model for the module), so the CLI's flags,
+the stages' own processes and their model loading are on the path too. The SDK's
+`Client` asks; the answer must equal the plain diffusers pipeline's from the same folder, prompt and
 seed (float32 CPU, within 1/255 per pixel). Sizes and step counts are the smallest
-that still exercise CFG, a non-square size, a Chinese prompt and a 9-frame video.
+that still exercise CFG, a non-square size, a Chinese prompt, each video family's
+frame rule (CogVideoX 8k+1, Latte 1 or 16, Mochi 6k+1) and an MP4 read back with PyAV.
 """
 
 from __future__ import annotations
@@ -184,3 +185,140 @@ def test_cogvideox_mp4_decodes_back_to_the_frames_size_and_fps(cog):
         assert stream.average_rate == 12
     assert len(frames) == FRAMES
     assert {(f.width, f.height) for f in frames} == {(WIDTH, HEIGHT)}
+
+
+# ------------------------------------------------------------ Latte and Mochi-1: raw frames and MP4
+
+# 32x48 is 4x6 latents, 2x3 tokens a frame: the smallest non-square size of both families.
+SMALL_H, SMALL_W = 32, 48
+
+
+def video_frames(result, frames: int, height: int, width: int) -> np.ndarray:
+    video = result.video
+    assert (video.num_frames, video.width, video.height, video.format) == (
+        frames,
+        width,
+        height,
+        "raw",
+    )
+    return np.stack([np.asarray(frame) for frame in video.frames]).astype(np.int16)
+
+
+def assert_frames_equal(got: np.ndarray, want, frames: int, height: int, width: int) -> None:
+    want = np.round(np.asarray(want) * 255).astype(np.int16)
+    assert got.shape == want.shape == (frames, height, width, 3)
+    per_frame = np.abs(got - want).reshape(frames, -1).max(axis=1)
+    assert per_frame.max() <= TOL, per_frame
+
+
+@pytest.fixture(scope="module")
+def latte_folder(tmp_path_factory) -> str:
+    from ditmesh.tiny import make_tiny
+
+    return str(make_tiny("latte", tmp_path_factory.mktemp("latte") / "model", seed=0))
+
+
+@pytest.fixture(scope="module")
+def latte(latte_folder) -> Iterator[Client]:
+    yield from serve(latte_folder)
+
+
+@pytest.mark.parametrize(
+    "frames, guidance",
+    [(16, 4.0), (1, 1.0)],  # Latte-1's whole clip with CFG; a still image, no CFG
+    ids=["16-frames-cfg", "1-frame"],
+)
+def test_latte_raw_frames_equal_the_pipelines(latte_folder, latte, frames, guidance):
+    from diffusers import LattePipeline
+
+    steps, seed = 2, 5
+    result = latte.generate(
+        VIDEO_PROMPT,
+        height=SMALL_H,
+        width=SMALL_W,
+        num_frames=frames,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        output_format="raw",
+    )
+    got = video_frames(result, frames, SMALL_H, SMALL_W)
+
+    pipe = LattePipeline.from_pretrained(latte_folder)
+    pipe.set_progress_bar_config(disable=True)
+    want = pipe(
+        VIDEO_PROMPT,
+        height=SMALL_H,
+        width=SMALL_W,
+        video_length=frames,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=torch.Generator().manual_seed(seed),
+        clean_caption=False,
+        output_type="np",
+    ).frames[0]
+    assert_frames_equal(got, want, frames, SMALL_H, SMALL_W)
+
+
+@pytest.fixture(scope="module")
+def mochi_folder(tmp_path_factory) -> str:
+    from ditmesh.tiny import make_tiny
+
+    return str(make_tiny("mochi", tmp_path_factory.mktemp("mochi") / "model", seed=0))
+
+
+@pytest.fixture(scope="module")
+def mochi(mochi_folder) -> Iterator[Client]:
+    yield from serve(mochi_folder)
+
+
+def test_mochi_raw_frames_equal_the_pipelines(mochi_folder, mochi):
+    from diffusers import MochiPipeline
+
+    # 7 frames (6k+1) are 2 latent frames; CFG with a negative prompt.
+    frames, steps, seed, guidance, negative = 7, 2, 5, 4.5, "blurry"
+    result = mochi.generate(
+        VIDEO_PROMPT,
+        negative_prompt=negative,
+        height=SMALL_H,
+        width=SMALL_W,
+        num_frames=frames,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        output_format="raw",
+    )
+    got = video_frames(result, frames, SMALL_H, SMALL_W)
+
+    pipe = MochiPipeline.from_pretrained(mochi_folder)
+    pipe.set_progress_bar_config(disable=True)
+    want = pipe(
+        VIDEO_PROMPT,
+        negative_prompt=negative,
+        height=SMALL_H,
+        width=SMALL_W,
+        num_frames=frames,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+    ).frames[0]
+    assert_frames_equal(got, want, frames, SMALL_H, SMALL_W)
+
+
+def test_mochi_mp4_decodes_back_to_the_frames_size_and_fps(mochi):
+    import av
+
+    # 2 steps: Mochi's linear-quadratic schedule divides by zero at 1 (the pipeline's too).
+    frames = 7
+    result = mochi.generate(
+        VIDEO_PROMPT, height=SMALL_H, width=SMALL_W, num_frames=frames, fps=10, steps=2, seed=1
+    )
+    video = result.video  # MP4 is a video model's default format
+    assert (video.format, video.fps, video.num_frames) == ("mp4", 10, frames)
+    with av.open(io.BytesIO(video.data)) as container:
+        stream = container.streams.video[0]
+        decoded = list(container.decode(stream))
+        assert stream.average_rate == 10
+    assert len(decoded) == frames
+    assert {(f.width, f.height) for f in decoded} == {(SMALL_W, SMALL_H)}
