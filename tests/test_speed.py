@@ -397,3 +397,25 @@ def test_warm_up_runs_each_job_and_says_so(model, caplog):
     assert ran == jobs
     text = caplog.text
     assert "warming up at 64x64" in text and "warm at 64x128 in" in text
+
+
+@pytest.mark.parametrize(
+    "family,expected",
+    [
+        ("flux", lambda t: len(t.transformer_blocks) + len(t.single_transformer_blocks)),
+        ("hunyuandit", lambda t: len(t.blocks)),
+        ("cogvideox", lambda t: len(t.transformer_blocks)),
+        ("mochi", lambda t: len(t.transformer_blocks)),
+    ],
+)
+def test_compile_blocks_finds_every_familys_blocks(family, expected, tmp_path):
+    """--compile compiles each repeated block; HunyuanDiT names its list `blocks`, and a
+    model with none found is refused rather than silently left eager."""
+    from ditmesh.denoiser.speed import compile_blocks
+    from ditmesh.tiny import make_tiny
+
+    adapter = load_adapter(resolve_model(str(make_tiny(family, tmp_path / family))), "cpu")
+    transformer = adapter.transformer
+    assert compile_blocks(transformer) == expected(transformer) > 0
+    with pytest.raises(ValueError, match="no transformer blocks"):
+        compile_blocks(torch.nn.Linear(2, 2))

@@ -135,7 +135,9 @@ def compile_blocks(transformer: nn.Module, mode: str = "default") -> int:
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
             break
     compiled = 0
-    for name in ("transformer_blocks", "single_transformer_blocks"):
+    # HunyuanDiT names its list `blocks`; the others `transformer_blocks` (Flux: and
+    # `single_transformer_blocks`).
+    for name in ("transformer_blocks", "single_transformer_blocks", "blocks"):
         for block in getattr(transformer, name, ()):
             block.compile(fullgraph=False, dynamic=False, mode=None if mode == "default" else mode)
             compiled += 1
