@@ -179,10 +179,12 @@ class PartialWriter:
 
 
 class _ProgressReporter:
-    """Draws a one-line bar from step events on a terminal; other events become one line each.
+    """Draws a one-line bar from step events on a terminal, then "decoding frames k/F" from
+    a video's frame events on a line of its own; other events become one line each.
 
     Off a terminal (a log file) the bar's carriage returns are noise, so the steps
-    become one line. Drawn by hand: the client-only install carries no progress library.
+    become one line and each frame event a line. Drawn by hand: the client-only install
+    carries no progress library.
     Partial images go to `partials` (a `PartialWriter`), their paths to the stream.
     """
 
@@ -194,6 +196,7 @@ class _ProgressReporter:
         self._tty = bool(getattr(stream, "isatty", lambda: False)())
         self._steps_seen = False
         self._bar_drawn = False
+        self._bar_kind = ""
 
     def __call__(self, progress: Progress) -> None:
         if progress.kind == "step":
@@ -202,6 +205,14 @@ class _ProgressReporter:
             self._steps_seen = True
             if self._tty:
                 self._draw(progress.step, progress.total)
+        elif progress.kind == "frames":
+            text = f"decoding frames {progress.frames_done}/{progress.frames_total}"
+            if progress.video_index:
+                text += f" (video {progress.video_index + 1})"
+            if self._tty:
+                self._redraw("frames", text)
+            else:
+                self._line(text)
         elif progress.kind == "queued":
             self._line(f"queued at position {progress.position}")
         elif progress.kind == "encoded":
@@ -217,9 +228,16 @@ class _ProgressReporter:
     def _draw(self, step: int, total: int) -> None:
         done = self._WIDTH * step // total if total > 0 else 0
         bar = "#" * done + "." * (self._WIDTH - done)
-        self._stream.write(f"\rdenoising [{bar}] {step}/{total or '?'} steps")
+        self._redraw("steps", f"denoising [{bar}] {step}/{total or '?'} steps")
+
+    def _redraw(self, kind: str, text: str) -> None:
+        """Draws `text` over the bar line of the same kind; another kind starts a new line."""
+        if self._bar_kind != kind:
+            self.close()
+        self._stream.write(f"\r{text}")
         self._stream.flush()
         self._bar_drawn = True
+        self._bar_kind = kind
 
     def _line(self, text: str) -> None:
         self.close()
@@ -231,6 +249,7 @@ class _ProgressReporter:
             self._stream.write("\n")
             self._stream.flush()
             self._bar_drawn = False
+        self._bar_kind = ""
 
 
 def _output_path(args: argparse.Namespace) -> str:

@@ -128,17 +128,25 @@ class Progress:
     """One progress event of a streaming Generate call.
 
     kind is "queued" (position set), "encoded" or "decoded" (seconds set), "step"
-    (step is 1-based, total the number of denoising steps), or "partial_image" (step
-    and total set, and partial_image: the preview after that step; one event per image
-    of the request, sent only when the request asked for partial_images).
+    (step is 1-based, total the number of denoising steps), "frames" (a video model:
+    stage "vae", video_index, and frames_done of frames_total decoded so far, growing
+    to frames_total; they come between the last step and "decoded"), or
+    "partial_image" (step and total set, and partial_image: the preview after that
+    step; one event per image of the request, sent only when the request asked for
+    partial_images).
     """
 
-    kind: Literal["queued", "encoded", "step", "decoded", "partial_image"]
+    kind: Literal["queued", "encoded", "step", "frames", "decoded", "partial_image"]
     step: int = 0
     total: int = 0
     position: int = 0
     seconds: float = 0.0
     partial_image: PartialImage | None = None
+    stage: str = ""
+    """The stage that reports a "frames" event: "vae"."""
+    video_index: int = 0
+    frames_done: int = 0
+    frames_total: int = 0
 
 
 # What on_progress may be; the async client also awaits what it returns, if awaitable.

@@ -183,6 +183,15 @@ class StreamAssembler:
             return Progress(kind="encoded", seconds=event.encoded.seconds)
         if kind == "step":
             return Progress(kind="step", step=event.step.step, total=event.step.total)
+        if kind == "frames":
+            f = event.frames
+            return Progress(
+                kind="frames",
+                stage=f.stage,
+                video_index=f.video_index,
+                frames_done=f.frames_done,
+                frames_total=f.frames_total,
+            )
         if kind == "decoded":
             return Progress(kind="decoded", seconds=event.decoded.seconds)
         if kind == "partial_image":

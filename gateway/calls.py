@@ -1,6 +1,7 @@
 """One call on one replica of each stage: encode, denoise, decode.
 
-Each function speaks one stage's protocol and nothing more: retries, queues and
+Each function speaks one stage's protocol and nothing more (a stage's progress, steps
+or a video's decoded frames, comes out as it arrives): retries, queues and
 events for the client are the request run's business (`ditmesh.gateway.run`).
 Every tensor answer is read by the codec's one stream reader. A call can be given
 up on while it runs (`Attempt.abandon`): by the health checks when its replica
@@ -47,6 +48,15 @@ class Done:
 class StepDone:
     step: int
     total: int
+
+
+@dataclass(slots=True)
+class FramesDone:
+    """The VAE stage's progress on one video: frames decoded so far of its total."""
+
+    video_index: int
+    frames_done: int
+    frames_total: int
 
 
 @dataclass(slots=True)
@@ -218,7 +228,11 @@ async def decode(
     attempt: Attempt,
     timeout: float,
     limit: float | None,
-) -> list[vae_pb2.ImageChunk]:
+    *,
+    report_frames: bool = False,
+) -> AsyncIterator[FramesDone | Done]:
+    """Yields a FramesDone as the VAE decodes each piece of a video (when
+    `report_frames`, for a video model), then Done(the images' chunks)."""
     params = vae_pb2.DecodeParams(
         request_id=plan.request_id,
         model=_model_on(attempt.replica, plan),
@@ -228,6 +242,7 @@ async def decode(
         quality=plan.quality,
         num_frames=plan.num_frames,
         fps=plan.fps,
+        report_frames=report_frames and plan.num_frames > 0,
     )
     stub = vae_pb2_grpc.VaeStub(attempt.replica.channel)
     requests = codec.params_and_tensors_stream(vae_pb2.DecodeRequest, params, {"latents": latents})
@@ -235,14 +250,32 @@ async def decode(
         requests, timeout=timeout, metadata=attempt.metadata(plan, "/ditmesh.v1.Vae/Decode")
     )
     # Images are held until the stage answers whole, so a retry cannot send the client
-    # a second copy of an image.
+    # a second copy of an image, and a video that fails half-way is never sent.
     chunks = []
     while (msg := await attempt.read(limit)) is not grpc.aio.EOF:
-        chunks.append(msg)
+        if msg.HasField("progress"):
+            p = msg.progress
+            yield FramesDone(p.video_index, p.frames_done, p.frames_total)
+        else:
+            chunks.append(msg)
+    _check_whole(chunks, plan.num_images)
+    yield Done(chunks)
+
+
+def _check_whole(chunks: list[vae_pb2.ImageChunk], num_images: int) -> None:
+    """Every image of the answer ended with its last chunk and has all its bytes."""
     finished = {c.index for c in chunks if c.last}
-    if finished != set(range(plan.num_images)):
-        raise DitmeshError(f"the vae stage returned images {sorted(finished)} of {plan.num_images}")
-    return chunks
+    if finished != set(range(num_images)):
+        raise DitmeshError(f"the vae stage returned images {sorted(finished)} of {num_images}")
+    sizes: dict[int, int] = {}
+    for c in chunks:
+        sizes[c.index] = sizes.get(c.index, 0) + len(c.data)
+    for c in chunks:
+        if c.total_bytes and sizes[c.index] != c.total_bytes:
+            raise DitmeshError(
+                f"the vae stage sent {sizes[c.index]} bytes of image {c.index}, "
+                f"announced {c.total_bytes}"
+            )
 
 
 def _tensors(stream: codec.TensorStream) -> dict[str, torch.Tensor]:

@@ -91,8 +91,11 @@ class RequestRun:
             else:
                 yield item
         t2 = time.monotonic()
-        async for item in self._on_stage(self.stages.vae, self._decode_with(latents)):
-            chunks = item.value
+        async for item in self._on_stage(self.stages.vae, self._decode_with(latents, frames=True)):
+            if isinstance(item, calls.Done):
+                chunks = item.value
+            else:
+                yield item
         t3 = time.monotonic()
         yield self._event(decoded=gateway_pb2.Decoded(seconds=t3 - t2))
         for chunk in chunks:
@@ -198,12 +201,30 @@ class RequestRun:
 
         return run
 
-    def _decode_with(self, latents) -> Callable:
+    def _decode_with(self, latents, frames: bool = False) -> Callable:
+        """Decodes on the VAE stage; with `frames` (the final video, not a preview) each
+        video's frame progress becomes a `frames` event. A retry on another replica
+        decodes from the start again: a count already sent is not sent twice, so the
+        client sees frames_done grow."""
+        reported: dict[int, int] = {}
+
         async def run(attempt: calls.Attempt, timeout: float) -> AsyncIterator:
-            yield calls.Done(
-                await calls.decode(
-                    self.plan, latents, attempt, timeout, self._limit(self.stages.vae)
-                )
-            )
+            limit = self._limit(self.stages.vae)
+            async for item in calls.decode(
+                self.plan, latents, attempt, timeout, limit, report_frames=frames
+            ):
+                if isinstance(item, calls.FramesDone):
+                    if item.frames_done <= reported.get(item.video_index, 0):
+                        continue
+                    reported[item.video_index] = item.frames_done
+                    progress = gateway_pb2.FrameProgress(
+                        stage="vae",
+                        video_index=item.video_index,
+                        frames_done=item.frames_done,
+                        frames_total=item.frames_total,
+                    )
+                    yield self._event(frames=progress)
+                else:
+                    yield item
 
         return run

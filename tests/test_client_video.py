@@ -1,8 +1,9 @@
 """The SDK and `ditmesh generate` with a video model's answers (issue 18), against the
 scripted gateway of test_client_sdk.py: a video's chunks become `result.video` (bytes as
 received, frames as PIL images, fps, num_frames, format), `save` writes or converts it,
-requests carry num_frames and fps, previews of a video are videos, and the CLI writes
-`-o clip.mp4`. The real mesh's videos are tested in test_video_mesh.py.
+requests carry num_frames and fps, previews of a video are videos, the VAE's frame
+progress reaches on_progress (kind "frames") and the CLI's progress ("decoding frames
+k/F"), and the CLI writes `-o clip.mp4`. The real mesh's videos are tested in test_video_mesh.py.
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ditmesh.client import Client, DitmeshClientError, InvalidArgumentError, Video, generate_cmd
+from ditmesh.client import (
+    Client,
+    DitmeshClientError,
+    InvalidArgumentError,
+    Progress,
+    Video,
+    generate_cmd,
+)
 from ditmesh.v1 import gateway_pb2, gateway_pb2_grpc, vae_pb2
 
 from . import test_client_sdk as sdk
@@ -92,6 +100,24 @@ def script(data: bytes, fmt: int, frames: int = FRAMES) -> list[object]:
     return [*sdk.progress_events(), *video_chunks(data, fmt, frames=frames), sdk.finished()]
 
 
+def frame_events(done: list[int], total: int = FRAMES, index: int = 0) -> list[object]:
+    """The gateway's `frames` events: the VAE's progress on video `index`."""
+    return [
+        gateway_pb2.GenerateEvent(
+            frames=gateway_pb2.FrameProgress(
+                stage="vae", video_index=index, frames_done=k, frames_total=total
+            )
+        )
+        for k in done
+    ]
+
+
+def script_with_frames(data: bytes, fmt: int, done: list[int]) -> list[object]:
+    """As the gateway sends a video: steps, the frames decoded, decoded, the chunks."""
+    events = sdk.progress_events()
+    return [*events[:-1], *frame_events(done), events[-1], *video_chunks(data, fmt), sdk.finished()]
+
+
 # ----------------------------------------------------------------------------- SDK
 
 
@@ -139,6 +165,28 @@ def test_raw_video_has_its_frames_fps_and_saves(peer, client, tmp_path):
         assert (webp.format, webp.n_frames) == ("WEBP", FRAMES)
     with pytest.raises(ValueError, match="does not encode MP4"):
         video.save(tmp_path / "clip.mp4")
+
+
+def test_frame_progress_reaches_on_progress_between_the_steps_and_decoded(peer, client):
+    want = pixels()
+    peer.streams = [script_with_frames(want.tobytes(), vae_pb2.OUTPUT_FORMAT_RAW, [2, 4, 5])]
+    seen: list[Progress] = []
+    result = client.generate("p", num_frames=FRAMES, output_format="raw", on_progress=seen.append)
+    assert [p.kind for p in seen] == [
+        "queued",
+        "encoded",
+        "step",
+        "step",
+        *["frames"] * 3,
+        "decoded",
+    ]
+    frames = [p for p in seen if p.kind == "frames"]
+    assert [(p.stage, p.video_index, p.frames_done, p.frames_total) for p in frames] == [
+        ("vae", 0, 2, FRAMES),
+        ("vae", 0, 4, FRAMES),
+        ("vae", 0, 5, FRAMES),
+    ]
+    assert result.video.data == want.tobytes()
 
 
 def test_mp4_video_decodes_with_pyav_and_saves_as_received(peer, client, tmp_path):
@@ -286,6 +334,38 @@ def test_cli_writes_clip_mp4_with_frames_and_fps(peer, tmp_path, capsys):
     assert out.read_bytes() == data
     stdout = capsys.readouterr().out
     assert f"{out}\n" in stdout and "video: 5 frames at 4 fps, mp4" in stdout
+
+
+def test_cli_shows_decoding_frames_in_its_progress(peer, tmp_path, capsys):
+    data = mp4_of(pixels())
+    peer.streams = [script_with_frames(data, vae_pb2.OUTPUT_FORMAT_MP4, [3, 5])]
+    out = tmp_path / "clip.mp4"
+    assert generate_cmd.run(sdk.cli_args("p", "--gateway", peer.address, "-o", str(out))) == 0
+    err = capsys.readouterr().err
+    assert "decoding frames 3/5\ndecoding frames 5/5\ndecoded in" in err
+    assert out.read_bytes() == data
+
+
+def test_cli_draws_frames_on_a_line_of_their_own_on_a_terminal():
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Terminal()
+    reporter = generate_cmd._ProgressReporter(stream)
+    for event in [
+        Progress(kind="step", step=1, total=1),
+        Progress(kind="frames", stage="vae", frames_done=4, frames_total=9),
+        Progress(kind="frames", stage="vae", frames_done=9, frames_total=9),
+        Progress(kind="frames", stage="vae", video_index=1, frames_done=9, frames_total=9),
+        Progress(kind="decoded", seconds=0.5),
+    ]:
+        reporter(event)
+    reporter.close()
+    text = stream.getvalue()
+    # The step bar ends its line; the frame counts overwrite one another on the next.
+    assert "] 1/1 steps\n\rdecoding frames 4/9\rdecoding frames 9/9\r" in text
+    assert text.endswith("\rdecoding frames 9/9 (video 2)\ndecoded in 0.50 s\n")
 
 
 def test_cli_writes_out_mp4_when_asked_for_frames_without_o(peer, tmp_path, monkeypatch):

@@ -107,6 +107,26 @@ def test_containers_read_back():
     assert np.array_equal(np.frombuffer(raw, np.uint8).reshape(frames.shape), frames)
 
 
+@pytest.mark.parametrize(("frames", "quality"), [(49, 90), (60, 90), (5, 100)])
+def test_mp4_longer_than_the_encoders_look_ahead_or_lossless(frames, quality):
+    """Packets leave x264 before the last frame goes in once a clip is longer than its
+    look-ahead (CogVideoX's default 49 frames), or at once when lossless: the muxer then
+    writes its header and changes the stream's time base, which the next frames were
+    stamped with (the muxer refused them: "non monotonically increasing dts")."""
+    import av
+
+    from ditmesh.vae.video import encode_video
+
+    pixels = (np.random.default_rng(0).random((frames, 16, 32, 3)) * 255).astype(np.uint8)
+    mp4 = encode_video(pixels, vae_pb2.OUTPUT_FORMAT_MP4, 8, quality)
+    with av.open(io.BytesIO(mp4)) as c:
+        stream = c.streams.video[0]
+        decoded = list(c.decode(stream))
+        assert stream.average_rate == 8
+    assert len(decoded) == frames
+    assert [f.time for f in decoded] == pytest.approx([i / 8 for i in range(frames)])
+
+
 def test_latte_takes_one_frame_or_its_whole_length(tmp_path):
     """Latte's temporal positions are a fixed table: the gateway refuses other counts
     (before, they passed the gateway and were refused by the denoiser)."""

@@ -1,5 +1,9 @@
 """A video's uint8 frames to the bytes of its container: MP4, animated WebP or GIF, raw.
 
+Frames may come in pieces as a decoder yields them (`VideoWriter`: RAW's bytes go out
+piece by piece, MP4 encodes each frame as it arrives); `encode_video` is the one-call
+form for a whole video.
+
 MP4 is H.264 (libx264, yuv420p, what every player takes) through PyAV, whose wheels
 bundle FFmpeg and the codec, so nothing is needed on the host. Animated WebP and GIF
 go through Pillow. RAW is the frames as they are, [F, H, W, 3] uint8, row-major.
@@ -13,6 +17,7 @@ decoder (video_decoder.py); this module knows nothing of models.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from fractions import Fraction
 
 import numpy as np
@@ -46,45 +51,155 @@ def crf_of_quality(quality: int) -> int:
     return round((100 - quality) * 51 / 100)
 
 
+class VideoWriter:
+    """One video's container, fed its frames piece by piece as they are decoded.
+
+    `add` takes the next frames [f, H, W, 3] uint8 and returns the bytes that may go
+    out now: RAW's bytes are the frames' own, so every piece goes out at once
+    (`incremental`); MP4 encodes each frame as it comes but its container is whole only
+    at `finish` (the index is written last); WebP and GIF hold the frames and encode
+    at `finish`. `finish` returns the rest of the bytes; `close` drops a video left
+    half-made (a failed decode). The bytes are the same however the frames are split.
+    """
+
+    def __init__(self, fmt: int, fps: int, quality: int = 0) -> None:
+        if fps < 1:
+            raise InvalidArgument(f"fps must be at least 1; got {fps}")
+        q = quality or DEFAULT_QUALITY
+        if not 1 <= q <= 100:
+            raise InvalidArgument(f"quality must be between 1 and 100; got {q}")
+        if fmt not in MIME:
+            raise InvalidArgument(f"output format {fmt} holds no video")
+        self.fmt = fmt
+        self.fps = fps
+        self.quality = q
+        self.frames = 0
+        """Frames added so far."""
+        self.size: tuple[int, int] | None = None
+        """(height, width) of the frames, set by the first piece."""
+        self._held: list[np.ndarray] = []
+        self._mp4: _Mp4Stream | None = None
+
+    @property
+    def incremental(self) -> bool:
+        """Whether `add` returns each piece's bytes (RAW) rather than holding them."""
+        return self.fmt == vae_pb2.OUTPUT_FORMAT_RAW
+
+    def add(self, frames: np.ndarray) -> bytes:
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise ValueError(
+                f"frames must be uint8 [F, H, W, 3]; got {frames.dtype} {frames.shape}"
+            )
+        size = (frames.shape[1], frames.shape[2])
+        if self.size is None:
+            self.size = size
+        elif size != self.size:
+            raise ValueError(
+                f"frames of {size[1]}x{size[0]} follow frames of {self.size[1]}x{self.size[0]}"
+            )
+        self.frames += frames.shape[0]
+        if self.fmt == vae_pb2.OUTPUT_FORMAT_RAW:
+            return np.ascontiguousarray(frames).tobytes()
+        if self.fmt == vae_pb2.OUTPUT_FORMAT_MP4:
+            if self._mp4 is None:
+                self._mp4 = _Mp4Stream(size, self.fps, crf_of_quality(self.quality))
+            self._mp4.add(frames)
+        else:
+            self._held.append(frames)
+        return b""
+
+    def finish(self) -> bytes:
+        if self.size is None:
+            raise ValueError("a video needs at least one frame")
+        if self.fmt == vae_pb2.OUTPUT_FORMAT_RAW:
+            return b""
+        if self.fmt == vae_pb2.OUTPUT_FORMAT_MP4:
+            assert self._mp4 is not None  # made by the first add
+            mp4, self._mp4 = self._mp4, None
+            return mp4.finish()
+        frames, self._held = np.concatenate(self._held), []
+        return _encode_animated(frames, self.fmt, self.fps, self.quality)
+
+    def close(self) -> None:
+        """Drops what is held; the writer takes no more frames."""
+        self._held = []
+        if self._mp4 is not None:
+            mp4, self._mp4 = self._mp4, None
+            mp4.close()
+
+
+def encode_pieces(pieces: Iterable[np.ndarray], fmt: int, fps: int, quality: int = 0) -> bytes:
+    """The container bytes of one video whose frames come as pieces [f, H, W, 3] uint8."""
+    writer = VideoWriter(fmt, fps, quality)
+    try:
+        out = [writer.add(piece) for piece in pieces]
+        out.append(writer.finish())
+    finally:
+        writer.close()
+    return b"".join(out)
+
+
 def encode_video(frames: np.ndarray, fmt: int, fps: int, quality: int = 0) -> bytes:
     """The container bytes of one video's frames [F, H, W, 3] uint8."""
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be uint8 [F, H, W, 3]; got {frames.dtype} {frames.shape}")
-    if fps < 1:
-        raise InvalidArgument(f"fps must be at least 1; got {fps}")
-    q = quality or DEFAULT_QUALITY
-    if not 1 <= q <= 100:
-        raise InvalidArgument(f"quality must be between 1 and 100; got {q}")
-    if fmt == vae_pb2.OUTPUT_FORMAT_RAW:
-        return np.ascontiguousarray(frames).tobytes()
-    if fmt == vae_pb2.OUTPUT_FORMAT_MP4:
-        return encode_mp4(frames, fps, crf_of_quality(q))
-    if fmt in (vae_pb2.OUTPUT_FORMAT_WEBP, vae_pb2.OUTPUT_FORMAT_GIF):
-        return _encode_animated(frames, fmt, fps, q)
-    raise InvalidArgument(f"output format {fmt} holds no video")
+    return encode_pieces([frames], fmt, fps, quality)
 
 
 def encode_mp4(frames: np.ndarray, fps: int, crf: int) -> bytes:
-    import av
+    """H.264 in MP4 of frames [F, H, W, 3] uint8 at x264's constant rate factor `crf`."""
+    stream = _Mp4Stream((frames.shape[1], frames.shape[2]), fps, crf)
+    try:
+        stream.add(frames)
+        return stream.finish()
+    finally:
+        stream.close()
 
-    height, width = frames.shape[1:3]
-    if height % 2 or width % 2:
-        # yuv420p halves the chroma planes; sizes are multiples of 16 at the gateway.
-        raise InvalidArgument(f"MP4 needs an even width and height; got {width}x{height}")
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps, 1))
+
+class _Mp4Stream:
+    """An MP4 being written through PyAV, a frame at a time, into memory."""
+
+    def __init__(self, size: tuple[int, int], fps: int, crf: int) -> None:
+        import av
+
+        height, width = size
+        if height % 2 or width % 2:
+            # yuv420p halves the chroma planes; sizes are multiples of 16 at the gateway.
+            raise InvalidArgument(f"MP4 needs an even width and height; got {width}x{height}")
+        self._av = av
+        self._buf = io.BytesIO()
+        self._container = av.open(self._buf, mode="w", format="mp4")
+        stream = self._container.add_stream("libx264", rate=Fraction(fps, 1))
         stream.width, stream.height = width, height
         stream.pix_fmt = "yuv420p"
         stream.time_base = Fraction(1, fps)
         stream.options = {"crf": str(crf)}
-        for i, pixels in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
-            frame.pts = i
-            frame.time_base = stream.time_base
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))  # flush the encoder's delayed frames
-    return buf.getvalue()
+        self._stream = stream
+        # The frames' own time base, one tick a frame. Not `stream.time_base`: the muxer
+        # changes that when it writes the header, at the first packet out, which comes
+        # before the last frame goes in once a video is longer than x264's look-ahead
+        # (or at once when lossless); later frames would be stamped with the wrong base.
+        self._time_base = Fraction(1, fps)
+        self._pts = 0
+        self._closed = False
+
+    def add(self, frames: np.ndarray) -> None:
+        for pixels in frames:
+            frame = self._av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
+            frame.pts = self._pts
+            frame.time_base = self._time_base
+            self._pts += 1
+            self._container.mux(self._stream.encode(frame))
+
+    def finish(self) -> bytes:
+        self._container.mux(self._stream.encode(None))  # flush the encoder's delayed frames
+        self.close()  # writes the index (moov) the player needs
+        return self._buf.getvalue()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._container.close()
 
 
 def _encode_animated(frames: np.ndarray, fmt: int, fps: int, quality: int) -> bytes:

@@ -75,6 +75,18 @@ class PartialImage(_message.Message):
     image: Image
     def __init__(self, partial_image_index: _Optional[int] = ..., step: _Optional[int] = ..., total: _Optional[int] = ..., image: _Optional[_Union[Image, _Mapping]] = ...) -> None: ...
 
+class FrameProgress(_message.Message):
+    __slots__ = ("stage", "video_index", "frames_done", "frames_total")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_INDEX_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_DONE_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    video_index: int
+    frames_done: int
+    frames_total: int
+    def __init__(self, stage: _Optional[str] = ..., video_index: _Optional[int] = ..., frames_done: _Optional[int] = ..., frames_total: _Optional[int] = ...) -> None: ...
+
 class Decoded(_message.Message):
     __slots__ = ("seconds",)
     SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -118,7 +130,7 @@ class StageTiming(_message.Message):
     def __init__(self, stage: _Optional[str] = ..., queue_seconds: _Optional[float] = ..., work_seconds: _Optional[float] = ..., transfer_seconds: _Optional[float] = ..., image_encode_seconds: _Optional[float] = ..., attempts: _Optional[int] = ..., replica: _Optional[str] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
-    __slots__ = ("request_id", "queued", "encoded", "step", "decoded", "image", "finished", "partial_image")
+    __slots__ = ("request_id", "queued", "encoded", "step", "decoded", "image", "finished", "partial_image", "frames")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     ENCODED_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +139,7 @@ class GenerateEvent(_message.Message):
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     PARTIAL_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     queued: Queued
     encoded: Encoded
@@ -135,7 +148,8 @@ class GenerateEvent(_message.Message):
     image: _vae_pb2.ImageChunk
     finished: Finished
     partial_image: PartialImage
-    def __init__(self, request_id: _Optional[str] = ..., queued: _Optional[_Union[Queued, _Mapping]] = ..., encoded: _Optional[_Union[Encoded, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., decoded: _Optional[_Union[Decoded, _Mapping]] = ..., image: _Optional[_Union[_vae_pb2.ImageChunk, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., partial_image: _Optional[_Union[PartialImage, _Mapping]] = ...) -> None: ...
+    frames: FrameProgress
+    def __init__(self, request_id: _Optional[str] = ..., queued: _Optional[_Union[Queued, _Mapping]] = ..., encoded: _Optional[_Union[Encoded, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., decoded: _Optional[_Union[Decoded, _Mapping]] = ..., image: _Optional[_Union[_vae_pb2.ImageChunk, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., partial_image: _Optional[_Union[PartialImage, _Mapping]] = ..., frames: _Optional[_Union[FrameProgress, _Mapping]] = ...) -> None: ...
 
 class Image(_message.Message):
     __slots__ = ("index", "format", "mime_type", "width", "height", "data", "num_frames", "fps")

@@ -57,7 +57,8 @@ class GatewayServicer:
     """
 
     def Generate(self, request, context):
-        """Progress events, then the images as chunks, then `finished`.
+        """Progress events (queued, encoded, a step each, for a video model the frames
+        decoded, decoded), then the images as chunks, then `finished`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -25,21 +25,23 @@ _sym_db = _symbol_database.Default()
 from ditmesh.v1 import tensor_pb2 as ditmesh_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64itmesh/v1/vae.proto\x12\nditmesh.v1\x1a\x17\x64itmesh/v1/tensor.proto\"\xb3\x01\n\x0c\x44\x65\x63odeParams\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\r\n\x05width\x18\x04 \x01(\x05\x12/\n\routput_format\x18\x05 \x01(\x0e\x32\x18.ditmesh.v1.OutputFormat\x12\x0f\n\x07quality\x18\x06 \x01(\x05\x12\x12\n\nnum_frames\x18\x07 \x01(\x05\x12\x0b\n\x03\x66ps\x18\x08 \x01(\x05\"\x99\x01\n\rDecodeRequest\x12*\n\x06params\x18\x01 \x01(\x0b\x32\x18.ditmesh.v1.DecodeParamsH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.ditmesh.v1.TensorChunkH\x00\x12\'\n\x04\x64one\x18\x03 \x01(\x0b\x32\x17.ditmesh.v1.TensorsDoneH\x00\x42\t\n\x07payload\"\xd9\x01\n\nImageChunk\x12\r\n\x05index\x18\x01 \x01(\x05\x12(\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x18.ditmesh.v1.OutputFormat\x12\x11\n\tmime_type\x18\x03 \x01(\t\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\x0e\n\x06offset\x18\x06 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\x12\x0c\n\x04last\x18\x08 \x01(\x08\x12\x13\n\x0btotal_bytes\x18\t \x01(\x03\x12\x12\n\nnum_frames\x18\n \x01(\x05\x12\x0b\n\x03\x66ps\x18\x0b \x01(\x05*\xb9\x01\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTPUT_FORMAT_PNG\x10\x01\x12\x16\n\x12OUTPUT_FORMAT_JPEG\x10\x02\x12\x16\n\x12OUTPUT_FORMAT_WEBP\x10\x03\x12\x15\n\x11OUTPUT_FORMAT_RAW\x10\x04\x12\x15\n\x11OUTPUT_FORMAT_MP4\x10\x05\x12\x15\n\x11OUTPUT_FORMAT_GIF\x10\x06\x32\x46\n\x03Vae\x12?\n\x06\x44\x65\x63ode\x12\x19.ditmesh.v1.DecodeRequest\x1a\x16.ditmesh.v1.ImageChunk(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64itmesh/v1/vae.proto\x12\nditmesh.v1\x1a\x17\x64itmesh/v1/tensor.proto\"\xca\x01\n\x0c\x44\x65\x63odeParams\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\r\n\x05width\x18\x04 \x01(\x05\x12/\n\routput_format\x18\x05 \x01(\x0e\x32\x18.ditmesh.v1.OutputFormat\x12\x0f\n\x07quality\x18\x06 \x01(\x05\x12\x12\n\nnum_frames\x18\x07 \x01(\x05\x12\x0b\n\x03\x66ps\x18\x08 \x01(\x05\x12\x15\n\rreport_frames\x18\t \x01(\x08\"\x99\x01\n\rDecodeRequest\x12*\n\x06params\x18\x01 \x01(\x0b\x32\x18.ditmesh.v1.DecodeParamsH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.ditmesh.v1.TensorChunkH\x00\x12\'\n\x04\x64one\x18\x03 \x01(\x0b\x32\x17.ditmesh.v1.TensorsDoneH\x00\x42\t\n\x07payload\"\x86\x02\n\nImageChunk\x12\r\n\x05index\x18\x01 \x01(\x05\x12(\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x18.ditmesh.v1.OutputFormat\x12\x11\n\tmime_type\x18\x03 \x01(\t\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\x0e\n\x06offset\x18\x06 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\x12\x0c\n\x04last\x18\x08 \x01(\x08\x12\x13\n\x0btotal_bytes\x18\t \x01(\x03\x12\x12\n\nnum_frames\x18\n \x01(\x05\x12\x0b\n\x03\x66ps\x18\x0b \x01(\x05\x12+\n\x08progress\x18\x0c \x01(\x0b\x32\x19.ditmesh.v1.VideoProgress\"O\n\rVideoProgress\x12\x13\n\x0bvideo_index\x18\x01 \x01(\x05\x12\x13\n\x0b\x66rames_done\x18\x02 \x01(\x05\x12\x14\n\x0c\x66rames_total\x18\x03 \x01(\x05*\xb9\x01\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTPUT_FORMAT_PNG\x10\x01\x12\x16\n\x12OUTPUT_FORMAT_JPEG\x10\x02\x12\x16\n\x12OUTPUT_FORMAT_WEBP\x10\x03\x12\x15\n\x11OUTPUT_FORMAT_RAW\x10\x04\x12\x15\n\x11OUTPUT_FORMAT_MP4\x10\x05\x12\x15\n\x11OUTPUT_FORMAT_GIF\x10\x06\x32\x46\n\x03Vae\x12?\n\x06\x44\x65\x63ode\x12\x19.ditmesh.v1.DecodeRequest\x1a\x16.ditmesh.v1.ImageChunk(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ditmesh.v1.vae_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTPUTFORMAT']._serialized_start=620
-  _globals['_OUTPUTFORMAT']._serialized_end=805
+  _globals['_OUTPUTFORMAT']._serialized_start=769
+  _globals['_OUTPUTFORMAT']._serialized_end=954
   _globals['_DECODEPARAMS']._serialized_start=62
-  _globals['_DECODEPARAMS']._serialized_end=241
-  _globals['_DECODEREQUEST']._serialized_start=244
-  _globals['_DECODEREQUEST']._serialized_end=397
-  _globals['_IMAGECHUNK']._serialized_start=400
-  _globals['_IMAGECHUNK']._serialized_end=617
-  _globals['_VAE']._serialized_start=807
-  _globals['_VAE']._serialized_end=877
+  _globals['_DECODEPARAMS']._serialized_end=264
+  _globals['_DECODEREQUEST']._serialized_start=267
+  _globals['_DECODEREQUEST']._serialized_end=420
+  _globals['_IMAGECHUNK']._serialized_start=423
+  _globals['_IMAGECHUNK']._serialized_end=685
+  _globals['_VIDEOPROGRESS']._serialized_start=687
+  _globals['_VIDEOPROGRESS']._serialized_end=766
+  _globals['_VAE']._serialized_start=956
+  _globals['_VAE']._serialized_end=1026
 # @@protoc_insertion_point(module_scope)

@@ -25,7 +25,7 @@ OUTPUT_FORMAT_MP4: OutputFormat
 OUTPUT_FORMAT_GIF: OutputFormat
 
 class DecodeParams(_message.Message):
-    __slots__ = ("request_id", "model", "height", "width", "output_format", "quality", "num_frames", "fps")
+    __slots__ = ("request_id", "model", "height", "width", "output_format", "quality", "num_frames", "fps", "report_frames")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class DecodeParams(_message.Message):
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
     FPS_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FRAMES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     height: int
@@ -42,7 +43,8 @@ class DecodeParams(_message.Message):
     quality: int
     num_frames: int
     fps: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., quality: _Optional[int] = ..., num_frames: _Optional[int] = ..., fps: _Optional[int] = ...) -> None: ...
+    report_frames: bool
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., quality: _Optional[int] = ..., num_frames: _Optional[int] = ..., fps: _Optional[int] = ..., report_frames: _Optional[bool] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("params", "chunk", "done")
@@ -55,7 +57,7 @@ class DecodeRequest(_message.Message):
     def __init__(self, params: _Optional[_Union[DecodeParams, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ..., done: _Optional[_Union[_tensor_pb2.TensorsDone, _Mapping]] = ...) -> None: ...
 
 class ImageChunk(_message.Message):
-    __slots__ = ("index", "format", "mime_type", "width", "height", "offset", "data", "last", "total_bytes", "num_frames", "fps")
+    __slots__ = ("index", "format", "mime_type", "width", "height", "offset", "data", "last", "total_bytes", "num_frames", "fps", "progress")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     MIME_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +69,7 @@ class ImageChunk(_message.Message):
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
     FPS_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
     index: int
     format: OutputFormat
     mime_type: str
@@ -78,4 +81,15 @@ class ImageChunk(_message.Message):
     total_bytes: int
     num_frames: int
     fps: int
-    def __init__(self, index: _Optional[int] = ..., format: _Optional[_Union[OutputFormat, str]] = ..., mime_type: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ..., total_bytes: _Optional[int] = ..., num_frames: _Optional[int] = ..., fps: _Optional[int] = ...) -> None: ...
+    progress: VideoProgress
+    def __init__(self, index: _Optional[int] = ..., format: _Optional[_Union[OutputFormat, str]] = ..., mime_type: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ..., total_bytes: _Optional[int] = ..., num_frames: _Optional[int] = ..., fps: _Optional[int] = ..., progress: _Optional[_Union[VideoProgress, _Mapping]] = ...) -> None: ...
+
+class VideoProgress(_message.Message):
+    __slots__ = ("video_index", "frames_done", "frames_total")
+    VIDEO_INDEX_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_DONE_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    video_index: int
+    frames_done: int
+    frames_total: int
+    def __init__(self, video_index: _Optional[int] = ..., frames_done: _Optional[int] = ..., frames_total: _Optional[int] = ...) -> None: ...

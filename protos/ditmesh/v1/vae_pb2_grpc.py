@@ -49,7 +49,12 @@ class VaeServicer:
     def Decode(self, request_iterator, context):
         """The request stream is one DecodeParams, then the latents as chunks (name
         "latents", the denoiser's output as is), then one TensorsDone. The
-        response stream is the images, each as one or more ImageChunks.
+        response stream is the images, each as one or more ImageChunks. A video's chunks
+        may come while it is still being decoded (RAW: each piece of frames as it is
+        decoded); with DecodeParams.report_frames, messages that carry only `progress`
+        say how many of its frames are decoded. A video is whole only once its `last`
+        chunk came and the call ended OK: a call that fails mid-video ends with an error
+        status, never with a shortened video.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
