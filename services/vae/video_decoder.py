@@ -9,9 +9,11 @@ so the frames equal the pipeline's. How a family plugs in: subclass `VideoDecode
 the VAE in `__init__`, and write `latent_shape` (what a request's latents must look like)
 and `decode_float` (the pipeline's own decode and `postprocess_video`).
 
-One process decodes a whole video; the video VAE gang (3D causal convolutions split
-across processes with halo exchange) is not built yet, so `--parallel` on a video model
-is refused by the service.
+Streaming: `iter_decode` yields one video's frames piece by piece as the VAE decodes them
+(CogVideoX: each latent frame batch of its conv-cached loop). A decoder therefore also
+says how it decodes in three steps that the video VAE gang (video_gang.py) reuses with a
+sharded copy of the VAE: `vae_input` (latents as the VAE takes them), `iter_pixels` (the
+VAE's output piece by piece, given the VAE to run) and `postprocess`.
 """
 
 from __future__ import annotations
@@ -66,12 +68,32 @@ class VideoDecoder:
         """uint8 frames [N, F, H, W, 3]."""
         return to_uint8(self.decode_float(latents))
 
+    def vae_input(self, latents: torch.Tensor) -> torch.Tensor:
+        """One video's latents [1, ...] as the VAE takes them: [1, C, F, h, w], scaled."""
+        raise NotImplementedError
+
+    def iter_pixels(self, vae: torch.nn.Module, z: torch.Tensor) -> Iterator[torch.Tensor]:
+        """`vae`'s output for `z` (from `vae_input`) in order, [1, 3, f, H, W] in [-1, 1]
+        per piece. `vae` is this decoder's VAE or the gang's sharded copy of it. This
+        base decodes in one piece; a family whose decode is batched yields each batch."""
+        yield vae.decode(z, return_dict=False)[0]
+
+    def postprocess(self, pixels: torch.Tensor) -> np.ndarray:
+        """One piece of `iter_pixels` as float frames [f, H, W, 3] in [0, 1]."""
+        return self.processor.postprocess_video(pixels, output_type="np")[0]
+
+    @torch.inference_mode()
+    def iter_float(self, latents: torch.Tensor) -> Iterator[np.ndarray]:
+        """`iter_decode` before its uint8 rounding."""
+        for pixels in self.iter_pixels(self.vae, self.vae_input(latents)):
+            yield self.postprocess(pixels)
+
     def iter_decode(self, latents: torch.Tensor) -> Iterator[np.ndarray]:
         """One video's uint8 frames [f, H, W, 3], in order, as they are decoded: `latents`
-        is one video ([1, ...]) and the pieces concatenated are `decode(latents)[0]`. This
-        base decodes the whole video at once; a decoder that decodes a few frames at a time
-        yields each batch as soon as it is ready, so the service can send them on."""
-        yield self.decode(latents)[0]
+        is one video ([1, ...]) and the pieces concatenated are `decode(latents)[0]`, so
+        the service can send each piece on while the next is decoded."""
+        for piece in self.iter_float(latents):
+            yield to_uint8(piece)
 
     def is_broken(self) -> bool:
         return False  # one process: nothing to lose
@@ -100,8 +122,31 @@ class CogVideoXDecoder(VideoDecoder):
         frames = (num_frames - 1) // self.model.frame_multiple + 1
         return (frames, self.model.latent_channels, height // vsf, width // vsf)
 
+    def vae_input(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents.to(self.device, self.dtype).permute(0, 2, 1, 3, 4) / self.scaling
+
     @torch.inference_mode()
     def decode_float(self, latents: torch.Tensor) -> np.ndarray:
-        z = latents.to(self.device, self.dtype).permute(0, 2, 1, 3, 4) / self.scaling
-        frames = self.vae.decode(z).sample
+        frames = self.vae.decode(self.vae_input(latents)).sample
         return self.processor.postprocess_video(frames, output_type="np")
+
+    def iter_pixels(self, vae: torch.nn.Module, z: torch.Tensor) -> Iterator[torch.Tensor]:
+        """AutoencoderKLCogVideoX._decode's loop, one latent frame batch (with the previous
+        batch's conv cache) per piece: the same calls, so the pieces joined are its output."""
+        cache = None
+        for start, end in frame_batches(z.shape[2], vae.num_latent_frames_batch_size):
+            zi = z[:, :, start:end]
+            if vae.post_quant_conv is not None:
+                zi = vae.post_quant_conv(zi)
+            pixels, cache = vae.decoder(zi, conv_cache=cache)
+            yield pixels
+
+
+def frame_batches(frames: int, batch: int) -> list[tuple[int, int]]:
+    """The latent frame ranges AutoencoderKLCogVideoX._decode decodes one after another:
+    `batch` frames each, the remainder (frames % batch) added to the first."""
+    extra = frames % batch
+    return [
+        (batch * i + (0 if i == 0 else extra), batch * (i + 1) + extra)
+        for i in range(max(frames // batch, 1))
+    ]
