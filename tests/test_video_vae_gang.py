@@ -1,8 +1,11 @@
 """The video VAE gang (issue 18) against the single-process decode, and streamed pieces.
 
 Tolerances, float32 on CPU: the float frames in [0, 1] (before uint8 rounding) may differ
-by FLOAT_TOL = 1e-5 from the single decode, and the uint8 frames must be equal. The only
-difference there should be is the order in which the gang sums the group-norm statistics.
+by FLOAT_TOL = 1e-5 from the single decode, and the uint8 frames must be equal wherever
+that tolerance cannot move the rounding: a reference value within FLOAT_TOL of a rounding
+boundary (k + 0.5 levels) may land one level off, as a few values of a thousand-odd near
+such a boundary do for Latte (distvae's group norm sums in another order: about 3e-6 off).
+The only differences there should be are the orders in which the gang sums statistics.
 
 One start of M processes per gang size runs every family and case (they fork from a
 forkserver that imported torch, diffusers and distvae once). The cases: latent rows that
@@ -63,6 +66,15 @@ def make_latents(decoder, family: str) -> list[torch.Tensor]:
         torch.randn(1, *decoder.latent_shape(8 * h, 8 * w, f), generator=g)
         for f, h, w in CASES[family]
     ]
+
+
+def assert_uint8_equal(got: np.ndarray, want: np.ndarray, what) -> None:
+    """The uint8 frames of `got` equal `want`'s except, by one level, where `want` lies
+    within FLOAT_TOL of a rounding boundary (so a difference within tolerance may cross it)."""
+    a, b = to_uint8(got), to_uint8(want)
+    near = np.abs((want * 255) % 1 - 0.5) <= 255 * FLOAT_TOL
+    assert not ((a != b) & ~near).any(), what
+    assert int(np.abs(a.astype(np.int16) - b).max()) <= 1, what
 
 
 def _rank_main(
@@ -185,7 +197,7 @@ def test_gang_decode_matches_single_process(models, single, world, tmp_path):
             assert frames.shape == want.shape, (family, f, h, w)
             err = float(np.abs(frames - want).max())
             assert err <= FLOAT_TOL, f"{family} M={world} {f} frames {h}x{w}: max abs {err:.2e}"
-            assert np.array_equal(to_uint8(frames), to_uint8(want)), (family, f, h, w)
+            assert_uint8_equal(frames, want, (family, f, h, w))
             worst = max(worst, err)
         report.append(f"{family}: max abs {worst:.2e}, {got['seconds']:.2f} s")
     print(f"\nvideo VAE gang M={world}: " + "; ".join(report))
