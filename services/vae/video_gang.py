@@ -27,6 +27,7 @@ What the service does with the frames (containers, chunks) is service.py's and v
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Iterator
@@ -211,8 +212,10 @@ class VideoVaeGang(GangLeader):
 
     def iter_decode(self, latents: torch.Tensor) -> Iterator[np.ndarray]:
         """One video's uint8 frames [f, H, W, 3] as they are decoded (VideoDecoder's)."""
-        for piece in self.iter_float(latents):
-            yield to_uint8(piece)
+        # Closed here, not whenever it is collected: closing finishes the video on every rank.
+        with contextlib.closing(self.iter_float(latents)) as pieces:
+            for piece in pieces:
+                yield to_uint8(piece)
 
     def decode_float(self, latents: torch.Tensor) -> np.ndarray:
         """Float frames [N, F, H, W, 3] in [0, 1], the videos one after another."""
