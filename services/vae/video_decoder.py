@@ -6,8 +6,9 @@ A decoder takes the denoiser's latents as the pipeline holds them before its own
 `decode_latents` (for CogVideoX [N, latent frames, C, h, w], scaling not yet undone) and
 returns uint8 frames [N, frames, H, W, 3], rounded as diffusers' `numpy_to_pil` rounds,
 so the frames equal the pipeline's. How a family plugs in: subclass `VideoDecoder`, load
-the VAE in `__init__`, and write `latent_shape` (what a request's latents must look like)
-and `decode_float` (the pipeline's own decode and `postprocess_video`).
+the VAE in `__init__`, and write `latent_shape` (what a request's latents must look like),
+`decode_float` (the pipeline's own decode and `postprocess_video`), `vae_input` and, where
+the decode is batched, `iter_pixels` (below).
 
 Streaming: `iter_decode` yields one video's frames piece by piece as the VAE decodes them
 (CogVideoX: each latent frame batch of its conv-cached loop). A decoder therefore also
