@@ -116,6 +116,18 @@ def test_chunks_of_a_part_run_on_from_its_offset():
     assert (chunks[0].num_frames, chunks[0].width, chunks[1].num_frames) == (3, 4, 0)
 
 
+def test_the_gateway_takes_no_video_short_of_its_announced_bytes():
+    from ditmesh.common.errors import DitmeshError
+    from ditmesh.gateway.calls import _check_whole
+
+    chunks = list(iter_image_chunks(0, b"abcdefghi", RAW, 4, 2, 4, num_frames=3))
+    _check_whole(chunks, 1)
+    with pytest.raises(DitmeshError, match="returned images \\[\\] of 1"):
+        _check_whole(chunks[:-1], 1)
+    with pytest.raises(DitmeshError, match="sent 5 bytes of image 0, announced 9"):
+        _check_whole([chunks[0], chunks[-1]], 1)
+
+
 # ----------------------------------------------------------------------------- the VAE stage
 
 
