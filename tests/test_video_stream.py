@@ -348,6 +348,21 @@ def test_raw_frames_streamed_equal_the_frames_decoded_whole(mesh, pieces):
     whole, done_whole = raw(None)
     assert (done_streamed, done_whole) == ([2, 4, 6, 8, 9], [9])
     assert len(streamed) == FRAMES * HEIGHT * WIDTH * 3 and streamed == whole
+    # The unary call leaves the frame progress out and answers the same video.
+    pieces.piece = 2
+    req = gateway_pb2.GenerateRequest(
+        prompt=PROMPT,
+        height=HEIGHT,
+        width=WIDTH,
+        num_frames=FRAMES,
+        fps=FPS,
+        steps=1,
+        seed=3,
+        output_format=RAW,
+    )
+    with grpc.insecure_channel(mesh.address) as channel:
+        answer = gateway_pb2_grpc.GatewayStub(channel).GenerateUnary(req, timeout=300)
+    assert [(im.num_frames, im.data == streamed) for im in answer.images] == [(FRAMES, True)]
 
 
 @pytest.mark.slow
