@@ -92,9 +92,13 @@ def receiver():
 
 
 class Service:
-    """`ditmesh serve ...` as a child process exporting spans; stderr to a file."""
+    """`ditmesh serve ...` as a child process exporting spans; stderr to a file.
 
-    def __init__(self, args: list[str], env: dict, log_path) -> None:
+    `start_stages` starts the three stages at once (their imports and model loads
+    overlap on two cores); `stop_all` signals every service before waiting for any."""
+
+    def __init__(self, args: list[str], env: dict, log_path, wait: bool = True) -> None:
+        self.name = args[0]
         self.log_path = log_path
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
@@ -104,21 +108,42 @@ class Service:
             text=True,
             env=env,
         )
+        if wait:
+            self.wait_listening()
+
+    def wait_listening(self) -> None:
         line = self.proc.stdout.readline()
         if "listening on" not in line:
             self.stop()
-            raise RuntimeError(f"{args[0]} did not start:\n{log_path.read_text()[-3000:]}")
+            raise RuntimeError(f"{self.name} did not start:\n{self.log_path.read_text()[-3000:]}")
         self.address = line.split()[-1]
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(30)
         self._log.close()
+
+
+def start_stages(model: str, env: dict, log_dir, started: list[Service]) -> None:
+    """Encoder, denoiser and VAE, appended to `started` as each process starts (so the
+    caller's `stop_all` ends them whatever fails), then waited for."""
+    for stage in ("encoder", "denoiser", "vae"):
+        started.append(Service([stage, "--model", model], env, log_dir / f"{stage}.log", False))
+    for s in started:
+        s.wait_listening()
+
+
+def stop_all(started: list[Service]) -> None:
+    for s in reversed(started):
+        if s.proc.poll() is None:
+            s.proc.terminate()
+    for s in reversed(started):
+        s.stop()
 
 
 def _traced_env(endpoint: str) -> dict:
@@ -138,8 +163,7 @@ def test_one_trace_across_the_four_services(receiver, tiny_flux, tmp_path):
     env = _traced_env(receiver.endpoint)
     started: list[Service] = []
     try:
-        for stage in ("encoder", "denoiser", "vae"):
-            started.append(Service([stage, "--model", tiny_flux], env, tmp_path / f"{stage}.log"))
+        start_stages(tiny_flux, env, tmp_path, started)
         enc, den, vae = started
         gateway_args = ["gateway", "--model", tiny_flux, "--encoder", enc.address]
         gateway_args += ["--denoiser", den.address, "--vae", vae.address]
@@ -168,8 +192,7 @@ def test_one_trace_across_the_four_services(receiver, tiny_flux, tmp_path):
         time.sleep(0.5)  # anything late (it must not be another trace) arrives too
         spans = receiver.snapshot()
     finally:
-        for s in reversed(started):
-            s.stop()
+        stop_all(started)
 
     # One trace: every span the mesh sent belongs to the one request.
     assert len({s.trace_id for s in spans}) == 1, sorted({(s.service, s.name) for s in spans})
@@ -332,8 +355,7 @@ def test_an_http_request_is_one_trace_under_its_server_span(receiver, tiny_flux,
     caller_trace, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
     started: list[Service] = []
     try:
-        for stage in ("encoder", "denoiser", "vae"):
-            started.append(Service([stage, "--model", tiny_flux], env, tmp_path / f"{stage}.log"))
+        start_stages(tiny_flux, env, tmp_path, started)
         enc, den, vae = started
         gateway_args = ["gateway", "--model", tiny_flux, "--encoder", enc.address]
         gateway_args += ["--denoiser", den.address, "--vae", vae.address, "--http-port", "0"]
@@ -364,8 +386,7 @@ def test_an_http_request_is_one_trace_under_its_server_span(receiver, tiny_flux,
         time.sleep(0.5)  # anything late (it must not be a third trace) arrives too
         spans = receiver.snapshot()
     finally:
-        for s in reversed(started):
-            s.stop()
+        stop_all(started)
 
     traces: dict[str, list[Span]] = {}
     for s in spans:
