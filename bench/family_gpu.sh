@@ -27,15 +27,15 @@ for s in ${SYSTEMS:-$ALL}; do
   echo "== $s $(date +%T)"
   case $s in
     diffusers) timeout -k 10 ${T:-300} python3 bench/peer_family.py --system diffusers \
-                 --family $FAMILY $ARGS > $L/$s.log 2>&1 ;;
+                 --family $FAMILY $ARGS > $L/${s/+/-}.log 2>&1 ;;
     xfuser) timeout -k 10 ${T:-300} torchrun --nproc_per_node 1 bench/peer_family.py \
-              --system xfuser --family $FAMILY $ARGS > $L/$s.log 2>&1 ;;
+              --system xfuser --family $FAMILY $ARGS > $L/${s/+/-}.log 2>&1 ;;
     xfuser+compile) timeout -k 10 ${T:-300} torchrun --nproc_per_node 1 bench/peer_family.py \
-              --system xfuser --compile --family $FAMILY $ARGS > $L/$s.log 2>&1 ;;
+              --system xfuser --compile --family $FAMILY $ARGS > $L/${s/+/-}.log 2>&1 ;;
     ditmesh) timeout -k 10 ${T:-420} python3 bench/family_gpu.py $ARGS \
-               --layouts ${LAYOUTS:-single,single+compile} --out $L > $L/$s.log 2>&1 ;;
+               --layouts ${LAYOUTS:-single,single+compile} --out $L > $L/${s/+/-}.log 2>&1 ;;
   esac
-  grep RESULT $L/$s.log || tail -15 $L/$s.log
+  grep RESULT $L/${s/+/-}.log || tail -15 $L/${s/+/-}.log
 done
 echo "== table $(date +%T)"
 grep -h RESULT $L/*.log | python3 bench/family_table.py | tee $L/table.md

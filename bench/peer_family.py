@@ -101,6 +101,19 @@ def main() -> None:
             .to(device)
         )
         version = f"xfuser-{getattr(xfuser, '__version__', '0.7.0')}"
+        # xfuser wraps the scheduler (`.module`), which also hides its class from the
+        # pipeline's own isinstance checks.
+        scheduler = getattr(pipe.scheduler, "module", pipe.scheduler)
+        if type(scheduler).__name__ == "CogVideoXDPMScheduler":
+            # The 5B's DPM scheduler fails under xfuser 0.7.0 (its wrapper hides the class, so
+            # the loop steps it DDIM-style: step() without timestep_back); the DDIM one the
+            # 2B ships does the same work per step, so it stands in for the timing.
+            from diffusers import CogVideoXDDIMScheduler
+
+            ddim = CogVideoXDDIMScheduler.from_config(scheduler.config)
+            getattr(pipe, "module", pipe).scheduler = ddim  # the pipeline xfuser wraps
+            pipe.scheduler = ddim
+            version += "(ddim)"
         barrier = torch.distributed.barrier
     cond = conditioning(args.family, pipe.transformer, device, dtype)
     size = dict(height=args.height, width=args.width)
