@@ -242,3 +242,46 @@ def test_video_gang_leader_streams_batches_and_fails_on_a_dead_worker(models, de
             next(gang.iter_decode(two[:1]))
     finally:
         gang.close()
+
+
+@pytest.mark.slow
+def test_the_vae_stage_serves_a_video_through_its_gang(models, decoders):
+    """`serve(parallel=2)` on a video model leads a video VAE gang: a 17-frame CogVideoX
+    clip (CogVideoX takes 8k+1 frames) asked over gRPC as RAW comes back piece by piece (progress after each latent frame
+    batch) and equals the single-process decode, as the gang's frames do above."""
+    import grpc
+
+    from ditmesh.common import codec
+    from ditmesh.common.server import StageOptions
+    from ditmesh.v1 import vae_pb2, vae_pb2_grpc
+    from ditmesh.vae.service import serve
+
+    model = models["cogvideox-2b"]
+    dec = decoders["cogvideox-2b"]
+    latents = torch.randn(1, *dec.latent_shape(40, 48, 17), generator=torch.Generator())
+    want = dec.decode_float(latents)[0]
+    running = serve(model.source, StageOptions(device="cpu", dtype="float32"), parallel=2)
+    try:
+        params = vae_pb2.DecodeParams(
+            height=40,
+            width=48,
+            num_frames=17,
+            fps=8,
+            output_format=vae_pb2.OUTPUT_FORMAT_RAW,
+            report_frames=True,
+        )
+        requests = codec.params_and_tensors_stream(
+            vae_pb2.DecodeRequest, params, {"latents": latents}
+        )
+        with grpc.insecure_channel(running.address) as channel:
+            answer = list(vae_pb2_grpc.VaeStub(channel).Decode(requests, timeout=120))
+    finally:
+        running.stop(0)
+    progress = [m.progress.frames_done for m in answer if m.HasField("progress")]
+    assert progress[-1] == 17 and len(progress) == 2, progress  # two latent frame batches
+    data = b"".join(m.data for m in answer if not m.HasField("progress"))
+    frames = np.frombuffer(data, np.uint8).reshape(17, 40, 48, 3)
+    near = np.abs((want * 255) % 1 - 0.5) <= 255 * FLOAT_TOL
+    ref = to_uint8(want)
+    assert not ((frames != ref) & ~near).any()
+    assert int(np.abs(frames.astype(np.int16) - ref).max()) <= 1

@@ -38,6 +38,7 @@ from ditmesh.vae.decoder import MIME, Decoder, VaeDecoder, encode_image, normali
 from ditmesh.vae.gang import VaeGang, check_parallel
 from ditmesh.vae.video import MIME as VIDEO_MIME
 from ditmesh.vae.video import VideoWriter, normalise_video_format
+from ditmesh.vae.video_gang import VideoVaeGang
 
 log = logging.getLogger(__name__)
 
@@ -270,19 +271,13 @@ def serve(
     o = options or StageOptions()
     check_parallel(parallel)
     model = resolve_model(model_source, o.name)
-    if model.video:
-        if parallel != 1:
-            raise ValueError(
-                f"model {model.name!r} makes videos; the video VAE gang is not built yet, "
-                "so the VAE stage of a video model runs on one process (--parallel 1)"
-            )
+    decoder: Decoder
+    if parallel == 1:
         dev = pick_device(o.device)
-        decoder: Decoder = load_class(model.family.video_decoder)(
-            model, dev, pick_dtype(o.dtype, dev)
-        )
-    elif parallel == 1:
-        dev = pick_device(o.device)
-        decoder = VaeDecoder(model, dev, pick_dtype(o.dtype, dev))
+        if model.video:
+            decoder = load_class(model.family.video_decoder)(model, dev, pick_dtype(o.dtype, dev))
+        else:
+            decoder = VaeDecoder(model, dev, pick_dtype(o.dtype, dev))
     else:
         launch = GangLaunch(
             world=parallel,
@@ -291,7 +286,8 @@ def serve(
             collective_timeout_s=collective_timeout_s,
         )
         # Always a fresh loopback port: MASTER_PORT may belong to a denoiser gang.
-        decoder = VaeGang(model_source, launch.rendezvous(), name=o.name)
+        gang = VideoVaeGang if model.video else VaeGang
+        decoder = gang(model_source, launch.rendezvous(), name=o.name)
     holder: dict[str, RunningServer] = {}
     service = VaeService(decoder, on_fatal=lambda why: holder["server"].fail(why))
     try:
