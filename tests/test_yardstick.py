@@ -6,6 +6,7 @@ import random
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from ditmesh.eval import ATTRIBUTES, detect, evaluate, score, summarise
 from ditmesh.shapes import (
@@ -38,6 +39,13 @@ def _blur(image: np.ndarray) -> np.ndarray:
     padded = np.pad(image.astype(np.float32), ((1, 1), (1, 1), (0, 0)), mode="edge")
     total = sum(padded[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3))
     return np.rint(total / 9).astype(np.uint8)
+
+
+def _resample(image: np.ndarray, factor: int) -> np.ndarray:
+    """Bilinear down by `factor` and back up."""
+    size = image.shape[0]
+    small = Image.fromarray(image).resize((size // factor,) * 2, Image.BILINEAR)
+    return np.asarray(small.resize((size, size), Image.BILINEAR))
 
 
 def _without_count(summary: dict[str, float]) -> dict[str, float]:
@@ -76,6 +84,13 @@ def test_other_picture_sizes_are_read_right(size):
         # Twice what the issue asks, to leave a margin for what a model draws.
         pytest.param(lambda im, rng: _noise(im, rng, 20), id="noise-20"),
         pytest.param(lambda im, rng: _blur(_blur(im)), id="blur-twice"),
+        pytest.param(lambda im, rng: _blur(_blur(_blur(im))), id="blur-three-times"),
+        # What a VAE's decoder might do: resample, shift the colours.
+        pytest.param(lambda im, rng: _resample(im, 2), id="down-and-up-2x"),
+        pytest.param(
+            lambda im, rng: np.clip(im + rng.integers(-20, 21, 3), 0, 255).astype(np.uint8),
+            id="colour-cast-20",
+        ),
     ],
 )
 def test_mild_noise_and_blur_are_tolerated(spoil):

@@ -8,9 +8,17 @@ pictures of ditmesh.shapes with no learned model, numpy only:
   colour on the border, the foreground every pixel snapped to another colour;
 - the foreground splits into 4-connected components, and specks (under MIN_AREA of the
   image) are dropped: a generated picture has some;
-- each component's colour is the nearest named colour of its median pixel, its kind the
-  fill ratio of its bounding box (square ~1, circle ~pi/4, triangle ~1/2), its size the
-  side of that box, its place the cell of a 3x3 grid that holds its centroid.
+- each component's colour is the nearest named colour of its median pixel (less a rim
+  that blur mixes with the background); its kind comes from the fill ratio of its
+  bounding box (square ~1, circle ~pi/4, triangle ~1/2), how far its centroid sits below
+  the box's middle (a triangle's apex is up) and how much of it reaches out into corners
+  (a circle's does not), see `_kind`; its size is the side of the box, its place the cell
+  of a 3x3 grid that holds its centroid.
+
+Measured on jittered training pictures at 128 px: every attribute 100% clean, under
+gaussian noise (sigma 10, 20, 30), 3x3 box blur (once, twice, three times), a colour cast
+of +-20, and a 2x down-and-up resampling; 97% of shapes under JPEG quality 30. Below 96 px
+small shapes are too few pixels to tell a circle from a square.
 
 `score` parses the prompt (ditmesh.shapes.parse_caption) and checks count, background,
 and for each shape of the prompt the colour, kind, size and position of the detected shape
@@ -122,6 +130,17 @@ def _majority(mask: np.ndarray) -> np.ndarray:
     return votes >= 5
 
 
+def _core(mask: np.ndarray) -> np.ndarray:
+    """The mask less a 2-pixel rim (the whole mask when nothing is left): the pixels to
+    read a shape's colour from, since blur mixes the rim with the background, and on a
+    small shape the rim is half the pixels."""
+    core = mask
+    for _ in range(2):
+        p = np.pad(core, 1)
+        core = core & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    return core if core.sum() >= 8 else mask
+
+
 def _kind(fill: float, aspect: float, drop: float, reach: float) -> str | None:
     """A kind from the shape's measures (see Found): a triangle's centroid sits 1/6 of the
     height below the middle of its box (0 for the others: this survives the blur and
@@ -161,7 +180,9 @@ def detect(image: np.ndarray) -> Detection:
         w, h = int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
         # Pixel centres are at i + 0.5.
         cx, cy = float(xs.mean()) + 0.5, float(ys.mean()) + 0.5
-        median = np.median(image[ys, xs].astype(np.float32), axis=0)
+        core = _core(comp[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] == cid)
+        window = image[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+        median = np.median(window[core].astype(np.float32), axis=0)
         fill = float(area) / (w * h)
         drop = (cy - 0.5 - (ys.min() + ys.max()) / 2) / h
         radius = np.hypot(xs + 0.5 - cx, ys + 0.5 - cy)
