@@ -164,6 +164,17 @@ def test_a_blank_picture_shows_nothing():
     assert result["count"] == (0, 1) and result["colour"] == (0, 2)
 
 
+def test_a_picture_of_many_blobs_is_scored_quickly_and_wrong():
+    image = render(BASE)
+    for i in range(6):
+        for j in range(6):  # 36 black 9x9 blobs on a grid, each above MIN_AREA
+            image[2 + 21 * i : 11 + 21 * i, 2 + 21 * j : 11 + 21 * j] = COLOURS["black"]
+    seen = detect(image)
+    assert len(seen.shapes) > 20
+    result = score(image, caption(BASE))
+    assert result["count"] == (0, 1)
+
+
 def test_specks_are_not_shapes():
     image = render(BASE)
     image[100:103, 100:103] = COLOURS["black"]  # a 3x3 blot in the bottom-right corner

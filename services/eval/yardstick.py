@@ -64,6 +64,9 @@ class Found:
 
 @dataclass(frozen=True)
 class Detection:
+    """What the detector saw in a picture: its background and its shapes (in raster
+    order of their first pixel)."""
+
     background: str
     shapes: tuple[Found, ...]
 
@@ -216,6 +219,9 @@ def _match(expected: tuple[Shape, ...], found: tuple[Found, ...], size: int) -> 
     todo = [i for i in range(len(expected)) if out[i] is None]
     if not todo or not free:
         return out
+    # A badly drawn picture may hold dozens of blobs: the largest few are the candidates,
+    # which keeps the search below to a few hundred assignments.
+    free = sorted(free, key=lambda f: -f.area)[:8]
 
     def cost(i: int, f: Found) -> float:
         px, py = PLACE_CENTRES[expected[i].place]
