@@ -43,7 +43,6 @@ from ditmesh import shapes
 from ditmesh import shapes_model as sm
 
 _CHUNK = 256  # pictures per rendering task; each chunk has its own seeded rng
-_EVAL_RESERVE_S = 45.0  # of --minutes, kept for writing, sampling and scoring
 
 
 def log(msg: str) -> None:
@@ -146,6 +145,8 @@ def _loop(
         since += 1
         if step % log_every == 0 or budget.done(step):
             loss = torch.stack(losses).mean().item()  # the only host sync per log line
+            if not math.isfinite(loss):
+                raise RuntimeError(f"{name}: the loss is {loss} by step {step}")
             now = time.monotonic()
             log(
                 f"{name} step {step}: loss {loss:.4f}, {since / (now - t_last):.2f} steps/s, "
@@ -320,7 +321,7 @@ def sample_and_score(folder: pathlib.Path, args, device) -> tuple[dict, np.ndarr
     from ditmesh.eval import evaluate
 
     cfg: sm.ShapesModelConfig = args.model_cfg
-    pipe = FluxPipeline.from_pretrained(folder, torch_dtype=torch.float32).to(device)
+    pipe = FluxPipeline.from_pretrained(folder, dtype=torch.float32).to(device)
     pipe.set_progress_bar_config(disable=True)
     prompts = list(shapes.HELD_OUT[: args.eval_prompts])
     images = []
@@ -376,7 +377,7 @@ never saw (`ditmesh.shapes.HELD_OUT`) by a deterministic detector (`ditmesh.eval
 A diffusers `FluxPipeline` folder ({size_mb:.1f} MB, float16 safetensors):
 
 ```python
-pipe = FluxPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+pipe = FluxPipeline.from_pretrained(folder, dtype=torch.float32)
 pipe(prompt, height={cfg.size}, width={cfg.size}, num_inference_steps=28,
      max_sequence_length={cfg.t5_tokens}).images[0]
 ```
@@ -437,16 +438,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--minutes", type=float, help="time box for the whole run")
     ap.add_argument("--vae-share", type=float, default=0.2, help="of the training time")
+    ap.add_argument(
+        "--reserve-s", type=float, default=20.0, help="of --minutes, for writing and scoring"
+    )
     ap.add_argument("--steps", type=int, help="transformer steps (at most, with --minutes)")
     ap.add_argument("--vae-steps", type=int, help="VAE steps (at most, with --minutes)")
-    ap.add_argument("--pool", type=int, default=200_000, help="pictures rendered up front")
+    ap.add_argument("--pool", type=int, default=100_000, help="pictures rendered up front")
     ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--vae-batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--batch", type=int, default=1024)
+    ap.add_argument("--vae-batch", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--vae-lr", type=float, default=1e-3)
     ap.add_argument("--kl-weight", type=float, default=1e-6, help="per latent element")
-    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--ema", type=float, default=0.999, help="0 turns EMA off")
     ap.add_argument("--cond-drop", type=float, default=0.1)
     ap.add_argument("--compile", action="store_true", help="torch.compile the transformer")
@@ -480,6 +484,10 @@ def main(argv: list[str] | None = None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
+        # cuDNN's attention (torch 2.11, H200) wrote out of bounds on the first steps of
+        # the small CLIP/Flux towers (an illegal memory access, or NaN with blocking
+        # launches); flash / memory-efficient attention run them correctly.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     out = pathlib.Path(args.out)
     cfg: sm.ShapesModelConfig = args.model_cfg
 
@@ -495,7 +503,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     vae_deadline = None
     if end is not None:
-        left = end - _EVAL_RESERVE_S - time.monotonic()
+        left = end - args.reserve_s - time.monotonic()
         vae_deadline = time.monotonic() + args.vae_share * left
     vae_stats = train_vae(pipe.vae, images, args, Budget(args.vae_steps, vae_deadline), device)
     enc = encode_pool(pipe.vae, images, device)
@@ -506,7 +514,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     for name in ("transformer", "text_encoder", "text_encoder_2"):
         getattr(pipe, name).to(device)
-    flow_deadline = None if end is None else end - _EVAL_RESERVE_S
+    flow_deadline = None if end is None else end - args.reserve_s
     flow_stats = train_flow(
         pipe, enc["latents"], captions, args, Budget(args.steps, flow_deadline), device
     )
