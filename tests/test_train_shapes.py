@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import pathlib
+import sys
 
 import numpy as np
 import pytest
@@ -32,6 +33,7 @@ _WEIGHTS = (
 def _tool():
     spec = importlib.util.spec_from_file_location("train_shapes", _TOOL)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # rendering workers find their function by name
     spec.loader.exec_module(module)
     return module
 
@@ -60,6 +62,15 @@ def test_every_caption_word_is_one_token():
         assert words + 1 <= cfg.t5_tokens
     # Text outside the vocabulary still encodes (byte / character pieces), never fails.
     assert t5_tok.unk_token_id not in t5_tok("a lighthouse on a cliff").input_ids
+
+
+def test_pool_is_the_same_for_any_number_of_workers():
+    tool = _tool()
+    alone, captions = tool.render_pool(7, 600, 64, 0)
+    shared, captions_2 = tool.render_pool(7, 600, 64, 2)
+    assert torch.equal(alone, shared) and captions == captions_2
+    assert alone.shape == (600, 64, 64, 3) and len(set(captions)) > 300
+    assert not set(captions) & set(shapes.HELD_OUT)
 
 
 def test_rope_axes_sum_to_the_head_dim():

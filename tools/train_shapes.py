@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import mmap
 import multiprocessing
 import os
 import pathlib
@@ -52,23 +53,35 @@ def log(msg: str) -> None:
 # --------------------------------------------------------------------------- data
 
 
-def _render_chunk(task: tuple[int, int, int, int]) -> tuple[np.ndarray, list[str]]:
-    seed, index, n, size = task
-    return shapes.batch(random.Random(seed * 1_000_003 + index), n, size)
+# Filled by the rendering workers in place: anonymous shared memory, which fork shares
+# and no /dev/shm size limits, so pictures never travel through a pipe (pickling them
+# cost more than drawing them).
+_POOL: np.ndarray | None = None
 
 
-def render_pool(seed: int, n: int, size: int, workers: int) -> tuple[np.ndarray, list[str]]:
-    """n training pictures and captions; the same for any number of workers."""
-    tasks = [(seed, i, min(_CHUNK, n - start), size) for i, start in enumerate(range(0, n, _CHUNK))]
-    if workers > 1:
-        # fork: the children only run numpy, and nothing has touched CUDA yet.
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            parts = pool.map(_render_chunk, tasks, chunksize=4)
-    else:
-        parts = [_render_chunk(t) for t in tasks]
-    images = np.concatenate([p[0] for p in parts])
-    captions = [c for p in parts for c in p[1]]
-    return images, captions
+def _render_chunk(task: tuple[int, int, int, int]) -> list[str]:
+    seed, index, start, n = task
+    images, captions = shapes.batch(random.Random(seed * 1_000_003 + index), n, _POOL.shape[1])
+    _POOL[start : start + n] = images
+    return captions
+
+
+def render_pool(seed: int, n: int, size: int, workers: int) -> tuple[torch.Tensor, list[str]]:
+    """n training pictures (uint8 [n, size, size, 3]) and captions; the same for any
+    number of workers."""
+    global _POOL
+    _POOL = np.frombuffer(mmap.mmap(-1, n * size * size * 3), np.uint8).reshape(n, size, size, 3)
+    tasks = [(seed, i, s, min(_CHUNK, n - s)) for i, s in enumerate(range(0, n, _CHUNK))]
+    try:
+        if workers > 1:
+            # fork: the children only run numpy, and nothing has touched CUDA yet.
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                parts = pool.map(_render_chunk, tasks, chunksize=4)
+        else:
+            parts = [_render_chunk(t) for t in tasks]
+        return torch.from_numpy(_POOL), [c for part in parts for c in part]
+    finally:
+        _POOL = None
 
 
 def token_ids(tokenizer, captions: list[str], length: int, device) -> torch.Tensor:
@@ -201,7 +214,7 @@ def train_vae(vae, images: torch.Tensor, args, budget: Budget, device) -> dict:
 
 
 @torch.no_grad()
-def encode_pool(vae, images: torch.Tensor, device, chunk: int = 512) -> dict:
+def encode_pool(vae, images: torch.Tensor, device, chunk: int = 1024) -> dict:
     """Latent means of every picture, normalized by their own statistics, which become
     the VAE's shift_factor and scaling_factor; packed into Flux's 2x2 tokens."""
     from diffusers import FluxPipeline
@@ -218,7 +231,7 @@ def encode_pool(vae, images: torch.Tensor, device, chunk: int = 512) -> dict:
     vae.register_to_config(shift_factor=shift, scaling_factor=scale)
     n, c, h, w = latents.shape
     packed = FluxPipeline._pack_latents((latents - shift) * scale, n, c, h, w)
-    recon = F.l1_loss(vae.decode(latents[:chunk]).sample.float(), _pixels(images[:chunk]))
+    recon = F.l1_loss(vae.decode(latents[:256]).sample.float(), _pixels(images[:256]))
     return {"latents": packed, "shift": shift, "scale": scale, "l1": recon.item(), "hw": (h, w)}
 
 
@@ -491,22 +504,24 @@ def main(argv: list[str] | None = None) -> dict:
     out = pathlib.Path(args.out)
     cfg: sm.ShapesModelConfig = args.model_cfg
 
-    images_np, captions = render_pool(args.seed, args.pool, cfg.size, args.workers)
+    images_cpu, captions = render_pool(args.seed, args.pool, cfg.size, args.workers)
     render_s = time.monotonic() - t0
-    log(f"rendered {len(images_np)} pictures in {render_s:.1f} s ({args.workers} workers)")
+    log(f"rendered {len(images_cpu)} pictures in {render_s:.1f} s ({args.workers} workers)")
     pipe = sm.build_pipeline(cfg, args.seed)
     counts = sm.parameter_counts(pipe)
     log(f"parameters: {counts}")
     pipe.vae.to(device, memory_format=torch.channels_last)
-    images = torch.from_numpy(images_np).to(device)
-    del images_np
+    images = images_cpu.to(device)
+    del images_cpu
 
     vae_deadline = None
     if end is not None:
         left = end - args.reserve_s - time.monotonic()
         vae_deadline = time.monotonic() + args.vae_share * left
     vae_stats = train_vae(pipe.vae, images, args, Budget(args.vae_steps, vae_deadline), device)
+    t_enc = time.monotonic()
     enc = encode_pool(pipe.vae, images, device)
+    log(f"encoded {len(images)} pictures in {time.monotonic() - t_enc:.1f} s")
     del images
     vae_stats.update(shift=enc["shift"], scale=enc["scale"], l1=enc["l1"])
     log(f"vae: {vae_stats}")
