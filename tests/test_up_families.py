@@ -2,12 +2,14 @@
 
 test_families.py, test_video_mesh.py and test_video_families.py check these families with
 the four stages as servers in the test's own process; here each model runs in one
-`ditmesh up` child (helpers.UpProcess, one per model for the module), so the CLI's flags,
-the stages' own processes and their model loading are on the path too. The SDK's
-`Client` asks; the answer must equal the plain diffusers pipeline's from the same folder, prompt and
-seed (float32 CPU, within 1/255 per pixel). Sizes and step counts are the smallest
-that still exercise CFG, a non-square size, a Chinese prompt, each video family's
-frame rule (CogVideoX 8k+1, Latte 1 or 16, Mochi 6k+1) and an MP4 read back with PyAV.
+`ditmesh up` child (helpers.UpProcess), so the CLI's flags, the stages' own processes and
+their model loading are on the path too. Each model's mesh is a class-scoped fixture of
+its test class: it stops before the next model's starts, so one mesh (about 1.8 GB of
+processes) is resident at a time, not four. The SDK's `Client` asks; the answer must
+equal the plain diffusers pipeline's from the same folder, prompt and seed (float32 CPU,
+within 1/255 per pixel). Sizes and step counts are the smallest that still exercise CFG,
+a non-square size, a Chinese prompt, each video family's frame rule (CogVideoX 8k+1,
+Latte 1 or 16, Mochi 6k+1) and an MP4 read back with PyAV.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def hunyuan_folder(tmp_path_factory) -> str:
     return str(make_tiny("hunyuandit", tmp_path_factory.mktemp("hunyuan") / "model", seed=0))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def hunyuan(hunyuan_folder) -> Iterator[Client]:
     yield from serve(hunyuan_folder)
 
@@ -88,26 +90,29 @@ def hunyuan_reference(pipe, prompt, *, negative_prompt, height, width, steps, se
     return np.asarray(out.images[0].convert("RGB"))
 
 
-@pytest.mark.parametrize(
-    "prompt, negative, height, width, guidance",
-    [
-        ("a red cat on a table", "", 64, 64, 1.0),  # English, no CFG, square
-        (INK_PAINTING, "模糊的照片", 48, 80, 4.0),  # Chinese, CFG with a Chinese negative
-    ],
-    ids=["english", "chinese-cfg-non-square"],
-)
-def test_hunyuandit_image_equals_the_pipelines(
-    hunyuan, hunyuan_pipe, prompt, negative, height, width, guidance
-):
-    kw = dict(height=height, width=width, steps=2, seed=5, guidance=guidance)
-    result = hunyuan.generate(prompt, negative_prompt=negative, output_format="raw", **kw)
-    got = np.asarray(result.images[0].convert("RGB"))
-    assert got.shape == (height, width, 3)
-    want = hunyuan_reference(hunyuan_pipe, prompt, negative_prompt=negative, **kw)
-    assert max_diff(got, want) <= TOL
-    # The comparison can fail: one character less of the prompt is another image.
-    other = hunyuan_reference(hunyuan_pipe, prompt[:-1], negative_prompt=negative, **kw)
-    assert max_diff(got, other) > TOL
+class TestHunyuanDiT:
+    """HunyuanDiT behind one `ditmesh up`."""
+
+    @pytest.mark.parametrize(
+        "prompt, negative, height, width, guidance",
+        [
+            ("a red cat on a table", "", 64, 64, 1.0),  # English, no CFG, square
+            (INK_PAINTING, "模糊的照片", 48, 80, 4.0),  # Chinese, CFG with a Chinese negative
+        ],
+        ids=["english", "chinese-cfg-non-square"],
+    )
+    def test_hunyuandit_image_equals_the_pipelines(
+        self, hunyuan, hunyuan_pipe, prompt, negative, height, width, guidance
+    ):
+        kw = dict(height=height, width=width, steps=2, seed=5, guidance=guidance)
+        result = hunyuan.generate(prompt, negative_prompt=negative, output_format="raw", **kw)
+        got = np.asarray(result.images[0].convert("RGB"))
+        assert got.shape == (height, width, 3)
+        want = hunyuan_reference(hunyuan_pipe, prompt, negative_prompt=negative, **kw)
+        assert max_diff(got, want) <= TOL
+        # The comparison can fail: one character less of the prompt is another image.
+        other = hunyuan_reference(hunyuan_pipe, prompt[:-1], negative_prompt=negative, **kw)
+        assert max_diff(got, other) > TOL
 
 
 # ------------------------------------------------------------ CogVideoX: raw frames and MP4
@@ -125,66 +130,68 @@ def cog_folder(tmp_path_factory) -> str:
     return str(make_tiny("cogvideox", tmp_path_factory.mktemp("cog") / "model", seed=0))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def cog(cog_folder) -> Iterator[Client]:
     yield from serve(cog_folder)
 
 
-def test_cogvideox_raw_frames_equal_the_pipelines(cog_folder, cog):
-    from diffusers import CogVideoXPipeline
+class TestCogVideoX:
+    """CogVideoX behind one `ditmesh up`."""
 
-    steps, seed, guidance = 2, 5, 6.0
-    result = cog.generate(
-        VIDEO_PROMPT,
-        height=HEIGHT,
-        width=WIDTH,
-        num_frames=FRAMES,
-        steps=steps,
-        guidance=guidance,
-        seed=seed,
-        output_format="raw",
-    )
-    video = result.video
-    assert (video.num_frames, video.width, video.height, video.format) == (
-        FRAMES,
-        WIDTH,
-        HEIGHT,
-        "raw",
-    )
-    got = np.stack([np.asarray(frame) for frame in video.frames]).astype(np.int16)
+    def test_cogvideox_raw_frames_equal_the_pipelines(self, cog_folder, cog):
+        from diffusers import CogVideoXPipeline
 
-    pipe = CogVideoXPipeline.from_pretrained(cog_folder)
-    pipe.set_progress_bar_config(disable=True)
-    want = pipe(
-        VIDEO_PROMPT,
-        height=HEIGHT,
-        width=WIDTH,
-        num_frames=FRAMES,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="np",
-    ).frames[0]
-    want = np.round(np.asarray(want) * 255).astype(np.int16)
-    assert got.shape == want.shape == (FRAMES, HEIGHT, WIDTH, 3)
-    per_frame = np.abs(got - want).reshape(FRAMES, -1).max(axis=1)
-    assert per_frame.max() <= TOL, per_frame
+        steps, seed, guidance = 2, 5, 6.0
+        result = cog.generate(
+            VIDEO_PROMPT,
+            height=HEIGHT,
+            width=WIDTH,
+            num_frames=FRAMES,
+            steps=steps,
+            guidance=guidance,
+            seed=seed,
+            output_format="raw",
+        )
+        video = result.video
+        assert (video.num_frames, video.width, video.height, video.format) == (
+            FRAMES,
+            WIDTH,
+            HEIGHT,
+            "raw",
+        )
+        got = np.stack([np.asarray(frame) for frame in video.frames]).astype(np.int16)
 
+        pipe = CogVideoXPipeline.from_pretrained(cog_folder)
+        pipe.set_progress_bar_config(disable=True)
+        want = pipe(
+            VIDEO_PROMPT,
+            height=HEIGHT,
+            width=WIDTH,
+            num_frames=FRAMES,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="np",
+        ).frames[0]
+        want = np.round(np.asarray(want) * 255).astype(np.int16)
+        assert got.shape == want.shape == (FRAMES, HEIGHT, WIDTH, 3)
+        per_frame = np.abs(got - want).reshape(FRAMES, -1).max(axis=1)
+        assert per_frame.max() <= TOL, per_frame
 
-def test_cogvideox_mp4_decodes_back_to_the_frames_size_and_fps(cog):
-    import av
+    def test_cogvideox_mp4_decodes_back_to_the_frames_size_and_fps(self, cog):
+        import av
 
-    result = cog.generate(
-        VIDEO_PROMPT, height=HEIGHT, width=WIDTH, num_frames=FRAMES, fps=12, steps=1, seed=1
-    )
-    video = result.video  # MP4 is a video model's default format
-    assert (video.format, video.fps, video.num_frames) == ("mp4", 12, FRAMES)
-    with av.open(io.BytesIO(video.data)) as container:
-        stream = container.streams.video[0]
-        frames = list(container.decode(stream))
-        assert stream.average_rate == 12
-    assert len(frames) == FRAMES
-    assert {(f.width, f.height) for f in frames} == {(WIDTH, HEIGHT)}
+        result = cog.generate(
+            VIDEO_PROMPT, height=HEIGHT, width=WIDTH, num_frames=FRAMES, fps=12, steps=1, seed=1
+        )
+        video = result.video  # MP4 is a video model's default format
+        assert (video.format, video.fps, video.num_frames) == ("mp4", 12, FRAMES)
+        with av.open(io.BytesIO(video.data)) as container:
+            stream = container.streams.video[0]
+            frames = list(container.decode(stream))
+            assert stream.average_rate == 12
+        assert len(frames) == FRAMES
+        assert {(f.width, f.height) for f in frames} == {(WIDTH, HEIGHT)}
 
 
 # ------------------------------------------------------------ Latte and Mochi-1: raw frames and MP4
@@ -218,46 +225,49 @@ def latte_folder(tmp_path_factory) -> str:
     return str(make_tiny("latte", tmp_path_factory.mktemp("latte") / "model", seed=0))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def latte(latte_folder) -> Iterator[Client]:
     yield from serve(latte_folder)
 
 
-@pytest.mark.parametrize(
-    "frames, guidance",
-    [(16, 4.0), (1, 1.0)],  # Latte-1's whole clip with CFG; a still image, no CFG
-    ids=["16-frames-cfg", "1-frame"],
-)
-def test_latte_raw_frames_equal_the_pipelines(latte_folder, latte, frames, guidance):
-    from diffusers import LattePipeline
+class TestLatte:
+    """Latte behind one `ditmesh up`."""
 
-    steps, seed = 2, 5
-    result = latte.generate(
-        VIDEO_PROMPT,
-        height=SMALL_H,
-        width=SMALL_W,
-        num_frames=frames,
-        steps=steps,
-        guidance=guidance,
-        seed=seed,
-        output_format="raw",
+    @pytest.mark.parametrize(
+        "frames, guidance",
+        [(16, 4.0), (1, 1.0)],  # Latte-1's whole clip with CFG; a still image, no CFG
+        ids=["16-frames-cfg", "1-frame"],
     )
-    got = video_frames(result, frames, SMALL_H, SMALL_W)
+    def test_latte_raw_frames_equal_the_pipelines(self, latte_folder, latte, frames, guidance):
+        from diffusers import LattePipeline
 
-    pipe = LattePipeline.from_pretrained(latte_folder)
-    pipe.set_progress_bar_config(disable=True)
-    want = pipe(
-        VIDEO_PROMPT,
-        height=SMALL_H,
-        width=SMALL_W,
-        video_length=frames,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        generator=torch.Generator().manual_seed(seed),
-        clean_caption=False,
-        output_type="np",
-    ).frames[0]
-    assert_frames_equal(got, want, frames, SMALL_H, SMALL_W)
+        steps, seed = 2, 5
+        result = latte.generate(
+            VIDEO_PROMPT,
+            height=SMALL_H,
+            width=SMALL_W,
+            num_frames=frames,
+            steps=steps,
+            guidance=guidance,
+            seed=seed,
+            output_format="raw",
+        )
+        got = video_frames(result, frames, SMALL_H, SMALL_W)
+
+        pipe = LattePipeline.from_pretrained(latte_folder)
+        pipe.set_progress_bar_config(disable=True)
+        want = pipe(
+            VIDEO_PROMPT,
+            height=SMALL_H,
+            width=SMALL_W,
+            video_length=frames,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=torch.Generator().manual_seed(seed),
+            clean_caption=False,
+            output_type="np",
+        ).frames[0]
+        assert_frames_equal(got, want, frames, SMALL_H, SMALL_W)
 
 
 @pytest.fixture(scope="module")
@@ -267,58 +277,60 @@ def mochi_folder(tmp_path_factory) -> str:
     return str(make_tiny("mochi", tmp_path_factory.mktemp("mochi") / "model", seed=0))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def mochi(mochi_folder) -> Iterator[Client]:
     yield from serve(mochi_folder)
 
 
-def test_mochi_raw_frames_equal_the_pipelines(mochi_folder, mochi):
-    from diffusers import MochiPipeline
+class TestMochi:
+    """Mochi-1 behind one `ditmesh up`."""
 
-    # 7 frames (6k+1) are 2 latent frames; CFG with a negative prompt.
-    frames, steps, seed, guidance, negative = 7, 2, 5, 4.5, "blurry"
-    result = mochi.generate(
-        VIDEO_PROMPT,
-        negative_prompt=negative,
-        height=SMALL_H,
-        width=SMALL_W,
-        num_frames=frames,
-        steps=steps,
-        guidance=guidance,
-        seed=seed,
-        output_format="raw",
-    )
-    got = video_frames(result, frames, SMALL_H, SMALL_W)
+    def test_mochi_raw_frames_equal_the_pipelines(self, mochi_folder, mochi):
+        from diffusers import MochiPipeline
 
-    pipe = MochiPipeline.from_pretrained(mochi_folder)
-    pipe.set_progress_bar_config(disable=True)
-    want = pipe(
-        VIDEO_PROMPT,
-        negative_prompt=negative,
-        height=SMALL_H,
-        width=SMALL_W,
-        num_frames=frames,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="np",
-    ).frames[0]
-    assert_frames_equal(got, want, frames, SMALL_H, SMALL_W)
+        # 7 frames (6k+1) are 2 latent frames; CFG with a negative prompt.
+        frames, steps, seed, guidance, negative = 7, 2, 5, 4.5, "blurry"
+        result = mochi.generate(
+            VIDEO_PROMPT,
+            negative_prompt=negative,
+            height=SMALL_H,
+            width=SMALL_W,
+            num_frames=frames,
+            steps=steps,
+            guidance=guidance,
+            seed=seed,
+            output_format="raw",
+        )
+        got = video_frames(result, frames, SMALL_H, SMALL_W)
 
+        pipe = MochiPipeline.from_pretrained(mochi_folder)
+        pipe.set_progress_bar_config(disable=True)
+        want = pipe(
+            VIDEO_PROMPT,
+            negative_prompt=negative,
+            height=SMALL_H,
+            width=SMALL_W,
+            num_frames=frames,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="np",
+        ).frames[0]
+        assert_frames_equal(got, want, frames, SMALL_H, SMALL_W)
 
-def test_mochi_mp4_decodes_back_to_the_frames_size_and_fps(mochi):
-    import av
+    def test_mochi_mp4_decodes_back_to_the_frames_size_and_fps(self, mochi):
+        import av
 
-    # 2 steps: Mochi's linear-quadratic schedule divides by zero at 1 (the pipeline's too).
-    frames = 7
-    result = mochi.generate(
-        VIDEO_PROMPT, height=SMALL_H, width=SMALL_W, num_frames=frames, fps=10, steps=2, seed=1
-    )
-    video = result.video  # MP4 is a video model's default format
-    assert (video.format, video.fps, video.num_frames) == ("mp4", 10, frames)
-    with av.open(io.BytesIO(video.data)) as container:
-        stream = container.streams.video[0]
-        decoded = list(container.decode(stream))
-        assert stream.average_rate == 10
-    assert len(decoded) == frames
-    assert {(f.width, f.height) for f in decoded} == {(SMALL_W, SMALL_H)}
+        # 2 steps: Mochi's linear-quadratic schedule divides by zero at 1 (the pipeline's too).
+        frames = 7
+        result = mochi.generate(
+            VIDEO_PROMPT, height=SMALL_H, width=SMALL_W, num_frames=frames, fps=10, steps=2, seed=1
+        )
+        video = result.video  # MP4 is a video model's default format
+        assert (video.format, video.fps, video.num_frames) == ("mp4", 10, frames)
+        with av.open(io.BytesIO(video.data)) as container:
+            stream = container.streams.video[0]
+            decoded = list(container.decode(stream))
+            assert stream.average_rate == 10
+        assert len(decoded) == frames
+        assert {(f.width, f.height) for f in decoded} == {(SMALL_W, SMALL_H)}
