@@ -372,7 +372,9 @@ def model_card(args, report: dict) -> str:
     cfg: sm.ShapesModelConfig = args.model_cfg
     counts = report["params"]
     scores = report["scores"]
-    score_rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in scores.items())
+    score_rows = "\n".join(
+        f"| {k} | {v:g} |" if k == "images" else f"| {k} | {v:.3f} |" for k, v in scores.items()
+    )
     size_mb = report["folder_bytes"] / 1e6
     return f"""# ditmesh shapes: a small FLUX-architecture text-to-image model
 
@@ -398,8 +400,8 @@ pipe(prompt, height={cfg.size}, width={cfg.size}, num_inference_steps=28,
 `max_sequence_length={cfg.t5_tokens}` matters: the T5 prompt is padded to it in training
 (ditmesh reads it from the tokenizer). Trained at {cfg.size}x{cfg.size}. The guidance
 embedding is FLUX.1-dev's layout but not distilled (random guidance values in training):
-the value is ignored. Real CFG works (`negative_prompt=""`, `true_cfg_scale` > 1):
-{args.cond_drop:.0%} of training captions were empty.
+the value is ignored. Real CFG is possible (`negative_prompt=""`, `true_cfg_scale` > 1):
+{args.cond_drop:.0%} of training captions were empty; the scores below use none.
 
 ## Model
 
