@@ -147,6 +147,10 @@ def make_plan(
     check_size(m, height, width, limits)
     steps = req.steps or m.default_steps
     check_steps(steps, limits)
+    if steps < m.family.min_steps:
+        raise InvalidArgument(
+            f"model {m.name!r} needs at least {m.family.min_steps} steps; got {steps}"
+        )
     guidance = req.guidance if req.HasField("guidance") else m.default_guidance
     check_guidance(guidance, "guidance", limits)
     true_cfg = req.true_cfg_scale if req.HasField("true_cfg_scale") else 1.0

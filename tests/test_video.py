@@ -149,3 +149,20 @@ def test_warmup_job_of_a_video_model_has_its_frames(cog_dir):
     adapter = load_adapter(model, torch.device("cpu"), "float32")
     job = warmup_job(adapter, model, cfg=False)
     assert (job.height, job.width, job.num_frames) == (480, 720, 49)
+
+
+def test_mochi_refuses_one_step_at_the_gateway_and_in_the_adapter(tmp_path):
+    """Mochi's linear-quadratic sigmas divide by steps - 1: one step was an internal error
+    in the denoiser; the gateway refuses it, and so does the adapter on its own."""
+    from ditmesh.denoiser.runner import load_adapter, warmup_job
+    from ditmesh.tiny import make_tiny
+
+    folder = str(make_tiny("mochi", tmp_path / "mochi"))
+    with pytest.raises(InvalidArgument, match="needs at least 2 steps; got 1"):
+        _plan(folder, steps=1, num_frames=7, height=32, width=48)
+    assert _plan(folder, steps=2, num_frames=7, height=32, width=48).steps == 2
+    model = resolve_model(folder)
+    adapter = load_adapter(model, "cpu", "float32")
+    job = warmup_job(adapter, model, cfg=False, steps=1, size=(32, 48))
+    with pytest.raises(InvalidArgument, match="needs at least 2 steps"):
+        adapter.prepare(job)

@@ -79,6 +79,9 @@ class Family:
     """Video: the step between valid frame counts when it is not `frame_multiple`.
     CogVideoX 1.0's VAE returns the count asked for only from an odd number of latent
     frames (1, 3, 5 -> 1, 9, 17 frames; 2 and 4 give 8 and 16), so its counts are 8k+1."""
+    min_steps: int = 1
+    """The fewest steps the family's schedule is defined for (Mochi's linear-quadratic
+    sigmas divide by steps - 1)."""
     exact_frames: bool = False
     """Video: only 1 frame or exactly `max_num_frames` (Latte's temporal positions are a
     fixed table of its `video_length`)."""
@@ -236,6 +239,7 @@ MOCHI = Family(
     default_height=480,
     default_width=848,
     default_steps=64,
+    min_steps=2,
     default_guidance=4.5,
     latent_patch=2,
     text_encoder="ditmesh.encoder.mochi:MochiTextEncoder",

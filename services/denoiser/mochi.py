@@ -205,6 +205,11 @@ class MochiAdapter(TransformerAdapterBase):
         generator = torch.Generator("cpu").manual_seed(job.seed)
         noise = randn_tensor(shape, generator=generator, device=torch.device("cpu"))
         scheduler = self.schedulers()
+        if job.steps < self.model.family.min_steps:  # the gateway refuses it first
+            raise InvalidArgument(
+                f"model {self.model.name!r} needs at least {self.model.family.min_steps} "
+                f"steps; got {job.steps}"
+            )
         sigmas = np.array(linear_quadratic_schedule(job.steps, THRESHOLD_NOISE))
         timesteps, _ = retrieve_timesteps(scheduler, job.steps, dev, None, sigmas)
         scheduler.set_begin_index(0)  # as the pipeline does
