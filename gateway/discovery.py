@@ -69,11 +69,18 @@ def own_namespace() -> str:
 
 
 def api_client(kubeconfig: str | None = None) -> client.ApiClient:
-    """A client from a kubeconfig file, or from the pod's service account when None."""
-    if kubeconfig:
-        return config.new_client_from_config(config_file=kubeconfig)
+    """A client from a kubeconfig file, or from the pod's service account when None.
+
+    urllib3 retries off: by default a read that times out is tried three more times, so a
+    hung API server held each call for four times its stated timeout. Every caller here
+    (discovery's watch, the autoscaler's period, leader election) tries again on its own
+    schedule."""
     cfg = client.Configuration()
-    config.load_incluster_config(client_configuration=cfg)
+    if kubeconfig:
+        config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+    else:
+        config.load_incluster_config(client_configuration=cfg)
+    cfg.retries = 0
     return client.ApiClient(cfg)
 
 
