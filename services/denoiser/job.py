@@ -24,6 +24,12 @@ class DenoiseJob:
     """Steps (1-based) after which the latents so far are handed to the preview callback."""
     num_frames: int = 0
     """Video models: frames of each video in pixel space; 0 for image models."""
+    cache_threshold: float = 0.0
+    """Step caching (step_cache.py): skip a step's blocks after the first when the first
+    block's residual changed by less than this, relatively; 0 (the default): off."""
+    cached_steps: int = 0
+    """Set by the loop when it ends: steps whose later blocks were skipped (0 without
+    step caching); the service reports it."""
 
 
 # Called after each step with (step, total), 1-based; may raise to cancel the job.

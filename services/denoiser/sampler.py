@@ -6,10 +6,14 @@ data parallel gives each dp replica a slice of the images (parallel/data.py), CF
 parallel runs the conditional and unconditional branches on the two halves of the mesh
 and exchanges their predictions (parallel/cfg.py), sequence parallelism is already
 inside the transformer (attached by its plan). PipeFusion has a loop of its own
-(parallel/pipefusion.py), which `sample` hands the request to.
+(parallel/pipefusion.py), which `sample` hands the request to. With a cache threshold
+the transformer runs through step_cache.py, which may skip a step's later blocks (the
+decision is made over the whole mesh, so every rank takes it alike).
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 
@@ -19,6 +23,7 @@ from ditmesh.denoiser.parallel.cfg import CfgBranches
 from ditmesh.denoiser.parallel.data import ImageShare
 from ditmesh.denoiser.parallel.mesh import RankGroups
 from ditmesh.denoiser.parallel.pipefusion import sample_pipefusion
+from ditmesh.denoiser.step_cache import StepCache, installed
 
 # Adapter and Prepared are adapter.py's; runners import them from here too.
 __all__ = ["Adapter", "Prepared", "sample"]
@@ -33,7 +38,26 @@ def sample(
     on_preview: PreviewCallback | None = None,
 ) -> torch.Tensor:
     if mesh.config.pipefusion > 1:
+        if job.cache_threshold > 0:
+            raise ValueError("step caching does not run under PipeFusion (the service refuses it)")
         return sample_pipefusion(adapter, job, mesh, on_step)
+    if job.cache_threshold > 0:
+        cache = StepCache(adapter.transformer, job.cache_threshold, mesh)
+        with installed(cache):
+            out = _loop(adapter, job, mesh, on_step, on_preview, cache)
+        job.cached_steps = cache.skipped
+        return out
+    return _loop(adapter, job, mesh, on_step, on_preview, None)
+
+
+def _loop(
+    adapter: Adapter,
+    job: DenoiseJob,
+    mesh: RankGroups,
+    on_step: StepCallback | None,
+    on_preview: PreviewCallback | None,
+    cache: StepCache | None,
+) -> torch.Tensor:
     prep = adapter.prepare(job)
     share = ImageShare.of(job.num_images, mesh["dp"])
     latents = prep.latents[share.images]
@@ -41,7 +65,8 @@ def sample(
     total = len(prep.timesteps)
     if latents.shape[0] > 0:
         for i, t in enumerate(prep.timesteps):
-            preds = adapter.predict(prep, latents, t, cfg.names, share.images)
+            run = partial(adapter.predict, prep, latents, t, cfg.names, share.images)
+            preds = run() if cache is None else cache.predict(run)[0]
             noise = cfg.combine(adapter, preds, prep, job)
             latents = prep.scheduler.step(noise, t, latents, return_dict=False)[0]
             if on_step is not None:
@@ -53,7 +78,11 @@ def sample(
                 if on_preview is not None:
                     on_preview(i + 1, total, preview)
     else:
-        # A dp replica with no image of this job still joins every preview's gather.
-        for _ in (s for s in job.preview_steps if s <= total):
-            share.gather(latents)
+        # A dp replica with no image of this job still joins every step's cache decision
+        # and every preview's gather, in the order the other replicas make them.
+        for i in range(total):
+            if cache is not None:
+                cache.idle_step(latents.device)
+            if i + 1 in job.preview_steps:
+                share.gather(latents)
     return adapter.finish(prep, share.gather(latents), job)
