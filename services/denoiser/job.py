@@ -28,8 +28,8 @@ class DenoiseJob:
     """Step caching (step_cache.py): skip a step's blocks after the first when the first
     block's residual changed by less than this, relatively; 0 (the default): off."""
     cached_steps: int = 0
-    """Set by the loop when it ends: steps whose later blocks were skipped (0 without
-    step caching); the service reports it."""
+    """Set by the loop after each step: steps so far whose later blocks were skipped (0
+    without step caching); the service reports it with each step."""
 
 
 # Called after each step with (step, total), 1-based; may raise to cancel the job.

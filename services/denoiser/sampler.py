@@ -44,9 +44,7 @@ def sample(
     if job.cache_threshold > 0:
         cache = StepCache(adapter.transformer, job.cache_threshold, mesh)
         with installed(cache):
-            out = _loop(adapter, job, mesh, on_step, on_preview, cache)
-        job.cached_steps = cache.skipped
-        return out
+            return _loop(adapter, job, mesh, on_step, on_preview, cache)
     return _loop(adapter, job, mesh, on_step, on_preview, None)
 
 
@@ -66,7 +64,11 @@ def _loop(
     if latents.shape[0] > 0:
         for i, t in enumerate(prep.timesteps):
             run = partial(adapter.predict, prep, latents, t, cfg.names, share.images)
-            preds = run() if cache is None else cache.predict(run)[0]
+            if cache is None:
+                preds = run()
+            else:
+                preds = cache.predict(run)[0]
+                job.cached_steps = cache.skipped  # so far: the step event reports it
             noise = cfg.combine(adapter, preds, prep, job)
             latents = prep.scheduler.step(noise, t, latents, return_dict=False)[0]
             if on_step is not None:

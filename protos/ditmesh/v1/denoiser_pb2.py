@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from ditmesh.v1 import tensor_pb2 as ditmesh_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64itmesh/v1/denoiser.proto\x12\nditmesh.v1\x1a\x17\x64itmesh/v1/tensor.proto\"\xd7\x01\n\rDenoiseParams\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\r\n\x05width\x18\x04 \x01(\x05\x12\r\n\x05steps\x18\x05 \x01(\x05\x12\x10\n\x08guidance\x18\x06 \x01(\x02\x12\x16\n\x0etrue_cfg_scale\x18\x07 \x01(\x02\x12\x0c\n\x04seed\x18\x08 \x01(\x03\x12\x12\n\nnum_images\x18\t \x01(\x05\x12\x15\n\rpreview_steps\x18\n \x03(\x05\x12\x12\n\nnum_frames\x18\x0b \x01(\x05\"\x9b\x01\n\x0e\x44\x65noiseRequest\x12+\n\x06params\x18\x01 \x01(\x0b\x32\x19.ditmesh.v1.DenoiseParamsH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.ditmesh.v1.TensorChunkH\x00\x12\'\n\x04\x64one\x18\x03 \x01(\x0b\x32\x17.ditmesh.v1.TensorsDoneH\x00\x42\t\n\x07payload\"*\n\x0b\x44\x65noiseStep\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\r\n\x05total\x18\x02 \x01(\x05\"R\n\x0e\x44\x65noisePreview\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\r\n\x05total\x18\x02 \x01(\x05\x12#\n\x07latents\x18\x03 \x01(\x0b\x32\x12.ditmesh.v1.Tensor\"\xc7\x01\n\x0f\x44\x65noiseResponse\x12\'\n\x04step\x18\x01 \x01(\x0b\x32\x17.ditmesh.v1.DenoiseStepH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.ditmesh.v1.TensorChunkH\x00\x12\'\n\x04\x64one\x18\x03 \x01(\x0b\x32\x17.ditmesh.v1.TensorsDoneH\x00\x12-\n\x07preview\x18\x04 \x01(\x0b\x32\x1a.ditmesh.v1.DenoisePreviewH\x00\x42\t\n\x07payload2R\n\x08\x44\x65noiser\x12\x46\n\x07\x44\x65noise\x12\x1a.ditmesh.v1.DenoiseRequest\x1a\x1b.ditmesh.v1.DenoiseResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64itmesh/v1/denoiser.proto\x12\nditmesh.v1\x1a\x17\x64itmesh/v1/tensor.proto\"\xf0\x01\n\rDenoiseParams\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\r\n\x05width\x18\x04 \x01(\x05\x12\r\n\x05steps\x18\x05 \x01(\x05\x12\x10\n\x08guidance\x18\x06 \x01(\x02\x12\x16\n\x0etrue_cfg_scale\x18\x07 \x01(\x02\x12\x0c\n\x04seed\x18\x08 \x01(\x03\x12\x12\n\nnum_images\x18\t \x01(\x05\x12\x15\n\rpreview_steps\x18\n \x03(\x05\x12\x12\n\nnum_frames\x18\x0b \x01(\x05\x12\x17\n\x0f\x63\x61\x63he_threshold\x18\x0c \x01(\x02\"\x9b\x01\n\x0e\x44\x65noiseRequest\x12+\n\x06params\x18\x01 \x01(\x0b\x32\x19.ditmesh.v1.DenoiseParamsH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.ditmesh.v1.TensorChunkH\x00\x12\'\n\x04\x64one\x18\x03 \x01(\x0b\x32\x17.ditmesh.v1.TensorsDoneH\x00\x42\t\n\x07payload\"@\n\x0b\x44\x65noiseStep\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\r\n\x05total\x18\x02 \x01(\x05\x12\x14\n\x0c\x63\x61\x63hed_steps\x18\x03 \x01(\x05\"R\n\x0e\x44\x65noisePreview\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\r\n\x05total\x18\x02 \x01(\x05\x12#\n\x07latents\x18\x03 \x01(\x0b\x32\x12.ditmesh.v1.Tensor\"\xc7\x01\n\x0f\x44\x65noiseResponse\x12\'\n\x04step\x18\x01 \x01(\x0b\x32\x17.ditmesh.v1.DenoiseStepH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.ditmesh.v1.TensorChunkH\x00\x12\'\n\x04\x64one\x18\x03 \x01(\x0b\x32\x17.ditmesh.v1.TensorsDoneH\x00\x12-\n\x07preview\x18\x04 \x01(\x0b\x32\x1a.ditmesh.v1.DenoisePreviewH\x00\x42\t\n\x07payload2R\n\x08\x44\x65noiser\x12\x46\n\x07\x44\x65noise\x12\x1a.ditmesh.v1.DenoiseRequest\x1a\x1b.ditmesh.v1.DenoiseResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,15 +33,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ditmesh.v1.denoiser_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DENOISEPARAMS']._serialized_start=67
-  _globals['_DENOISEPARAMS']._serialized_end=282
-  _globals['_DENOISEREQUEST']._serialized_start=285
-  _globals['_DENOISEREQUEST']._serialized_end=440
-  _globals['_DENOISESTEP']._serialized_start=442
-  _globals['_DENOISESTEP']._serialized_end=484
-  _globals['_DENOISEPREVIEW']._serialized_start=486
-  _globals['_DENOISEPREVIEW']._serialized_end=568
-  _globals['_DENOISERESPONSE']._serialized_start=571
-  _globals['_DENOISERESPONSE']._serialized_end=770
-  _globals['_DENOISER']._serialized_start=772
-  _globals['_DENOISER']._serialized_end=854
+  _globals['_DENOISEPARAMS']._serialized_end=307
+  _globals['_DENOISEREQUEST']._serialized_start=310
+  _globals['_DENOISEREQUEST']._serialized_end=465
+  _globals['_DENOISESTEP']._serialized_start=467
+  _globals['_DENOISESTEP']._serialized_end=531
+  _globals['_DENOISEPREVIEW']._serialized_start=533
+  _globals['_DENOISEPREVIEW']._serialized_end=615
+  _globals['_DENOISERESPONSE']._serialized_start=618
+  _globals['_DENOISERESPONSE']._serialized_end=817
+  _globals['_DENOISER']._serialized_start=819
+  _globals['_DENOISER']._serialized_end=901
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DenoiseParams(_message.Message):
-    __slots__ = ("request_id", "model", "height", "width", "steps", "guidance", "true_cfg_scale", "seed", "num_images", "preview_steps", "num_frames")
+    __slots__ = ("request_id", "model", "height", "width", "steps", "guidance", "true_cfg_scale", "seed", "num_images", "preview_steps", "num_frames", "cache_threshold")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +20,7 @@ class DenoiseParams(_message.Message):
     NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_STEPS_FIELD_NUMBER: _ClassVar[int]
     NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     height: int
@@ -31,7 +32,8 @@ class DenoiseParams(_message.Message):
     num_images: int
     preview_steps: _containers.RepeatedScalarFieldContainer[int]
     num_frames: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., true_cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., preview_steps: _Optional[_Iterable[int]] = ..., num_frames: _Optional[int] = ...) -> None: ...
+    cache_threshold: float
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., true_cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., preview_steps: _Optional[_Iterable[int]] = ..., num_frames: _Optional[int] = ..., cache_threshold: _Optional[float] = ...) -> None: ...
 
 class DenoiseRequest(_message.Message):
     __slots__ = ("params", "chunk", "done")
@@ -44,12 +46,14 @@ class DenoiseRequest(_message.Message):
     def __init__(self, params: _Optional[_Union[DenoiseParams, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ..., done: _Optional[_Union[_tensor_pb2.TensorsDone, _Mapping]] = ...) -> None: ...
 
 class DenoiseStep(_message.Message):
-    __slots__ = ("step", "total")
+    __slots__ = ("step", "total", "cached_steps")
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
+    CACHED_STEPS_FIELD_NUMBER: _ClassVar[int]
     step: int
     total: int
-    def __init__(self, step: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
+    cached_steps: int
+    def __init__(self, step: _Optional[int] = ..., total: _Optional[int] = ..., cached_steps: _Optional[int] = ...) -> None: ...
 
 class DenoisePreview(_message.Message):
     __slots__ = ("step", "total", "latents")

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt", "negative_prompt", "height", "width", "steps", "guidance", "true_cfg_scale", "seed", "num_images", "output_format", "quality", "partial_images", "num_frames", "fps")
+    __slots__ = ("request_id", "model", "prompt", "negative_prompt", "height", "width", "steps", "guidance", "true_cfg_scale", "seed", "num_images", "output_format", "quality", "partial_images", "num_frames", "fps", "cache_threshold")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,7 @@ class GenerateRequest(_message.Message):
     PARTIAL_IMAGES_FIELD_NUMBER: _ClassVar[int]
     NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
     FPS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt: str
@@ -41,7 +42,8 @@ class GenerateRequest(_message.Message):
     partial_images: int
     num_frames: int
     fps: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., true_cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., output_format: _Optional[_Union[_vae_pb2.OutputFormat, str]] = ..., quality: _Optional[int] = ..., partial_images: _Optional[int] = ..., num_frames: _Optional[int] = ..., fps: _Optional[int] = ...) -> None: ...
+    cache_threshold: float
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., true_cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., output_format: _Optional[_Union[_vae_pb2.OutputFormat, str]] = ..., quality: _Optional[int] = ..., partial_images: _Optional[int] = ..., num_frames: _Optional[int] = ..., fps: _Optional[int] = ..., cache_threshold: _Optional[float] = ...) -> None: ...
 
 class Queued(_message.Message):
     __slots__ = ("position",)
@@ -94,7 +96,7 @@ class Decoded(_message.Message):
     def __init__(self, seconds: _Optional[float] = ...) -> None: ...
 
 class Finished(_message.Message):
-    __slots__ = ("seed", "num_images", "encode_seconds", "denoise_seconds", "decode_seconds", "total_seconds", "stages")
+    __slots__ = ("seed", "num_images", "encode_seconds", "denoise_seconds", "decode_seconds", "total_seconds", "stages", "cached_steps", "steps_total")
     SEED_FIELD_NUMBER: _ClassVar[int]
     NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
     ENCODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +104,8 @@ class Finished(_message.Message):
     DECODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
+    CACHED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     seed: int
     num_images: int
     encode_seconds: float
@@ -109,7 +113,9 @@ class Finished(_message.Message):
     decode_seconds: float
     total_seconds: float
     stages: _containers.RepeatedCompositeFieldContainer[StageTiming]
-    def __init__(self, seed: _Optional[int] = ..., num_images: _Optional[int] = ..., encode_seconds: _Optional[float] = ..., denoise_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ...) -> None: ...
+    cached_steps: int
+    steps_total: int
+    def __init__(self, seed: _Optional[int] = ..., num_images: _Optional[int] = ..., encode_seconds: _Optional[float] = ..., denoise_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., cached_steps: _Optional[int] = ..., steps_total: _Optional[int] = ...) -> None: ...
 
 class StageTiming(_message.Message):
     __slots__ = ("stage", "queue_seconds", "work_seconds", "transfer_seconds", "image_encode_seconds", "attempts", "replica")
