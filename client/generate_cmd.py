@@ -16,7 +16,9 @@ MP4, animated WebP, GIF or raw frames; without `-o`, a request with `--num-frame
 `--fps` writes out.mp4).
 `--tls` (the system's CAs) or `--tls-ca PEM` connect with TLS; `--tls-cert/--tls-key` add a
 client certificate for a gateway that requires one (client/tls.py).
+`--cache-threshold T` asks for step caching; `--verbose` then says how many steps skipped.
 Needs only the client's dependencies: it runs in a client-only install.
+A little over 350 lines: the parser's flags are most of it, one block each, kept together.
 """
 
 from __future__ import annotations
@@ -111,6 +113,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="video models: frames per second of the video (default: the model's)",
+    )
+    parser.add_argument(
+        "--cache-threshold",
+        type=float,
+        default=0.0,
+        metavar="T",
+        help="step caching, 0-1: skip a step's later transformer blocks when the first "
+        "block's output changed by less than T since the last computed step; faster, "
+        "approximate (default 0: off, exact)",
     )
     parser.add_argument(
         "--partial-images",
@@ -340,6 +351,10 @@ def print_timings(timings: Timings, out: TextIO) -> None:
         "timings: " + ", ".join(f"{_PART_NAMES.get(k, k)} {v:.3f} s" for k, v in parts.items()),
         file=out,
     )
+    if timings.steps_total:
+        print(
+            f"step caching: {timings.cached_steps} of {timings.steps_total} steps skipped", file=out
+        )
     for s in timings.stages:
         encoding = f" (image encoding {s.image_encode:.3f} s)" if s.image_encode else ""
         retried = f", {s.attempts} attempts" if s.attempts > 1 else ""

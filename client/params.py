@@ -94,6 +94,11 @@ class GenerateParams:
     4k+1) and limit are the gateway's to check. Image models refuse it."""
     fps: int = 0
     """Video models: frames per second written into the container (0: the model's)."""
+    cache_threshold: float = 0.0
+    """Step caching, 0 to 1 (0: off, exact): a step skips the transformer's blocks after
+    the first when the first block's output changed by less than this, relatively, since
+    the last computed step. Faster and approximate; the result's
+    `timings.cached_steps` says how many steps were skipped."""
 
     def __post_init__(self) -> None:
         _check_text("negative_prompt", self.negative_prompt)
@@ -121,6 +126,11 @@ class GenerateParams:
         if self.seed is not None and not 0 <= _integer("seed", self.seed) <= SEED_MAX:
             raise invalid_argument(
                 f"seed must be between 0 and 2**63-1, as the gateway requires; got {self.seed}"
+            )
+        threshold = _real("cache_threshold", self.cache_threshold)
+        if not 0.0 <= threshold <= 1.0:
+            raise invalid_argument(
+                f"cache_threshold must be between 0 and 1 (0: off), got {self.cache_threshold}"
             )
         format_value(self.output_format)
         if self.request_id is not None:
@@ -160,6 +170,7 @@ class GenerateParams:
             partial_images=self.partial_images,
             num_frames=self.num_frames,
             fps=self.fps,
+            cache_threshold=self.cache_threshold,
         )
         # Unset (not 0) leaves the choice to the gateway: guidance 0.0 is a real value.
         for name in ("guidance", "true_cfg_scale", "seed"):

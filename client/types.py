@@ -187,6 +187,10 @@ class Timings:
     total: float
     stages: tuple[StageTimings, ...] = ()
     """Per stage, in the order encoder, denoiser, vae (empty from an older gateway)."""
+    cached_steps: int = 0
+    """Step caching (`cache_threshold`): denoising steps whose transformer blocks after the
+    first were skipped, of `steps_total`; 0 of 0 when the request asked for no caching."""
+    steps_total: int = 0
 
     def stage(self, name: str) -> StageTimings | None:
         return next((s for s in self.stages if s.stage == name), None)

@@ -147,6 +147,8 @@ def _make_result(
                 )
                 for s in finished.stages
             ),
+            cached_steps=finished.cached_steps,
+            steps_total=finished.steps_total,
         ),
     )
 

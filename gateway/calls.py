@@ -199,6 +199,7 @@ async def denoise(
         num_images=plan.num_images,
         preview_steps=plan.preview_steps,
         num_frames=plan.num_frames,
+        cache_threshold=plan.cache_threshold,
     )
     stub = denoiser_pb2_grpc.DenoiserStub(attempt.replica.channel)
     requests = codec.params_and_tensors_stream(denoiser_pb2.DenoiseRequest, params, cond)

@@ -78,6 +78,8 @@ class RequestPlan:
     """Video: frames per video; 0 for image models."""
     fps: int = 0
     """Video: frames per second written into the container; 0 for image models."""
+    cache_threshold: float = 0.0
+    """Step caching's threshold (0 to 1; 0: off), forwarded to the denoiser."""
 
     @property
     def family(self) -> Family:
@@ -164,6 +166,7 @@ def make_plan(
     if req.quality and not 1 <= req.quality <= 100:
         raise InvalidArgument(f"quality must be between 1 and 100; got {req.quality}")
     output_format, num_frames, fps = _video_fields(req, m)
+    check_cache_threshold(req.cache_threshold)
     return RequestPlan(
         request_id=rid,
         model=m,
@@ -181,7 +184,15 @@ def make_plan(
         preview_steps=preview_steps(req.partial_images, steps),
         num_frames=num_frames,
         fps=fps,
+        cache_threshold=req.cache_threshold,
     )
+
+
+def check_cache_threshold(threshold: float) -> None:
+    """0 (off) to 1; whether the model and the denoiser's layout can cache is the
+    denoiser's to say."""
+    if not 0.0 <= threshold <= 1.0:
+        raise InvalidArgument(f"cache_threshold must be between 0 and 1; got {threshold}")
 
 
 def _video_fields(req: gateway_pb2.GenerateRequest, m: ModelRef) -> tuple[int, int, int]:

@@ -179,3 +179,135 @@ def test_gloo_layouts_make_the_single_process_decisions(tiny_flux_dir, monkeypat
         for i, (got, ref) in enumerate(zip(latents, want, strict=True)):
             err = relative_error(got, ref)
             assert err <= REL_TOL, f"{layout} job {i}: relative error {err:.2e}"
+
+
+# ------------------------------------------------------------ through a real mesh (in process)
+
+MESH_REQUEST = dict(height=64, width=64, steps=STEPS, seed=3, output_format="raw")
+RELAY_PENDING = pytest.mark.xfail(
+    strict=True,
+    reason="the gateway does not yet relay DenoiseStep.cached_steps into Finished "
+    "(gateway/calls.py StepDone, gateway/run.py Finished: the lead's edit, see the report)",
+)
+
+
+@pytest.fixture(scope="module")
+def client(inproc_mesh):
+    from ditmesh.client import Client
+
+    with Client(inproc_mesh.address, timeout=120) as c:
+        c.wait_ready(60)
+        yield c
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("threshold", [-0.1, 1.5, float("nan")])
+def test_the_gateway_refuses_a_threshold_outside_0_to_1(inproc_mesh, threshold):
+    import grpc
+
+    from ditmesh.v1 import gateway_pb2, gateway_pb2_grpc
+
+    with grpc.insecure_channel(inproc_mesh.address) as ch:
+        stub = gateway_pb2_grpc.GatewayStub(ch)
+        req = gateway_pb2.GenerateRequest(prompt="a cat", steps=2, cache_threshold=threshold)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.GenerateUnary(req, timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "cache_threshold" in err.value.details()
+
+
+def test_the_sdk_refuses_a_threshold_outside_0_to_1():
+    from ditmesh.client import GenerateParams, InvalidArgumentError
+
+    for bad in (-0.5, 2.0):
+        with pytest.raises(InvalidArgumentError, match="cache_threshold"):
+            GenerateParams(cache_threshold=bad)
+
+
+def test_the_denoiser_refuses_what_cannot_cache():
+    from ditmesh.common.errors import InvalidArgument
+    from ditmesh.denoiser.service import check_cache_threshold
+
+    class Runner:
+        class adapter:  # noqa: N801 - stands in for an adapter object
+            forward = None
+            transformer = torch.nn.Linear(1, 1)
+
+    check_cache_threshold(0.0, Runner())
+    with pytest.raises(InvalidArgument, match="between 0 and 1"):
+        check_cache_threshold(1.01, Runner())
+    with pytest.raises(InvalidArgument, match="supports the transformers"):
+        check_cache_threshold(0.5, Runner())
+
+
+@pytest.mark.slow
+def test_the_threshold_reaches_the_denoiser_through_the_mesh(client):
+    exact = client.generate("a red circle", **MESH_REQUEST)
+    cached = client.generate("a red circle", **MESH_REQUEST, cache_threshold=1.0)
+    again = client.generate("a red circle", **MESH_REQUEST)
+    assert exact.raw == again.raw  # the model is left unwrapped after a cached request
+    assert exact.raw != cached.raw  # skipped steps change the image a little
+
+
+@pytest.mark.slow
+def test_the_denoiser_reports_skipped_steps_with_each_step(inproc_mesh, tiny_flux):
+    import grpc
+
+    from ditmesh.common import codec
+    from ditmesh.v1 import denoiser_pb2, denoiser_pb2_grpc
+
+    job = cached_jobs(tiny_flux, 1.0)[2]  # no CFG, one image
+    params = denoiser_pb2.DenoiseParams(
+        request_id="cache-report",
+        model=resolve_model(tiny_flux).name,
+        height=job.height,
+        width=job.width,
+        steps=STEPS,
+        guidance=job.guidance,
+        true_cfg_scale=job.true_cfg_scale,
+        seed=job.seed,
+        num_images=1,
+        cache_threshold=1.0,
+    )
+    with grpc.insecure_channel(inproc_mesh.denoisers[0].address) as ch:
+        stub = denoiser_pb2_grpc.DenoiserStub(ch)
+        requests = codec.params_and_tensors_stream(denoiser_pb2.DenoiseRequest, params, job.cond)
+        steps = [m.step for m in stub.Denoise(requests, timeout=60) if m.HasField("step")]
+    assert [s.step for s in steps] == list(range(1, STEPS + 1))
+    counts = [s.cached_steps for s in steps]
+    assert counts[0] == 0 and counts[-1] > 0
+    assert all(b - a in (0, 1) for a, b in zip(counts, counts[1:], strict=False))
+
+
+@pytest.mark.slow
+@RELAY_PENDING
+def test_the_sdk_result_says_how_many_steps_were_skipped(client):
+    result = client.generate("a red circle", **MESH_REQUEST, cache_threshold=1.0)
+    assert result.timings.steps_total == STEPS
+    assert 0 < result.timings.cached_steps < STEPS
+    exact = client.generate("a red circle", **MESH_REQUEST)
+    assert exact.timings.cached_steps == 0
+
+
+@pytest.mark.slow
+@RELAY_PENDING
+def test_the_cli_verbose_prints_the_skipped_steps(inproc_mesh, tmp_path, capsys):
+    from ditmesh.cli import main
+
+    argv = ["a red circle", "--height", "64", "--width", "64", "--steps", str(STEPS)]
+    out = str(tmp_path / "out.png")
+    code = main(
+        [
+            "generate",
+            "--gateway",
+            inproc_mesh.address,
+            *argv,
+            "--cache-threshold",
+            "1",
+            "--verbose",
+            "-o",
+            out,
+        ]
+    )
+    assert code == 0
+    assert f"of {STEPS} steps skipped" in capsys.readouterr().out

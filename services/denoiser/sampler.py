@@ -85,6 +85,7 @@ def _loop(
         for i in range(total):
             if cache is not None:
                 cache.idle_step(latents.device)
+                job.cached_steps = cache.skipped
             if i + 1 in job.preview_steps:
                 share.gather(latents)
     return adapter.finish(prep, share.gather(latents), job)

@@ -34,6 +34,7 @@ from ditmesh.denoiser.job import DenoiseJob
 from ditmesh.denoiser.parallel.mesh import ParallelConfig
 from ditmesh.denoiser.runner import LocalRunner, Runner
 from ditmesh.denoiser.speed import EAGER, Speedups
+from ditmesh.denoiser.step_cache import refusal as step_cache_refusal
 from ditmesh.v1 import denoiser_pb2, denoiser_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ def read_job(request_iterator, runner: Runner) -> DenoiseJob:
     check_num_frames(model, p.num_frames)
     preview_steps = tuple(p.preview_steps)
     check_preview_steps(preview_steps, p.steps, runner)
+    check_cache_threshold(p.cache_threshold, runner)
     return DenoiseJob(
         request_id=p.request_id,
         height=p.height,
@@ -67,7 +69,24 @@ def read_job(request_iterator, runner: Runner) -> DenoiseJob:
         cond=cond,
         preview_steps=preview_steps,
         num_frames=p.num_frames,
+        cache_threshold=p.cache_threshold,
     )
+
+
+def check_cache_threshold(threshold: float, runner: Runner) -> None:
+    """0 to 1, and a layout, family and speed-ups step caching runs with (refused here, on
+    the leader, before any rank sees the job)."""
+    if not 0.0 <= threshold <= 1.0:
+        raise InvalidArgument(f"cache_threshold must be between 0 and 1; got {threshold}")
+    if threshold == 0.0:
+        return
+    if isinstance(runner, GangRunner):
+        adapter, pipefusion = runner.member.adapter, runner.parallel.pipefusion
+    else:
+        adapter, pipefusion = runner.adapter, 1
+    why = step_cache_refusal(adapter, pipefusion)
+    if why is not None:
+        raise InvalidArgument(why)
 
 
 def check_preview_steps(steps: tuple[int, ...], total: int, runner: Runner) -> None:
@@ -114,7 +133,11 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
                 raise Cancelled(f"request {job.request_id} was cancelled at step {step}")
             loop.step(step, total)
             events.put(
-                denoiser_pb2.DenoiseResponse(step=denoiser_pb2.DenoiseStep(step=step, total=total))
+                denoiser_pb2.DenoiseResponse(
+                    step=denoiser_pb2.DenoiseStep(
+                        step=step, total=total, cached_steps=job.cached_steps
+                    )
+                )
             )
 
         def on_preview(step: int, total: int, latents) -> None:
