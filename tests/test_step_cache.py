@@ -122,6 +122,47 @@ def test_mixed_threshold_skips_some_steps_not_all(tiny_flux_dir, monkeypatch):
         assert all(abs(r - THRESHOLD) > MARGIN for r in c.rels), c.rels
 
 
+@pytest.mark.parametrize("family", ["sd3", "pixart-sigma"])
+def test_other_families_whose_blocks_fit(family, tmp_path, monkeypatch):
+    from ditmesh.tiny import make_tiny
+
+    from .helpers import pixart_jobs, sd3_jobs
+
+    model_dir = str(make_tiny(family, tmp_path / "model"))
+    make = sd3_jobs if family == "sd3" else pixart_jobs
+    jobs = {
+        t: [dataclasses.replace(j, steps=STEPS, cache_threshold=t) for j in make(model_dir)]
+        for t in (0.0, 1e-9, 1.0)
+    }
+    rec = Recorder(monkeypatch)
+    exact, never, most = (run_single(model_dir, jobs[t]) for t in (0.0, 1e-9, 1.0))
+    for a, b in zip(never, exact, strict=True):
+        assert torch.equal(a, b)
+    for job, a, b in zip(jobs[1.0], most, exact, strict=True):
+        assert job.cached_steps > 0
+        assert torch.isfinite(a).all() and not torch.equal(a, b)
+        assert relative_error(a, b) <= SKIP_BOUND
+    assert len(rec.caches) == 2 * len(jobs[1.0])
+
+
+@pytest.mark.slow  # inductor compiles the blocks on CPU
+def test_compiled_blocks_cache_as_eager_ones_do(tiny_flux_dir, monkeypatch):
+    from ditmesh.denoiser.speed import compile_blocks
+
+    job = cached_jobs(tiny_flux_dir, THRESHOLD)[0]
+    rec = Recorder(monkeypatch)
+    adapter = load_adapter(resolve_model(tiny_flux_dir), torch.device("cpu"), "float32")
+    eager = sample(adapter, dataclasses.replace(job), single_process_mesh())
+    compile_blocks(adapter.transformer)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = sample(adapter, dataclasses.replace(job), single_process_mesh())
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # compile really ran
+    assert rec.caches[0].pattern == rec.caches[1].pattern
+    assert any(rec.caches[1].pattern)
+    assert relative_error(compiled, eager) <= REL_TOL
+
+
 def test_refusals():
     class Adapter:
         forward = None
