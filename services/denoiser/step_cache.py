@@ -124,12 +124,17 @@ class StepCache:
         self.threshold = threshold
         self.mesh = mesh
         self.sp = _sequence_parallel(transformer) if mesh.config.sp > 1 else None
+        if mesh.config.sp > 1 and self.sp is None:
+            # Without it the padding tokens would count, and the ranks' decisions could
+            # differ from one process's.
+            raise ValueError("step caching under sp > 1 found no sequence-parallel processor")
         self.mode = "full"
         self.call = 0  # first-block calls so far in this pass (one per transformer call)
         self.r1_prev: dict[int, torch.Tensor] = {}
         self.r1_probe: dict[int, torch.Tensor] = {}
         self.first_out: dict[int, tuple] = {}
         self.residual: dict[int, tuple] = {}
+        self.start: tuple = ()  # the first block's output in this call (residuals start here)
         self.sums: list[torch.Tensor] = []
         self.in_a_row = 0
         self.skipped = 0
