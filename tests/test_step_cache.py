@@ -1,5 +1,5 @@
 """Step caching (services/denoiser/step_cache.py): exact when off, skips when the probe says
-so, the same decisions and latents under every 2-rank gloo layout as in one process, and
+so, the same decisions and latents under every 2- and 4-rank gloo layout as in one process, and
 the threshold checked at the gateway and reported to the SDK and CLI."""
 
 from __future__ import annotations
@@ -202,7 +202,10 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, jobs, out_path:
 
 
 @pytest.mark.slow
-def test_gloo_layouts_make_the_single_process_decisions(tiny_flux_dir, monkeypatch, tmp_path):
+@pytest.mark.parametrize("world", [2, 4])
+def test_gloo_layouts_make_the_single_process_decisions(
+    tiny_flux_dir, monkeypatch, tmp_path, world
+):
     from ditmesh.denoiser.gang import free_port
 
     rec = Recorder(monkeypatch)
@@ -210,11 +213,16 @@ def test_gloo_layouts_make_the_single_process_decisions(tiny_flux_dir, monkeypat
     want = run_single(tiny_flux_dir, [dataclasses.replace(j) for j in jobs])
     want_patterns = [c.pattern for c in rec.caches]
     assert any(any(p) for p in want_patterns)
-    out_path = str(tmp_path / "world2.pt")
+    out_path = str(tmp_path / f"world{world}.pt")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    tmp.spawn(_rank_main, args=(2, free_port(), tiny_flux_dir, jobs, out_path), nprocs=2, join=True)
+    tmp.spawn(
+        _rank_main,
+        args=(world, free_port(), tiny_flux_dir, jobs, out_path),
+        nprocs=world,
+        join=True,
+    )
     results = torch.load(out_path)
-    assert set(results) == {"u2", "r2", "cfg2", "dp2"}
+    assert set(results) == set(LAYOUTS[world])
     for layout, (latents, patterns) in results.items():
         assert patterns == want_patterns, layout
         for i, (got, ref) in enumerate(zip(latents, want, strict=True)):
