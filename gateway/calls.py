@@ -48,6 +48,8 @@ class Done:
 class StepDone:
     step: int
     total: int
+    cached_steps: int = 0
+    """Step caching: steps the denoiser skipped so far in this call."""
 
 
 @dataclass(slots=True)
@@ -211,7 +213,7 @@ async def denoise(
         kind = stream.feed(msg)
         if kind == "step":
             watch.tick()
-            yield StepDone(msg.step.step, msg.step.total)
+            yield StepDone(msg.step.step, msg.step.total, msg.step.cached_steps)
         elif kind == "preview":
             p = msg.preview
             yield Preview(p.step, p.total, codec.from_proto(p.latents))

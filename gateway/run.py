@@ -64,6 +64,8 @@ class RequestRun:
         self.breakdown = RequestTimings()
         """Where the time went, per stage, for the Finished event (gateway/timings.py)."""
         self.started = time.monotonic()
+        self.cached_steps = 0
+        """Step caching: steps the denoiser skipped (its last step event's count)."""
 
     def leave(self) -> None:
         """Gives back every queue place still held (idempotent)."""
@@ -110,6 +112,8 @@ class RequestRun:
                 decode_seconds=t3 - t2,
                 total_seconds=t3 - t0,
                 stages=self.breakdown.stages(),
+                cached_steps=self.cached_steps,
+                steps_total=plan.steps if plan.cache_threshold > 0 else 0,
             )
         )
 
@@ -194,6 +198,7 @@ class RequestRun:
             watch = calls.StepWatch(self.watchdog, per_step)
             async for item in calls.denoise(self.plan, cond, attempt, timeout, watch):
                 if isinstance(item, calls.StepDone):
+                    self.cached_steps = item.cached_steps
                     step = gateway_pb2.Step(step=item.step, total=item.total)
                     yield self._event(step=step)
                 else:

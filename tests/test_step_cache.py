@@ -233,11 +233,6 @@ def test_gloo_layouts_make_the_single_process_decisions(
 # ------------------------------------------------------------ through a real mesh (in process)
 
 MESH_REQUEST = dict(height=64, width=64, steps=STEPS, seed=3, output_format="raw")
-RELAY_PENDING = pytest.mark.xfail(
-    strict=True,
-    reason="the gateway does not yet relay DenoiseStep.cached_steps into Finished "
-    "(gateway/calls.py StepDone, gateway/run.py Finished: the lead's edit, see the report)",
-)
 
 
 @pytest.fixture(scope="module")
@@ -329,7 +324,6 @@ def test_the_denoiser_reports_skipped_steps_with_each_step(inproc_mesh, tiny_flu
 
 
 @pytest.mark.slow
-@RELAY_PENDING
 def test_the_sdk_result_says_how_many_steps_were_skipped(client):
     result = client.generate("a red circle", **MESH_REQUEST, cache_threshold=1.0)
     assert result.timings.steps_total == STEPS
@@ -339,7 +333,6 @@ def test_the_sdk_result_says_how_many_steps_were_skipped(client):
 
 
 @pytest.mark.slow
-@RELAY_PENDING
 def test_the_cli_verbose_prints_the_skipped_steps(inproc_mesh, tmp_path, capsys):
     from ditmesh.cli import main
 
