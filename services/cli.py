@@ -140,6 +140,12 @@ def _add_gang_args(p: argparse.ArgumentParser) -> None:
         help="one projection GEMM for q, k and v (weights shared, no extra memory)",
     )
     g.add_argument(
+        "--fp8",
+        action="store_true",
+        help="the transformer blocks' linear layers in FP8 e4m3 with per-row scales "
+        "(an FP8 GPU: Ada sm_89 / Hopper or later; changes the output a little)",
+    )
+    g.add_argument(
         "--warmup-sizes",
         type=_sizes,
         default=(),
@@ -171,6 +177,7 @@ def _speedups(args: argparse.Namespace):
         cuda_graphs=args.cuda_graphs,
         attention=args.attention,
         fuse_qkv=args.fuse_qkv,
+        fp8=args.fp8,
         comm_overlap=args.comm_overlap,
         warmup_sizes=args.warmup_sizes,
     )
@@ -366,6 +373,10 @@ def _serve(args: argparse.Namespace) -> int:
             )
             gang: dict = {}
             if args.stage == "denoiser":
+                if args.fp8:  # refused before any weight loads or process starts
+                    from ditmesh.denoiser.fp8 import check as check_fp8
+
+                    check_fp8(args.device, args.dtype)
                 gang = dict(
                     parallel=_parallel_config(args),
                     collective_timeout_s=args.collective_timeout,
@@ -428,6 +439,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             parallel = _parallel_config(args)
             check_parallel(args.vae_parallel, "--vae-parallel")
+            if args.fp8:
+                from ditmesh.denoiser.fp8 import check as check_fp8
+
+                check_fp8(args.device, args.dtype)
         except (ParallelConfigError, InvalidArgument) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -451,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"--compile-mode={args.compile_mode}",
                     f"--comm-overlap={args.comm_overlap}",
                     *(["--fuse-qkv"] if args.fuse_qkv else []),
+                    *(["--fp8"] if args.fp8 else []),
                     f"--attention={args.attention}",
                     *(
                         ["--warmup-sizes=" + ",".join(f"{h}x{w}" for h, w in args.warmup_sizes)]

@@ -35,6 +35,7 @@ from ditmesh.common.gangs import (
     torchrun_env,
 )
 from ditmesh.common.models import ModelRef, resolve_model
+from ditmesh.denoiser.fp8 import check as check_fp8
 from ditmesh.denoiser.job import DenoiseJob, PreviewCallback, StepCallback
 from ditmesh.denoiser.parallel.mesh import (
     ParallelConfig,
@@ -185,6 +186,8 @@ class GangRunner(GangLeader):
             check_pipefusion_speed(speed.compile, speed.cuda_graphs)
         if speed.compile and speed.comm_overlap != "off":
             check_comm_overlap(speed.comm_overlap)
+        if speed.fp8:  # each rank converts its own blocks; refused here before any starts
+            check_fp8(spec.launch.device, spec.launch.dtype)
         sizes = warmup_sizes(model, speed)
         self.parallel = parallel
         world = parallel.world_size

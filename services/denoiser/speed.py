@@ -4,6 +4,8 @@
 `apply` changes an adapter in a fixed order:
 
 1. fused q/k/v projections (one GEMM instead of three, weights shared, no copy);
+1b. FP8 GEMMs for the blocks' Linears (fp8.py), before compile so the activations'
+   quantisation is traced into the compiled graphs and fused;
 2. torch.compile of the repeated blocks (fused norms, rope, MLP epilogues); the
    Ulysses exchange is traced into their graphs (functional collectives), ring
    attention's point-to-point exchange stays eager between them;
@@ -45,6 +47,9 @@ class Speedups:
     attention: str = "auto"
     """SDPA kernel tried first: auto (PyTorch's own order), cudnn, flash, efficient, math."""
     fuse_qkv: bool = False
+    fp8: bool = False
+    """The blocks' Linear layers in FP8 e4m3 (dynamic per-row activation scales), see fp8.py;
+    needs an FP8 GPU (sm_89+), refused elsewhere (CPU: a test-only emulation)."""
     comm_overlap: str = "off"
     """With compile: let inductor move the Ulysses exchange's collectives and waits to
     overlap compute. off; reorder (its reordering passes: collectives raised, waits sunk,
@@ -68,7 +73,7 @@ class Speedups:
             )
 
     def describe(self) -> str:
-        on = [n for n in ("compile", "cuda_graphs", "fuse_qkv") if getattr(self, n)]
+        on = [n for n in ("compile", "cuda_graphs", "fuse_qkv", "fp8") if getattr(self, n)]
         if self.compile and self.compile_mode != "default":
             on[0] = f"compile={self.compile_mode}"
         if self.attention != "auto":
@@ -232,6 +237,12 @@ def apply(adapter, speed: Speedups) -> bool:
             log.info("fused q/k/v projections of %d attention modules", n)
         else:
             log.warning("--fuse-qkv: this model has no attention diffusers can fuse; unchanged")
+    if speed.fp8:
+        from ditmesh.denoiser import fp8
+
+        granularity = fp8.check(next(transformer.parameters()).device, adapter.dtype)
+        n = fp8.convert_blocks(transformer, granularity)
+        log.info("fp8: %d Linear layers of the blocks in e4m3 (%s-wise scales)", n, granularity)
     if speed.compile:
         if speed.comm_overlap != "off":
             set_comm_overlap(speed.comm_overlap)
