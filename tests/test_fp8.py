@@ -27,8 +27,8 @@ TINY_FLUX_FP8_LINEARS = 2 * 12 + 2 * 5
 # FP8 e4m3 keeps 3 mantissa bits: ~2-6% per GEMM. Measured on CPU (float32 references):
 # one Fp8Linear 64 -> 96 on random inputs, relative L2 0.035 (row and tensor scales); the
 # tiny Flux's whole transformer call 0.0037 (its residual stream carries the embedders'
-# unquantised path, so the blocks' error is diluted); its latents after 3 steps, max abs error over max
-# abs value, <= 0.0028. Each bound is about 2-3x its measurement.
+# unquantised path, so the blocks' error is diluted); its latents after 3 steps, max abs
+# error over max abs value, <= 0.0028. Each bound is about 2-3x its measurement.
 LINEAR_REL_L2 = 0.07
 FORWARD_REL_L2 = 0.01
 LATENT_REL = 0.008
@@ -229,3 +229,22 @@ def test_gloo_gang_with_fp8_equals_one_process_with_fp8(cpu_fp8, tiny_flux, tmp_
     got = spawn_layouts(tiny_flux, jobs, 2, tmp_path, layouts={layout: degrees}, speed=FP8)
     for g, w in zip(got[layout], want, strict=True):
         assert relative_error(g, w) <= REL_TOL
+
+
+def test_fp8_linear_compiles_into_one_graph():
+    torch.manual_seed(0)
+    layer = fp8.Fp8Linear(nn.Linear(64, 96), "row")
+    x = torch.randn(2, 7, 64)
+    with torch.no_grad():
+        # fullgraph: the activation's quantisation is traced with the GEMM, so inductor can
+        # fuse it into the neighbouring kernels.
+        got = torch.compile(layer, fullgraph=True)(x)
+        assert torch.equal(got, layer(x))
+
+
+def test_compiled_blocks_with_fp8_make_the_eager_fp8_latents(cpu_fp8, tiny_flux):
+    job = flux_jobs(tiny_flux)[0]
+    want = sample(_adapter(tiny_flux, FP8), job, single_process_mesh())
+    compiled = _adapter(tiny_flux, Speedups(fp8=True, compile=True))
+    got = sample(compiled, job, single_process_mesh())
+    assert relative_error(got, want) <= REL_TOL
