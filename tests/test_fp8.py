@@ -1,6 +1,7 @@
 """--fp8 (services/denoiser/fp8.py): refused where FP8 cannot run, before weights load; on CPU
 (the test-only emulation, DITMESH_FP8_CPU=1) only the blocks' Linears convert, the output
-stays within FP8's error of float32, and u2 / cfg2 gloo gangs equal one process with --fp8
+stays within FP8's error of float32, compiled blocks make the eager latents, and u2 / cfg2 /
+r2 / dp2 gloo gangs equal one process with --fp8
 (per-row scales: every rank quantises each token's row as one process does)."""
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ditmesh.denoiser.runner import load_adapter
 from ditmesh.denoiser.sampler import sample
 from ditmesh.denoiser.speed import EAGER, Speedups, apply
 
-from .helpers import REL_TOL, flux_jobs, relative_error, spawn_layouts
+from .helpers import LAYOUTS, REL_TOL, flux_jobs, relative_error, spawn_layouts
 
 FP8 = Speedups(fp8=True)
 # The tiny Flux (2 double + 2 single blocks): a double block has 12 Linears outside its
@@ -220,15 +221,21 @@ def test_sampled_latents_within_fp8_error_of_float32(cpu_fp8, tiny_flux):
         assert 0 < relative_error(got, want) < LATENT_REL
 
 
-@pytest.mark.parametrize("layout", ["u2", "cfg2"])
+# A float32 sum taken in another order (a rank's smaller batch blocks its GEMMs otherwise)
+# can move an activation across an e4m3 rounding boundary: that element then differs by one
+# code (~6%). dp2 shows one such flip on these jobs: 1.19e-4, so its bound is 5e-4.
+FP8_GANG_TOL = {"u2": REL_TOL, "cfg2": REL_TOL, "r2": REL_TOL, "dp2": 5e-4}
+
+
+@pytest.mark.parametrize("layout", list(FP8_GANG_TOL))
 def test_gloo_gang_with_fp8_equals_one_process_with_fp8(cpu_fp8, tiny_flux, tmp_path, layout):
-    degrees = {"u2": dict(ulysses=2), "cfg2": dict(cfg=2)}[layout]
+    degrees = LAYOUTS[2][layout]
     jobs = flux_jobs(tiny_flux)  # true CFG on in two of them: cfg2 splits the branches
     quant = _adapter(tiny_flux, FP8)
     want = [sample(quant, job, single_process_mesh()) for job in jobs]
     got = spawn_layouts(tiny_flux, jobs, 2, tmp_path, layouts={layout: degrees}, speed=FP8)
     for g, w in zip(got[layout], want, strict=True):
-        assert relative_error(g, w) <= REL_TOL
+        assert relative_error(g, w) <= FP8_GANG_TOL[layout]
 
 
 def test_fp8_linear_compiles_into_one_graph():

@@ -17,9 +17,11 @@ inductor lowers, so under `--compile` the activation's amax, divide and cast are
 into the block's graph and fused into the neighbouring kernels (the issue measured that
 unfused they eat most of the gain).
 
-Per-row activation scales make the gang layouts exact against one process: a Ulysses or
-Ring rank holds whole tokens, a CFG or DP rank whole batch rows, so each row is quantised
-with the same scale wherever it is. A PipeFusion rank converts the blocks it holds.
+Per-row activation scales keep the gang layouts with one process: a Ulysses or Ring rank
+holds whole tokens, a CFG or DP rank whole batch rows, so each row is quantised with the
+same scale wherever it is (up to float summation order, which can move a value across an
+e4m3 rounding boundary: one code, tests/test_fp8.py). A PipeFusion rank converts the
+blocks it holds.
 
 Granularity: per-row on sm_90 and later (and CPU); per-tensor on sm_89 (Ada), where
 PyTorch's row-wise `_scaled_mm` is not promised. Per-tensor activation scales depend on
