@@ -18,6 +18,7 @@ import argparse
 import time
 
 import torch
+from vae_gpu import FLUX_VAE  # bench/ is this script's path
 
 # Each family: (make-tiny name, transformer class and its released config, VAE class and
 # its released config). Values not given are the classes' defaults, which are the
@@ -40,18 +41,16 @@ HUNYUAN_V12 = dict(
     text_len_t5=256,
     use_style_cond_and_image_meta_size=False,
 )
-SDXL_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    norm_num_groups=32,
-    latent_channels=4,
-    sample_size=1024,
-    scaling_factor=0.13025,
-)
+# The SDXL VAE: Flux's VAE layout (bench/vae_gpu.py) with 4 latent channels, its own
+# scaling and the quant convolutions Flux's dropped.
+SDXL_VAE = {
+    **FLUX_VAE,
+    "latent_channels": 4,
+    "scaling_factor": 0.13025,
+    "shift_factor": None,
+    "use_quant_conv": True,
+    "use_post_quant_conv": True,
+}
 COGVIDEOX_5B = dict(
     num_attention_heads=48,
     attention_head_dim=64,
