@@ -92,7 +92,8 @@ def _add_gang_args(p: argparse.ArgumentParser) -> None:
         "--pipefusion-warmup",
         type=int,
         default=1,
-        help="PipeFusion: first steps run on the whole image, exact, before patches start",
+        help="PipeFusion: first steps run on the whole image, exact, before patches start "
+        "(0: patches from the first, each attending to the patches before it and itself)",
     )
     g.add_argument("--ulysses", type=int, default=1, help="Ulysses sequence parallel degree")
     g.add_argument("--ring", type=int, default=1, help="Ring sequence parallel degree")

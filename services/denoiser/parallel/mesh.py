@@ -69,7 +69,8 @@ class ParallelConfig:
     """PipeFusion: image patches per step (0: as many as stages)."""
     pipefusion_warmup: int = 1
     """PipeFusion: first steps run on the whole image, in sync, before patches use stale
-    keys and values (at least 1: it fills them)."""
+    keys and values (0: patches from the first step, which attend only to the rows
+    computed so far; see parallel/pipefusion.py)."""
 
     def __post_init__(self) -> None:
         for name in DIMS:
@@ -84,10 +85,10 @@ class ParallelConfig:
             raise ParallelConfigError(
                 f"--patches must be 0 (as many as stages) or a positive integer; got {self.patches!r}"
             )
-        if not isinstance(self.pipefusion_warmup, int) or self.pipefusion_warmup < 1:
+        if not isinstance(self.pipefusion_warmup, int) or self.pipefusion_warmup < 0:
             raise ParallelConfigError(
-                "--pipefusion-warmup must be at least 1 (the first step fills the keys and "
-                f"values the patches reuse); got {self.pipefusion_warmup!r}"
+                "--pipefusion-warmup must be 0 or more (whole-image steps before the "
+                f"patches); got {self.pipefusion_warmup!r}"
             )
         if self.pipefusion > 1 and self.ring > 1:
             raise ParallelConfigError(

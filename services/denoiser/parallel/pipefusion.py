@@ -11,6 +11,12 @@ activations little, which is what makes these stale keys and values good enough.
 
 - The first `pipefusion_warmup` steps run the whole image as one unit (in sync, exact),
   which also fills every module's keys and values.
+- With no warm-up (`pipefusion_warmup` 0) the first step is already in patches and no
+  keys or values are kept yet. Patch p of that step attends to the text and to the fresh
+  keys and values of patches 0..p (this step's, the only ones that exist); the rows of
+  later patches are left out of its attention (never zeros attended to). From the second
+  step on every patch sees the whole image, stale or fresh, as with a warm-up. So the
+  first step is causal by patch: cheaper than a whole-image step, and less exact.
 - The text tokens of a joint attention (Flux's T5 stream, SD3's context) travel with
   patch 0; the other patches attend to the text keys and values that patch 0 left this
   step. A cross-attention's text (PixArt's) is an input of every patch, as the timestep is.

@@ -2,7 +2,8 @@
 
 A patch's own keys and values are fresh; the other patches' are those the module kept
 from the last time it saw them (this step for earlier patches, the previous step for
-later ones). A whole-image pass (warm-up) replaces them all. `PatchContext` says which
+later ones). A whole-image pass (warm-up) replaces them all; without one, the first
+step's patches attend only to the rows computed so far (see `_StaleKV._remember`). `PatchContext` says which
 pass is running; the loop (pipefusion.py) sets it, the processors and the hooks of
 pipefusion_stage.py read it. Which processor goes on which attention is the family's
 PipeFusionPlan (flux.py, sd3.py, pixart.py, hunyuan.py). A cross-attention (PixArt's and
@@ -81,21 +82,39 @@ class _StaleKV:
 
     def _remember(self, k, v, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The kept keys and values of this pass's branch with this pass's written in
-        (a whole-image pass replaces them)."""
+        (a whole-image pass replaces them), cut to the rows that hold any.
+
+        Without a warm-up step (`pipefusion_warmup` 0) the first step's patches find no
+        kept keys: the first pass of a branch makes room for the whole image, and until
+        every patch has been through once a pass attends to the text and the image rows
+        written so far, the patches before it and itself (patches run in token order),
+        never to rows not yet computed. `kv[branch]` is (keys, values, image rows seen)."""
         ctx = self.ctx
         if ctx.full:
-            self.kv[ctx.branch] = k, v
+            self.kv[ctx.branch] = k, v, ctx.image_total
             return k, v
-        if ctx.branch not in self.kv:
-            raise RuntimeError("PipeFusion patch before a whole-image step")
-        keys, values = self.kv[ctx.branch]
         t = ctx.text_total if self.text else 0
+        if ctx.branch not in self.kv:
+            if self.text and not text_len:
+                raise RuntimeError("PipeFusion's first patch of a request must carry the text")
+            rows = (k.shape[0], t + ctx.image_total, *k.shape[2:])
+            self.kv[ctx.branch] = k.new_zeros(rows), v.new_zeros(rows), 0
+        keys, values, seen = self.kv[ctx.branch]
+        if ctx.start > seen:
+            raise RuntimeError(
+                f"PipeFusion patch at image rows {ctx.start}:{ctx.stop} before rows "
+                f"{seen}:{ctx.start} were ever computed (patches run in token order)"
+            )
         if text_len:
             keys[:, :t] = k[:, :text_len]
             values[:, :t] = v[:, :text_len]
         keys[:, t + ctx.start : t + ctx.stop] = k[:, text_len:]
         values[:, t + ctx.start : t + ctx.stop] = v[:, text_len:]
-        return keys, values
+        seen = max(seen, ctx.stop)
+        self.kv[ctx.branch] = keys, values, seen
+        if seen == ctx.image_total:
+            return keys, values
+        return keys[:, : t + seen], values[:, : t + seen]
 
     def _to_rows(self, out, text_len: int, local: int) -> torch.Tensor:
         """Ulysses, back: the text's heads gathered, the patch's rows (padded again) to
