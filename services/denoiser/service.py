@@ -57,6 +57,8 @@ def read_job(request_iterator, runner: Runner) -> DenoiseJob:
     preview_steps = tuple(p.preview_steps)
     check_preview_steps(preview_steps, p.steps, runner)
     check_cache_threshold(p.cache_threshold, runner)
+    if (fast := fast_attn(runner)) is not None:
+        fast.plan.check_steps(p.steps)
     return DenoiseJob(
         request_id=p.request_id,
         height=p.height,
@@ -80,13 +82,23 @@ def check_cache_threshold(threshold: float, runner: Runner) -> None:
         raise InvalidArgument(f"cache_threshold must be between 0 and 1; got {threshold}")
     if threshold == 0.0:
         return
-    if isinstance(runner, GangRunner):
-        adapter, pipefusion = runner.member.adapter, runner.parallel.pipefusion
-    else:
-        adapter, pipefusion = runner.adapter, 1
-    why = step_cache_refusal(adapter, pipefusion)
+    if fast_attn(runner) is not None:
+        # Both would count transformer calls per step differently (probe and replay passes).
+        raise InvalidArgument("step caching cannot run on a denoiser serving --fast-attn")
+    pipefusion = runner.parallel.pipefusion if isinstance(runner, GangRunner) else 1
+    why = step_cache_refusal(leader_adapter(runner), pipefusion)
     if why is not None:
         raise InvalidArgument(why)
+
+
+def leader_adapter(runner: Runner):
+    """The adapter in this process: the runner's, or the gang leader's own rank's."""
+    return runner.member.adapter if isinstance(runner, GangRunner) else runner.adapter
+
+
+def fast_attn(runner: Runner):
+    """The DiTFastAttn state this denoiser serves with (fastattn.py); None: off."""
+    return getattr(leader_adapter(runner), "fast_attn", None)
 
 
 def check_preview_steps(steps: tuple[int, ...], total: int, runner: Runner) -> None:
@@ -128,6 +140,8 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
             },
         )
 
+        fast = fast_attn(self.runner)
+
         def on_step(step: int, total: int) -> None:
             if cancelled.is_set():
                 raise Cancelled(f"request {job.request_id} was cancelled at step {step}")
@@ -135,7 +149,10 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
             events.put(
                 denoiser_pb2.DenoiseResponse(
                     step=denoiser_pb2.DenoiseStep(
-                        step=step, total=total, cached_steps=job.cached_steps
+                        step=step,
+                        total=total,
+                        cached_steps=job.cached_steps,
+                        attention_computed=0.0 if fast is None else fast.fraction(),
                     )
                 )
             )
@@ -190,6 +207,11 @@ def serve(
     env = torchrun_env()
     if env.active:
         parallel.check_world(env.world_size)
+    if speed.fast_attn:  # refused before any weight loads or process starts
+        from ditmesh.denoiser.fastattn import FastAttnPlan, check_layout
+
+        check_layout(parallel)
+        FastAttnPlan.load(speed.fast_attn)
     if parallel.world_size == 1:
         model = resolve_model(model_source, o.name)
         runner: Runner = LocalRunner(model, o.device, o.dtype, speed=speed)

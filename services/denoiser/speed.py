@@ -6,6 +6,8 @@
 1. fused q/k/v projections (one GEMM instead of three, weights shared, no copy);
 1b. FP8 GEMMs for the blocks' Linears (fp8.py), before compile so the activations'
    quantisation is traced into the compiled graphs and fused;
+1c. DiTFastAttn (fastattn.py): the attention layers follow a calibrated plan (the
+   decision stays outside the compiled graphs);
 2. torch.compile of the repeated blocks (fused norms, rope, MLP epilogues); the
    Ulysses exchange is traced into their graphs (functional collectives), ring
    attention's point-to-point exchange stays eager between them;
@@ -57,6 +59,8 @@ class Speedups:
     measured on a GPU, so off by default."""
     warmup_sizes: tuple[tuple[int, int], ...] = ()
     """(height, width) warmed up at start besides the model's default size."""
+    fast_attn: str = ""
+    """A DiTFastAttn plan (fastattn.py; a file, or a model folder holding one); "" off."""
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_CHOICES:
@@ -72,6 +76,12 @@ class Speedups:
                 f"compile mode must be one of {', '.join(COMPILE_MODES)}, not {self.compile_mode!r}"
             )
 
+        if self.fast_attn and self.cuda_graphs:
+            raise ValueError(
+                "--fast-attn cannot run with --cuda-graphs (its method changes step by step, "
+                "a captured forward cannot)"
+            )
+
     def describe(self) -> str:
         on = [n for n in ("compile", "cuda_graphs", "fuse_qkv", "fp8") if getattr(self, n)]
         if self.compile and self.compile_mode != "default":
@@ -80,6 +90,8 @@ class Speedups:
             on.append(f"attention={self.attention}")
         if self.comm_overlap != "off":
             on.append(f"comm_overlap={self.comm_overlap}")
+        if self.fast_attn:
+            on.append("fast_attn")
         return ", ".join(on) or "eager"
 
 
@@ -243,6 +255,10 @@ def apply(adapter, speed: Speedups) -> bool:
         granularity = fp8.check(next(transformer.parameters()).device, adapter.dtype)
         n = fp8.convert_blocks(transformer, granularity)
         log.info("fp8: %d Linear layers of the blocks in e4m3 (%s-wise scales)", n, granularity)
+    if speed.fast_attn:
+        from ditmesh.denoiser.fastattn import load_and_install
+
+        load_and_install(adapter, speed.fast_attn)
     if speed.compile:
         if speed.comm_overlap != "off":
             set_comm_overlap(speed.comm_overlap)

@@ -46,14 +46,16 @@ class DenoiseRequest(_message.Message):
     def __init__(self, params: _Optional[_Union[DenoiseParams, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ..., done: _Optional[_Union[_tensor_pb2.TensorsDone, _Mapping]] = ...) -> None: ...
 
 class DenoiseStep(_message.Message):
-    __slots__ = ("step", "total", "cached_steps")
+    __slots__ = ("step", "total", "cached_steps", "attention_computed")
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     CACHED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_COMPUTED_FIELD_NUMBER: _ClassVar[int]
     step: int
     total: int
     cached_steps: int
-    def __init__(self, step: _Optional[int] = ..., total: _Optional[int] = ..., cached_steps: _Optional[int] = ...) -> None: ...
+    attention_computed: float
+    def __init__(self, step: _Optional[int] = ..., total: _Optional[int] = ..., cached_steps: _Optional[int] = ..., attention_computed: _Optional[float] = ...) -> None: ...
 
 class DenoisePreview(_message.Message):
     __slots__ = ("step", "total", "latents")
