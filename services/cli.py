@@ -5,10 +5,10 @@ parser and `generate` import only the client SDK; every server piece is imported
 inside the subcommand that needs it, and those subcommands first check that the
 `server` extra is installed, saying so in one line when it is not.
 
-About 500 lines on purpose: every flag of `serve` and `up` (gang, TLS, metrics, video
-families in make-tiny) is declared here, where an operator reads them in one place (the
-gateway's own live in gateway/flags.py); splitting `up`'s flags out is the next step if
-it grows again.
+About 530 lines on purpose: every flag of `serve` and `up` (gang, TLS, metrics, video
+families in make-tiny) and of fastattn-calibrate is declared here, where an operator
+reads them in one place (the gateway's own live in gateway/flags.py); splitting `up`'s
+flags out is the next step if it grows again.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 
 # What make-tiny, serve and up need beyond the client's install: the `server` extra.
 SERVER_MODULES = ("torch", "diffusers", "transformers")
-SERVER_COMMANDS = ("make-tiny", "serve", "up")
+SERVER_COMMANDS = ("make-tiny", "serve", "up", "fastattn-calibrate")
 # `ditmesh.tiny.FAMILIES`, spelled out because the parser must build without torch (which
 # ditmesh.tiny imports); tests/test_tiny.py keeps the two equal.
 TINY_FAMILIES = (
@@ -147,6 +147,14 @@ def _add_gang_args(p: argparse.ArgumentParser) -> None:
         "(an FP8 GPU: Ada sm_89 / Hopper or later; changes the output a little)",
     )
     g.add_argument(
+        "--fast-attn",
+        default="",
+        metavar="PLAN",
+        help="DiTFastAttn (Flux; one process or --dp): follow this calibrated plan (a file, or "
+        "a model folder holding ditmesh_fastattn.json; see fastattn-calibrate); requests must "
+        "use its step count; changes the output a little",
+    )
+    g.add_argument(
         "--warmup-sizes",
         type=_sizes,
         default=(),
@@ -181,6 +189,7 @@ def _speedups(args: argparse.Namespace):
         fp8=args.fp8,
         comm_overlap=args.comm_overlap,
         warmup_sizes=args.warmup_sizes,
+        fast_attn=args.fast_attn,
     )
 
 
@@ -277,6 +286,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_gateway_flags(p)
     add_autoscale_flags(p, kubernetes=False)
     add_drain_flag(p)
+
+    p = sub.add_parser(
+        "fastattn-calibrate", help="calibrate a DiTFastAttn plan for a Flux model (--fast-attn)"
+    )
+    p.add_argument("model", help="diffusers-format Flux folder")
+    p.add_argument("--prompts", type=int, default=4, help="how many calibration prompts")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--threshold", type=float, required=True, help="relative L1 per layer")
+    p.add_argument("--window", type=float, default=0.125, help="band, share of image tokens")
+    p.add_argument("--steps", type=int, default=0, help="0: the model's default")
+    p.add_argument("--size", type=_sizes, default=(), metavar="HxW", help="default: the model's")
+    p.add_argument("--true-cfg", type=float, default=1.0, help="> 1: calibrate with CFG")
+    p.add_argument("--out", default=None, help="default: MODEL/ditmesh_fastattn.json")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
 
     generate_cmd.add_parser(sub)
     return parser
@@ -423,6 +447,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "serve":
         return _serve(args)
+    if args.command == "fastattn-calibrate":
+        from ditmesh.denoiser.fastattn_calibrate import run_cli
+
+        return run_cli(args)
     if args.command == "up":
         if (err := _one_model(args, "`ditmesh up`")) is not None:
             return err
@@ -444,6 +472,10 @@ def main(argv: list[str] | None = None) -> int:
                 from ditmesh.denoiser.fp8 import check as check_fp8
 
                 check_fp8(args.device, args.dtype)
+            if args.fast_attn:
+                from ditmesh.denoiser.fastattn import check_serving
+
+                check_serving(_speedups(args), parallel)
         except (ParallelConfigError, InvalidArgument) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -468,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"--comm-overlap={args.comm_overlap}",
                     *(["--fuse-qkv"] if args.fuse_qkv else []),
                     *(["--fp8"] if args.fp8 else []),
+                    *([f"--fast-attn={args.fast_attn}"] if args.fast_attn else []),
                     f"--attention={args.attention}",
                     *(
                         ["--warmup-sizes=" + ",".join(f"{h}x{w}" for h, w in args.warmup_sizes)]

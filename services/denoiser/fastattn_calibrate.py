@@ -224,3 +224,28 @@ def calibrate_model(
     path = out or os.path.join(model_dir, PLAN_FILE)
     plan.save(path)
     return plan, path
+
+
+def run_cli(args) -> int:
+    """`ditmesh fastattn-calibrate MODEL --threshold T [--prompts N] [--out PLAN]`."""
+    import sys
+
+    prompts = list(args.prompt or DEFAULT_PROMPTS)[: args.prompts]
+    if not prompts or args.threshold < 0 or not 0 < args.window <= 1:
+        print("error: need a prompt, --threshold >= 0 and 0 < --window <= 1", file=sys.stderr)
+        return 2
+    plan, path = calibrate_model(
+        args.model,
+        prompts=prompts,
+        threshold=args.threshold,
+        window=args.window,
+        steps=args.steps,
+        size=args.size[0] if args.size else None,
+        true_cfg_scale=args.true_cfg,
+        device=args.device,
+        dtype=args.dtype,
+        out=args.out,
+    )
+    counts = ", ".join(f"{m} {plan.count(m)}" for m in METHODS)
+    print(f"wrote {path}: {plan.steps} steps x {len(plan.layers)} layers ({counts})")
+    return 0

@@ -208,10 +208,9 @@ def serve(
     if env.active:
         parallel.check_world(env.world_size)
     if speed.fast_attn:  # refused before any weight loads or process starts
-        from ditmesh.denoiser.fastattn import FastAttnPlan, check_layout
+        from ditmesh.denoiser.fastattn import check_serving
 
-        check_layout(parallel)
-        FastAttnPlan.load(speed.fast_attn)
+        check_serving(speed, parallel)
     if parallel.world_size == 1:
         model = resolve_model(model_source, o.name)
         runner: Runner = LocalRunner(model, o.device, o.dtype, speed=speed)

@@ -77,7 +77,7 @@ class Speedups:
             )
 
         if self.fast_attn and self.cuda_graphs:
-            raise ValueError(
+            raise InvalidArgument(
                 "--fast-attn cannot run with --cuda-graphs (its method changes step by step, "
                 "a captured forward cannot)"
             )
