@@ -355,6 +355,10 @@ def print_timings(timings: Timings, out: TextIO) -> None:
         print(
             f"step caching: {timings.cached_steps} of {timings.steps_total} steps skipped", file=out
         )
+    if timings.attention_computed:
+        print(
+            f"fast attention: {timings.attention_computed:.1%} of full attention computed", file=out
+        )
     for s in timings.stages:
         encoding = f" (image encoding {s.image_encode:.3f} s)" if s.image_encode else ""
         retried = f", {s.attempts} attempts" if s.attempts > 1 else ""

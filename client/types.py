@@ -191,6 +191,9 @@ class Timings:
     """Step caching (`cache_threshold`): denoising steps whose transformer blocks after the
     first were skipped, of `steps_total`; 0 of 0 when the request asked for no caching."""
     steps_total: int = 0
+    attention_computed: float = 0.0
+    """DiTFastAttn (a denoiser serving `--fast-attn`): the attention the denoiser computed,
+    as a share of full attention at every layer and step; 0.0 when it served no plan."""
 
     def stage(self, name: str) -> StageTimings | None:
         return next((s for s in self.stages if s.stage == name), None)

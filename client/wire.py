@@ -149,6 +149,7 @@ def _make_result(
             ),
             cached_steps=finished.cached_steps,
             steps_total=finished.steps_total,
+            attention_computed=finished.attention_computed,
         ),
     )
 
