@@ -1,0 +1,280 @@
+"""DiTFastAttn (services/denoiser/fastattn*.py): an all-full plan is exact sampling, each
+method runs on the tiny Flux close to exact, calibration at threshold 0 picks full
+everywhere, plans round-trip and refuse what they do not fit, the denoiser serves a plan
+and reports the attention it computed, and the layouts that cannot run one are refused."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from ditmesh.common.errors import InvalidArgument
+from ditmesh.common.models import resolve_model
+from ditmesh.denoiser import fastattn
+from ditmesh.denoiser.fastattn import FastAttnPlan, FastAttnState
+from ditmesh.denoiser.fastattn_calibrate import calibrate
+from ditmesh.denoiser.parallel.mesh import ParallelConfig, single_process_mesh
+from ditmesh.denoiser.runner import load_adapter
+from ditmesh.denoiser.sampler import sample
+from ditmesh.denoiser.speed import Speedups
+
+from .helpers import flux_jobs
+
+STEPS = 6
+# Each hand-made plan below, and calibration at CALIBRATED, stays this close to exact on
+# the tiny random Flux (max abs error over max abs value); measured at most 1.6% with
+# every step after the first shared (`step` everywhere), 0.3% at threshold 0.2.
+BOUND = 0.05
+CALIBRATED = 0.2
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    from ditmesh.tiny import make_tiny
+
+    return str(make_tiny("flux", tmp_path_factory.mktemp("fa") / "tiny-flux", seed=0))
+
+
+@pytest.fixture(scope="module")
+def adapter(model_dir):
+    return load_adapter(resolve_model(model_dir), torch.device("cpu"), "float32")
+
+
+@pytest.fixture(scope="module")
+def jobs(model_dir):
+    return [dataclasses.replace(j, steps=STEPS) for j in flux_jobs(model_dir)]
+
+
+@pytest.fixture(scope="module")
+def exact(adapter, jobs):
+    return [sample(adapter, j, single_process_mesh()) for j in jobs]
+
+
+def layers(adapter) -> tuple[str, ...]:
+    return fastattn.attention_layers(adapter.transformer)
+
+
+def run_plan(adapter, jobs, plan: FastAttnPlan) -> tuple[list[torch.Tensor], list[float]]:
+    state = FastAttnState(plan)
+    fastattn.install(adapter, state)
+    try:
+        out, fractions = [], []
+        for job in jobs:
+            out.append(sample(adapter, dataclasses.replace(job), single_process_mesh()))
+            fractions.append(state.fraction())
+        return out, fractions
+    finally:
+        fastattn.uninstall(adapter)
+
+
+def rel_max(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def window_density(job, window: float) -> float:
+    masks = fastattn.WindowMasks()
+    text, image = job.cond["prompt_embeds"].shape[1], (job.height // 16) * (job.width // 16)
+    return masks.density(text, image, masks.half_width(window, image))
+
+
+def plan_with(adapter, later: str, first: str = "full") -> FastAttnPlan:
+    n = len(layers(adapter))
+    methods = [[first] * n] + [[later] * n for _ in range(STEPS - 1)]
+    return FastAttnPlan(steps=STEPS, layers=layers(adapter), window=0.25, methods=methods)
+
+
+# ------------------------------------------------------------ sampling with a plan
+
+
+def test_an_all_full_plan_is_exact_sampling_bit_for_bit(adapter, jobs, exact):
+    out, fractions = run_plan(adapter, jobs, FastAttnPlan.all_full(STEPS, layers(adapter)))
+    for a, b in zip(out, exact, strict=True):
+        assert torch.equal(a, b)
+    assert fractions == [1.0] * len(jobs)
+
+
+@pytest.mark.parametrize(
+    ("first", "later"),
+    [("full", "window"), ("full", "step"), ("cfg", "cfg"), ("full", "cfg")],
+)
+def test_each_method_runs_close_to_exact(adapter, jobs, exact, first, later):
+    out, fractions = run_plan(adapter, jobs, plan_with(adapter, later, first))
+    for a, b, job, f in zip(out, exact, jobs, fractions, strict=True):
+        assert torch.isfinite(a).all()
+        err = rel_max(a, b)
+        assert err <= BOUND, (later, job.request_id, err)
+        cfg = job.true_cfg_scale > 1
+        if later == "cfg" and not cfg:
+            assert err == 0.0 and f == 1.0  # without CFG in the request, cfg is full
+        elif later == "window":
+            # Step 0 runs full and the window (for the residual), the others the window.
+            d = window_density(job, 0.25)
+            assert err > 0.0 and f == pytest.approx((1 + STEPS * d) / STEPS)
+        else:
+            cost = {"full": 1.0, "cfg": 0.5, "step": 0.0}
+            expected = (cost[first] + (STEPS - 1) * cost[later]) / STEPS
+            assert err > 0.0 and f == pytest.approx(expected)
+
+
+def test_window_mixed_with_full_keeps_residuals_per_branch(adapter, jobs, exact):
+    n = len(layers(adapter))
+    rows = ["full", "window", "window", "full", "step", "window"]
+    methods = [[rows[s] if i % 2 else "full" for i in range(n)] for s in range(STEPS)]
+    plan = FastAttnPlan(steps=STEPS, layers=layers(adapter), window=0.25, methods=methods)
+    out, fractions = run_plan(adapter, jobs, plan)
+    for a, b, f in zip(out, exact, fractions, strict=True):
+        assert torch.isfinite(a).all() and 0.0 < rel_max(a, b) <= BOUND
+        # Half the layers always full; on these few tokens the window is most of the
+        # scores (so the residual's extra window can make it more than 1).
+        assert f > 0.5
+
+
+def test_a_request_with_other_steps_runs_full(adapter, jobs, exact):
+    plan = plan_with(adapter, "step")
+    other = [dataclasses.replace(jobs[2], steps=STEPS - 2)]
+    out, fractions = run_plan(adapter, other, plan)
+    reference = sample(adapter, dataclasses.replace(other[0]), single_process_mesh())
+    assert torch.equal(out[0], reference) and fractions == [1.0]
+
+
+def test_the_window_masks_are_built_once_per_size():
+    masks = fastattn.WindowMasks()
+    a = masks.dense(3, 10, 2, "cpu")
+    assert masks.dense(3, 10, 2, "cpu") is a
+    m = a[0, 0]
+    assert m[:3].all() and m[:, :3].all()  # text rows and columns whole
+    assert m[5, 7] and not m[5, 8]  # image band: |i - j| <= 2
+    assert masks.density(3, 10, 2) == pytest.approx(float(m.float().mean()))
+
+
+# ------------------------------------------------------------ calibration
+
+
+def test_calibration_at_threshold_zero_picks_full_everywhere(adapter, jobs):
+    plan = calibrate(adapter, jobs[:2], 0.0, 0.25)
+    assert plan.count("full") == STEPS * len(layers(adapter))
+    assert plan.threshold == 0.0 and plan.layers == layers(adapter)
+
+
+def test_a_calibrated_plan_saves_attention_and_stays_close(adapter, jobs, exact):
+    plan = calibrate(adapter, jobs[:2], CALIBRATED, 0.25, prompts=("a", "b"))
+    assert plan.count("full") < STEPS * len(layers(adapter))
+    assert all(m in ("full", "cfg") for m in plan.methods[0])
+    out, fractions = run_plan(adapter, jobs, plan)
+    for a, b, f in zip(out, exact, fractions, strict=True):
+        assert torch.isfinite(a).all() and rel_max(a, b) <= BOUND and f < 1.0
+
+
+def test_the_cli_calibrates_and_saves_next_to_the_model(model_dir):
+    from ditmesh.cli import main
+
+    argv = ["fastattn-calibrate", model_dir, "--threshold", "0.2", "--prompts", "2"]
+    assert main([*argv, "--steps", "4", "--size", "64x64", "--window", "0.25"]) == 0
+    plan = FastAttnPlan.load(model_dir)  # a folder: its ditmesh_fastattn.json
+    assert plan.steps == 4 and plan.threshold == 0.2 and plan.window == 0.25
+    assert len(plan.prompts) == 2 and plan.model == resolve_model(model_dir).name
+
+
+# ------------------------------------------------------------ the plan file
+
+
+def test_a_plan_round_trips_through_json(adapter, tmp_path):
+    plan = plan_with(adapter, "window")
+    plan.prompts, plan.threshold = ("a red circle",), 0.1
+    path = str(tmp_path / "plan.json")
+    plan.save(path)
+    assert FastAttnPlan.load(path) == plan
+    assert json.loads(open(path).read())["methods"][1][0] == "window"
+
+
+def test_plans_that_do_not_fit_are_refused(adapter, tmp_path):
+    plan = plan_with(adapter, "step")
+    with pytest.raises(InvalidArgument, match="calibrated for 6 steps; the request asks for 4"):
+        plan.check_steps(4)
+    with pytest.raises(InvalidArgument, match="belongs to another model"):
+        plan.check_layers(layers(adapter)[:-1])
+    n = len(layers(adapter))
+    with pytest.raises(ValueError, match="step 0 must compute every layer"):
+        FastAttnPlan(steps=1, layers=layers(adapter), window=0.2, methods=[["step"] * n])
+    with pytest.raises(ValueError, match="unknown method 'half'"):
+        FastAttnPlan(steps=1, layers=layers(adapter), window=0.2, methods=[["half"] * n])
+    with pytest.raises(ValueError, match="rows of methods for 2 steps"):
+        FastAttnPlan(steps=2, layers=layers(adapter), window=0.2, methods=[["full"] * n])
+    with pytest.raises(InvalidArgument, match="cannot read the plan"):
+        FastAttnPlan.load(str(tmp_path / "missing.json"))
+    (tmp_path / "bad.json").write_text('{"steps": 1}')
+    with pytest.raises(InvalidArgument, match="not a valid plan"):
+        FastAttnPlan.load(str(tmp_path / "bad.json"))
+
+
+def test_a_plan_for_another_model_is_refused_at_install(adapter, tmp_path):
+    other = FastAttnPlan.all_full(STEPS, ("blocks.0.attn",))
+    with pytest.raises(InvalidArgument, match="belongs to another model"):
+        fastattn.install(adapter, FastAttnState(other))
+    assert "fast_attn" not in adapter.__dict__
+
+
+def test_other_families_are_refused_with_a_clear_message(tmp_path):
+    from ditmesh.tiny import make_tiny
+
+    sd3 = load_adapter(resolve_model(str(make_tiny("sd3", tmp_path / "sd3"))), "cpu", "float32")
+    plan = FastAttnPlan.all_full(STEPS, fastattn.attention_layers(sd3.transformer))
+    with pytest.raises(InvalidArgument, match="Flux.*only; this model's transformer is SD3"):
+        fastattn.install(sd3, FastAttnState(plan))
+
+
+# ------------------------------------------------------------ layouts and speed-ups
+
+
+@pytest.mark.parametrize(
+    ("degrees", "named"),
+    [
+        (dict(ulysses=2), "--ulysses 2"),
+        (dict(ring=2), "--ring 2"),
+        (dict(pipefusion=2), "--pipefusion 2"),
+        (dict(cfg=2), "--cfg 2"),
+    ],
+)
+def test_layouts_other_than_one_process_and_dp_are_refused(degrees, named):
+    with pytest.raises(InvalidArgument, match=f"one process or data parallel.*{named}"):
+        fastattn.check_layout(ParallelConfig(**degrees))
+    fastattn.check_layout(ParallelConfig(dp=2))  # data parallel runs it
+
+
+def test_the_denoiser_refuses_a_layout_before_anything_loads(tmp_path):
+    from ditmesh.denoiser.service import serve
+
+    with pytest.raises(InvalidArgument, match="--ulysses 2"):
+        serve(
+            "/nonexistent",
+            parallel=ParallelConfig(ulysses=2),
+            speed=Speedups(fast_attn=str(tmp_path / "plan.json")),
+        )
+
+
+def test_cuda_graphs_are_refused():
+    with pytest.raises(InvalidArgument, match="--cuda-graphs"):
+        Speedups(fast_attn="plan.json", cuda_graphs=True)
+
+
+def test_the_cli_refuses_a_layout_in_one_line(capsys, tmp_path):
+    from ditmesh.cli import main
+
+    code = main(["up", "--model", "/nonexistent", "--fast-attn", "p.json", "--ring", "2"])
+    assert code == 2
+    assert "--fast-attn runs on one process or data parallel" in capsys.readouterr().err
+
+
+def test_compiled_blocks_follow_a_plan_as_eager_ones_do(model_dir, jobs):
+    from ditmesh.denoiser.speed import compile_blocks
+
+    fresh = load_adapter(resolve_model(model_dir), torch.device("cpu"), "float32")
+    plan = plan_with(fresh, "window")
+    job = [jobs[2]]
+    eager, _ = run_plan(fresh, job, plan)
+    compile_blocks(fresh.transformer)
+    compiled, fractions = run_plan(fresh, job, plan)
+    assert rel_max(compiled[0], eager[0]) < 1e-4 and fractions[0] < 1.0
