@@ -150,6 +150,29 @@ def test_the_window_masks_are_built_once_per_size():
     assert masks.density(3, 10, 2) == pytest.approx(float(m.float().mean()))
 
 
+@pytest.mark.slow
+def test_the_gpu_kernel_flex_attention_with_the_block_mask_is_the_window():
+    """The GPU path (compiled flex_attention, called from the processor's eager region)
+    computes what the CPU path's boolean mask does; run here on CPU (inductor's flex)."""
+    import torch.nn.functional as F
+
+    masks = fastattn.WindowMasks()
+    text, image, w = 8, 200, 20
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, text + image, 64, generator=g) for _ in range(3))
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=masks.dense(text, image, w, "cpu"))
+
+    @torch.compiler.disable
+    def as_the_processor_calls_it():
+        block = masks.block(text, image, w, torch.device("cpu"))
+        return fastattn._flex_attention(q, k, v, block)
+
+    assert torch.allclose(as_the_processor_calls_it(), dense, atol=1e-5)
+    assert masks.block(text, image, w, torch.device("cpu")) is masks.block(
+        text, image, w, torch.device("cpu")
+    )
+
+
 # ------------------------------------------------------------ calibration
 
 
