@@ -291,16 +291,20 @@ def test_the_cli_refuses_a_layout_in_one_line(capsys, tmp_path):
     assert "--fast-attn runs on one process or data parallel" in capsys.readouterr().err
 
 
-def test_compiled_blocks_follow_a_plan_as_eager_ones_do(model_dir, jobs):
-    from ditmesh.denoiser.speed import compile_blocks
+def test_compiled_blocks_follow_a_plan_as_eager_ones_do(model_dir, jobs, tmp_path):
+    from ditmesh.denoiser.speed import apply
 
-    fresh = load_adapter(resolve_model(model_dir), torch.device("cpu"), "float32")
-    plan = plan_with(fresh, "window")
+    eager_adapter = load_adapter(resolve_model(model_dir), torch.device("cpu"), "float32")
+    plan = plan_with(eager_adapter, "window")
     job = [jobs[2]]
-    eager, _ = run_plan(fresh, job, plan)
-    compile_blocks(fresh.transformer)
-    compiled, fractions = run_plan(fresh, job, plan)
-    assert rel_max(compiled[0], eager[0]) < 1e-4 and fractions[0] < 1.0
+    eager, _ = run_plan(eager_adapter, job, plan)
+    path = str(tmp_path / "plan.json")
+    plan.save(path)
+    compiled_adapter = load_adapter(resolve_model(model_dir), torch.device("cpu"), "float32")
+    apply(compiled_adapter, Speedups(compile=True, fast_attn=path))
+    compiled = sample(compiled_adapter, dataclasses.replace(job[0]), single_process_mesh())
+    assert rel_max(compiled, eager[0]) < 1e-4
+    assert compiled_adapter.fast_attn.fraction() < 1.0
 
 
 # ------------------------------------------------------------ served: one process, dp2, a mesh

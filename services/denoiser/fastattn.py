@@ -26,10 +26,11 @@ count differs from the plan's runs all `full` (warm-up jobs); the service refuse
 request with INVALID_ARGUMENT first, so a client never gets that silently.
 
 Kernels: window attention with an explicit boolean mask through SDPA off the GPU, and on
-a GPU torch's flex_attention (compiled) with a block mask that skips the blocks outside
-the band; both masks are built once per (text, image, w) size. The decision is made in
-Python outside the compiled graphs (`torch.compiler.disable`), so with `--compile` each
-block's graph breaks around its attention.
+a GPU torch's flex_attention with a block mask that skips the blocks outside the band;
+both masks are built once per (text, image, w) size. The decision is made in Python
+outside the compiled graphs (`torch.compiler.disable`), so with `--compile` each block's
+graph breaks around its attention, and the two kernels (full: the layer's own processor;
+window) are compiled on their own instead.
 
 What this leaves to others: the plan and the checks that refuse it (fastattn_plan.py,
 called by the CLI and the service before weights load; the steps check per request in
@@ -127,9 +128,10 @@ def _flex_attention(q, k, v, block_mask):
     return _flex(q, k, v, block_mask=block_mask)
 
 
-def window_attention(attn, hidden_states, encoder_hidden_states, rotary, masks, window, text):
+def window_attention(attn, hidden_states, encoder_hidden_states, rotary, mask):
     """Flux's attention (projections, q/k norms, rope, output projections: diffusers' own
-    helpers and modules) with the window's mask in place of full attention."""
+    helpers and modules) with the window's `mask` (WindowMasks: a boolean tensor for SDPA,
+    or a flex_attention block mask) in place of full attention."""
     from diffusers.models.embeddings import apply_rotary_emb
     from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
@@ -143,15 +145,15 @@ def window_attention(attn, hidden_states, encoder_hidden_states, rotary, masks, 
     if rotary is not None:
         q = apply_rotary_emb(q, rotary, sequence_dim=1)
         k = apply_rotary_emb(k, rotary, sequence_dim=1)
-    n = q.shape[1]
-    w = masks.half_width(window, n - text)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    if q.device.type == "cuda":
-        out = _flex_attention(q, k, v, masks.block(text, n - text, w, q.device))
+    if isinstance(mask, torch.Tensor):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    elif torch.compiler.is_compiling():
+        from torch.nn.attention.flex_attention import flex_attention
+
+        out = flex_attention(q, k, v, block_mask=mask)
     else:
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=masks.dense(text, n - text, w, q.device)
-        )
+        out = _flex_attention(q, k, v, mask)
     out = out.transpose(1, 2).flatten(2, 3).to(q.dtype)
     if encoder_hidden_states is None:
         return out
@@ -159,6 +161,10 @@ def window_attention(attn, hidden_states, encoder_hidden_states, rotary, masks, 
     enc, img = out[:, :t], out[:, t:]
     img = attn.to_out[1](attn.to_out[0](img.contiguous()))
     return img, attn.to_add_out(enc.contiguous())
+
+
+def _full_attention(inner, attn, hidden_states, encoder_hidden_states, mask, rotary):
+    return inner(attn, hidden_states, encoder_hidden_states, mask, rotary)
 
 
 def _map(fn, *outs):
@@ -194,9 +200,17 @@ def _needs(plan: FastAttnPlan) -> tuple[list[list[bool]], list[list[bool]]]:
 class FastAttnState:
     """One transformer's plan and what its layers keep between the calls of one request."""
 
-    def __init__(self, plan: FastAttnPlan) -> None:
+    def __init__(self, plan: FastAttnPlan, compile: bool = False) -> None:
         self.plan = plan
         self.masks = WindowMasks()
+        self.full_kernel = _full_attention
+        self.window_kernel = window_attention
+        if compile:
+            # The processors run outside the blocks' graphs (the method changes per call);
+            # compiled here, each kernel keeps rope, norms and the window's flex_attention
+            # fused. Eager full attention is the layer's own processor, exactly.
+            self.full_kernel = torch.compile(_full_attention, dynamic=False)
+            self.window_kernel = torch.compile(window_attention, dynamic=False)
         self.needs_residual, self.needs_output = _needs(plan)
         self.begin_request(steps=plan.steps, branches=1, text=0)
 
@@ -218,13 +232,19 @@ class FastAttnState:
         in full (a full step that also computes the window for its residual counts both)."""
         return self.computed / self.calls if self.calls else 1.0
 
-    def window_cost(self, hidden_states, encoder_hidden_states) -> float:
-        image = hidden_states.shape[1] - (0 if encoder_hidden_states is not None else self.text)
+    def window(self, attn, hs, ehs, rotary):
+        """The window's output for this call, its cost counted."""
+        image = hs.shape[1] - (0 if ehs is not None else self.text)
         w = self.masks.half_width(self.plan.window, image)
         key = ("density", self.text, image, w)
         if key not in self.masks.cache:
             self.masks.cache[key] = self.masks.density(self.text, image, w)
-        return self.masks.cache[key]
+        self.computed += self.masks.cache[key]
+        if hs.device.type == "cuda":
+            mask = self.masks.block(self.text, image, w, hs.device)
+        else:
+            mask = self.masks.dense(self.text, image, w, hs.device)
+        return self.window_kernel(attn, hs, ehs, rotary, mask)
 
     def where(self, layer: int) -> tuple[str, int, int]:
         """This call's method, step and branch."""
@@ -245,13 +265,12 @@ class FastAttnState:
         self.calls += 1
 
         def full():
-            return inner(attn, hs, ehs, mask, rotary)
+            return self.full_kernel(inner, attn, hs, ehs, mask, rotary)
 
         def window():
             if mask is not None:
                 raise ValueError("fast attention's window does not take an attention mask")
-            self.computed += self.window_cost(hs, ehs)
-            return window_attention(attn, hs, ehs, rotary, self.masks, self.plan.window, self.text)
+            return self.window(attn, hs, ehs, rotary)
 
         if not self.active:
             self.computed += 1
@@ -348,9 +367,10 @@ def uninstall(adapter) -> None:
     adapter.__dict__.pop("fast_attn", None)
 
 
-def load_and_install(adapter, path: str) -> FastAttnState:
-    """speed.apply's entry: the plan at `path` followed by the adapter's transformer."""
-    state = FastAttnState(FastAttnPlan.load(path))
+def load_and_install(adapter, path: str, compile: bool = False) -> FastAttnState:
+    """speed.apply's entry: the plan at `path` followed by the adapter's transformer
+    (`compile`: its attention kernels compiled, as --compile compiles the blocks)."""
+    state = FastAttnState(FastAttnPlan.load(path), compile=compile)
     install(adapter, state)
     p = state.plan
     counts = ", ".join(f"{m} {p.count(m)}" for m in METHODS)

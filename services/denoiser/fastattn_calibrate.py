@@ -33,7 +33,6 @@ from ditmesh.denoiser.fastattn import (
     attention_layers,
     install,
     uninstall,
-    window_attention,
 )
 from ditmesh.denoiser.job import DenoiseJob
 
@@ -87,8 +86,8 @@ class Calibration(FastAttnState):
             self.call += 1
         step, branch = divmod(self.call, self.branches)
         key = (layer, branch)
-        full = inner(attn, hs, ehs, mask, rotary)
-        win = window_attention(attn, hs, ehs, rotary, self.masks, self.plan.window, self.text)
+        full = self.full_kernel(inner, attn, hs, ehs, mask, rotary)
+        win = self.window(attn, hs, ehs, rotary)
         candidates = {}
         if key in self.outputs:
             candidates["step"] = self.outputs[key]

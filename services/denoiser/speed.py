@@ -258,7 +258,7 @@ def apply(adapter, speed: Speedups) -> bool:
     if speed.fast_attn:
         from ditmesh.denoiser.fastattn import load_and_install
 
-        load_and_install(adapter, speed.fast_attn)
+        load_and_install(adapter, speed.fast_attn, compile=speed.compile)
     if speed.compile:
         if speed.comm_overlap != "off":
             set_comm_overlap(speed.comm_overlap)
