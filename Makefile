@@ -55,8 +55,7 @@ check-protos: install
 	$(PY) tools/check_protos.py
 
 demo: install
-	$(VENV)/bin/ditmesh make-tiny flux $(DEMO_DIR)/tiny-flux
-	$(PY) tools/demo.py --model $(DEMO_DIR)/tiny-flux --out $(DEMO_DIR)/demo.png
+	$(PY) tools/demo.py --model models/shapes --out $(DEMO_DIR)/demo.png
 	@echo "image written to $(DEMO_DIR)/demo.png"
 
 test: install chart-tools
