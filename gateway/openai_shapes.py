@@ -39,6 +39,7 @@ OWN = {
     "true_cfg_scale": "true_cfg_scale",
     "negative_prompt": "negative_prompt",
     "request_id": "request_id",
+    "cache_threshold": "cache_threshold",
 }
 KNOWN = {
     "model",
@@ -205,6 +206,7 @@ def parse_generation(body: object) -> Generation:
         ("true_cfg_scale", (int, float), "a number"),
         ("negative_prompt", str, "a string"),
         ("request_id", str, "a string"),
+        ("cache_threshold", (int, float), "a number 0-1"),
     ):
         value = _typed(body, name, kind, what)
         if value is not None:
@@ -241,7 +243,10 @@ def stage_timings(finished: gateway_pb2.Finished) -> dict[str, dict]:
 
 
 def ditmesh_block(rid: str, model: str, steps: int, finished: gateway_pb2.Finished) -> dict:
-    return {
+    """The result's own block; the approximate speed-ups that ran say so in it, as in the
+    SDK's result (step caching: steps skipped of the total; DiTFastAttn: the share of
+    full attention computed)."""
+    block = {
         "request_id": rid,
         "model": model,
         "seed": finished.seed,
@@ -249,6 +254,12 @@ def ditmesh_block(rid: str, model: str, steps: int, finished: gateway_pb2.Finish
         "timings": timings(finished),
         "stages": stage_timings(finished),
     }
+    if finished.steps_total:
+        block["cached_steps"] = finished.cached_steps
+        block["steps_total"] = finished.steps_total
+    if finished.attention_computed:
+        block["attention_computed"] = round(finished.attention_computed, 6)
+    return block
 
 
 def images_response(images: list[gateway_pb2.Image], output_format: str, block: dict) -> dict:

@@ -117,6 +117,26 @@ def test_generate_equals_grpc_result(http_gateway):
     assert got.size == "64x64" and got.output_format == "png"
 
 
+def test_step_caching_over_http(http_gateway):
+    """cache_threshold travels in the body like the SDK's field, and the result's block
+    says how many steps were skipped; a threshold out of range is a 400 naming it."""
+    client = _client(http_gateway)
+    got = client.images.generate(
+        prompt="a red fox",
+        size="64x64",
+        extra_body={"steps": 4, "seed": 7, "cache_threshold": 1.0},
+    )
+    block = got.model_extra["ditmesh"]
+    assert block["steps_total"] == 4 and 1 <= block["cached_steps"] <= 3
+    exact = client.images.generate(prompt="a red fox", size="64x64", extra_body={"steps": 4})
+    assert "cached_steps" not in exact.model_extra["ditmesh"]
+    for bad_value in (1.5, "0.1"):
+        with pytest.raises(openai.BadRequestError, match="cache_threshold"):
+            client.images.generate(
+                prompt="a red fox", extra_body={"steps": 4, "cache_threshold": bad_value}
+            )
+
+
 def test_n_images_and_jpeg(http_gateway):
     got = _client(http_gateway).images.generate(
         prompt="a blue square",
@@ -367,6 +387,7 @@ def test_parse_generation_maps_fields():
             "seed": 0,
             "guidance": 4,
             "negative_prompt": "blur",
+            "cache_threshold": 0.25,
             "quality": "hd",  # OpenAI's, accepted and ignored
         }
     )
@@ -374,6 +395,7 @@ def test_parse_generation_maps_fields():
     assert (r.prompt, r.model, r.num_images, r.width, r.height) == ("p", "m", 2, 96, 64)
     assert (r.quality, r.partial_images, r.steps, r.seed) == (80, 3, 5, 0)
     assert r.HasField("seed") and r.guidance == 4.0 and r.negative_prompt == "blur"
+    assert r.cache_threshold == 0.25
     assert g.stream and g.output_format == "webp"
     assert not parse_generation({"prompt": "p", "size": "auto"}).request.width
     for body in ([], {"n": 1}, {"prompt": 3}, {"prompt": "p", "n": True}):
