@@ -30,10 +30,18 @@ wrappers. Left to others: the loop (sampler.py) calls `StepCache.predict` per st
 the service refuses what cannot run (`refusal`): PipeFusion (its patches see stale
 activations of other steps, which the probe cannot account for), CUDA graphs (a captured
 forward cannot branch per step), families without a `CachePlan`.
+
+For benchmarks only: `FORCE_ENV` (an environment variable the service never sets) names
+the steps to skip, so a random-weight model (whose probe never says "skip") can be timed
+under a skip pattern measured on a trained one. The decision path is unchanged (every
+probe, sum and all-reduce still runs; only the comparison with the threshold is replaced),
+so the timing includes what a real decision costs. The service refuses every cached
+request while it is set (`refusal`).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,6 +54,35 @@ from ditmesh.denoiser.parallel.mesh import RankGroups
 
 MAX_SKIPS_IN_A_ROW = 3
 """After this many skipped steps in a row the next step is computed."""
+
+FORCE_ENV = "DITMESH_BENCH_FORCE_SKIPS"
+"""Bench only: comma-separated steps (0-based) to skip whatever the probe says; the other
+steps are computed. Step 0 and a step after MAX_SKIPS_IN_A_ROW skips cannot be forced."""
+
+
+def forced_skips() -> frozenset[int] | None:
+    """The steps FORCE_ENV names (None: unset or empty, the probe decides); a pattern the
+    cache could not follow exactly is refused here rather than silently changed."""
+    text = os.environ.get(FORCE_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        steps = sorted({int(x) for x in text.split(",")})
+    except ValueError:
+        raise ValueError(f"{FORCE_ENV}={text!r}: expected comma-separated step numbers") from None
+    if steps[0] < 1:
+        raise ValueError(
+            f"{FORCE_ENV}: step {steps[0]} cannot be skipped (step 0 is always computed)"
+        )
+    run = 1
+    for a, b in zip(steps, steps[1:], strict=False):
+        run = run + 1 if b == a + 1 else 1
+        if run > MAX_SKIPS_IN_A_ROW:
+            raise ValueError(
+                f"{FORCE_ENV}: step {b} would be skip {run} in a row; the cache computes the step "
+                f"after {MAX_SKIPS_IN_A_ROW}"
+            )
+    return frozenset(steps)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,6 +125,11 @@ def refusal(adapter, pipefusion: int) -> str | None:
     """Why a request with step caching cannot run on this adapter and layout; None if it can."""
     from ditmesh.denoiser.graphs import GraphedForward
 
+    if os.environ.get(FORCE_ENV, "").strip():
+        return (
+            f"{FORCE_ENV} is set in this denoiser's environment: forced skip patterns are for "
+            "benchmarks only, never for serving (unset it)"
+        )
     if pipefusion > 1:
         return (
             "step caching is not available under PipeFusion (its patches reuse other steps' "
@@ -122,6 +164,8 @@ class StepCache:
         self.transformer = transformer
         self.plan = plan
         self.threshold = threshold
+        self.force = forced_skips()
+        """Bench only (FORCE_ENV): the steps skipped whatever the probe says; None: off."""
         self.mesh = mesh
         self.sp = _sequence_parallel(transformer) if mesh.config.sp > 1 else None
         if mesh.config.sp > 1 and self.sp is None:
@@ -182,7 +226,7 @@ class StepCache:
         num, den = total.tolist()
         rel = num / den if den > 0 else float("inf")
         self.rels.append(rel)
-        skip = rel < self.threshold
+        skip = rel < self.threshold if self.force is None else len(self.pattern) in self.force
         self._count(skip)
         return skip
 
