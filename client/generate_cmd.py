@@ -351,6 +351,8 @@ def print_timings(timings: Timings, out: TextIO) -> None:
         "timings: " + ", ".join(f"{_PART_NAMES.get(k, k)} {v:.3f} s" for k, v in parts.items()),
         file=out,
     )
+    if timings.speedups:
+        print(f"speed-ups: {', '.join(timings.speedups)}", file=out)
     if timings.steps_total:
         print(
             f"step caching: {timings.cached_steps} of {timings.steps_total} steps skipped", file=out

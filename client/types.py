@@ -194,6 +194,10 @@ class Timings:
     attention_computed: float = 0.0
     """DiTFastAttn (a denoiser serving `--fast-attn`): the attention the denoiser computed,
     as a share of full attention at every layer and step; 0.0 when it served no plan."""
+    speedups: tuple[str, ...] = ()
+    """The speed-ups the request ran with, as the denoiser reported them: compile,
+    cuda-graphs, fp8, fast-attn (its service's) and step-cache (the request's); empty
+    for exact eager sampling (or from an older gateway)."""
 
     def stage(self, name: str) -> StageTimings | None:
         return next((s for s in self.stages if s.stage == name), None)

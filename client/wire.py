@@ -150,6 +150,7 @@ def _make_result(
             cached_steps=finished.cached_steps,
             steps_total=finished.steps_total,
             attention_computed=finished.attention_computed,
+            speedups=tuple(finished.speedups),
         ),
     )
 

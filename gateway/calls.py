@@ -50,6 +50,10 @@ class StepDone:
     total: int
     cached_steps: int = 0
     """Step caching: steps the denoiser skipped so far in this call."""
+    attention_computed: float = 0.0
+    """DiTFastAttn: the share of full attention computed so far (0: no plan served)."""
+    speedups: tuple[str, ...] = ()
+    """The speed-ups the denoiser runs this request with."""
 
 
 @dataclass(slots=True)
@@ -213,7 +217,13 @@ async def denoise(
         kind = stream.feed(msg)
         if kind == "step":
             watch.tick()
-            yield StepDone(msg.step.step, msg.step.total, msg.step.cached_steps)
+            yield StepDone(
+                msg.step.step,
+                msg.step.total,
+                msg.step.cached_steps,
+                msg.step.attention_computed,
+                tuple(msg.step.speedups),
+            )
         elif kind == "preview":
             p = msg.preview
             yield Preview(p.step, p.total, codec.from_proto(p.latents))

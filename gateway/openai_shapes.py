@@ -253,6 +253,7 @@ def ditmesh_block(rid: str, model: str, steps: int, finished: gateway_pb2.Finish
         "steps": steps,
         "timings": timings(finished),
         "stages": stage_timings(finished),
+        "speedups": list(finished.speedups),
     }
     if finished.steps_total:
         block["cached_steps"] = finished.cached_steps

@@ -65,6 +65,8 @@ class RequestRun:
         """Where the time went, per stage, for the Finished event (gateway/timings.py)."""
         self.started = time.monotonic()
         self.cached_steps = 0
+        self.attention_computed = 0.0
+        self.speedups: tuple[str, ...] = ()
         """Step caching: steps the denoiser skipped (its last step event's count)."""
 
     def leave(self) -> None:
@@ -114,6 +116,8 @@ class RequestRun:
                 stages=self.breakdown.stages(),
                 cached_steps=self.cached_steps,
                 steps_total=plan.steps if plan.cache_threshold > 0 else 0,
+                attention_computed=self.attention_computed,
+                speedups=self.speedups,
             )
         )
 
@@ -199,6 +203,8 @@ class RequestRun:
             async for item in calls.denoise(self.plan, cond, attempt, timeout, watch):
                 if isinstance(item, calls.StepDone):
                     self.cached_steps = item.cached_steps
+                    self.attention_computed = item.attention_computed
+                    self.speedups = item.speedups
                     step = gateway_pb2.Step(step=item.step, total=item.total)
                     yield self._event(step=step)
                 else:

@@ -408,25 +408,17 @@ def test_the_denoiser_refuses_other_steps_and_step_caching(model_dir, jobs, fast
     assert "step caching cannot run on a denoiser serving --fast-attn" in err.value.details()
 
 
-GATEWAY_RELAY = pytest.mark.xfail(
-    strict=True,
-    reason="the gateway does not relay DenoiseStep.attention_computed into Finished yet "
-    "(gateway/calls.py, gateway/run.py: the lead's)",
-)
-
-
 @pytest.mark.slow
-@GATEWAY_RELAY
 def test_the_sdk_result_says_fast_attention_ran(fast_mesh):
     from ditmesh.client import Client
 
     with Client(fast_mesh[0].address, timeout=120) as c:
         result = c.generate("a red circle", height=64, width=64, steps=STEPS, output_format="raw")
     assert result.timings.attention_computed == pytest.approx(1 / STEPS)
+    assert result.timings.speedups == ("fast-attn",)
 
 
 @pytest.mark.slow
-@GATEWAY_RELAY
 def test_the_cli_verbose_prints_the_attention_share(fast_mesh, tmp_path, capsys):
     from ditmesh.cli import main
 

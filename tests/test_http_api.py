@@ -128,6 +128,7 @@ def test_step_caching_over_http(http_gateway):
     )
     block = got.model_extra["ditmesh"]
     assert block["steps_total"] == 4 and 1 <= block["cached_steps"] <= 3
+    assert block["speedups"] == ["step-cache"]
     exact = client.images.generate(prompt="a red fox", size="64x64", extra_body={"steps": 4})
     assert "cached_steps" not in exact.model_extra["ditmesh"]
     for bad_value in (1.5, "0.1"):

@@ -260,6 +260,33 @@ def test_the_gateway_refuses_a_threshold_outside_0_to_1(inproc_mesh, threshold):
     assert "cache_threshold" in err.value.details()
 
 
+def test_speedups_name_what_the_service_runs():
+    from ditmesh.denoiser.speed import EAGER, Speedups
+
+    assert EAGER.reported() == []
+    every = Speedups(compile=True, cuda_graphs=True, fp8=True, attention="flash")
+    assert every.reported() == ["compile", "cuda-graphs", "fp8"]  # a kernel choice is exact
+    assert Speedups(compile=True, fast_attn="plan.json").reported() == ["compile", "fast-attn"]
+
+
+def test_the_sdk_and_cli_read_the_speedups_from_finished():
+    import io
+
+    from ditmesh.client import generate_cmd
+    from ditmesh.client.wire import _make_result
+    from ditmesh.v1 import gateway_pb2
+
+    finished = gateway_pb2.Finished(seed=1, speedups=["compile", "fp8", "step-cache"])
+    timings = _make_result("rid", [], finished).timings
+    assert timings.speedups == ("compile", "fp8", "step-cache")
+    out = io.StringIO()
+    generate_cmd.print_timings(timings, out)
+    assert "speed-ups: compile, fp8, step-cache" in out.getvalue()
+    out = io.StringIO()
+    generate_cmd.print_timings(_make_result("rid", [], gateway_pb2.Finished()).timings, out)
+    assert "speed-ups" not in out.getvalue()
+
+
 def test_the_sdk_refuses_a_threshold_outside_0_to_1():
     from ditmesh.client import GenerateParams, InvalidArgumentError
 
@@ -328,6 +355,9 @@ def test_the_sdk_result_says_how_many_steps_were_skipped(client):
     result = client.generate("a red circle", **MESH_REQUEST, cache_threshold=1.0)
     assert result.timings.steps_total == STEPS
     assert 0 < result.timings.cached_steps < STEPS
+    assert result.timings.speedups == ("step-cache",)  # the mesh's denoiser runs eager
+    exact = client.generate("a red circle", **MESH_REQUEST)
+    assert exact.timings.speedups == () and exact.timings.steps_total == 0
     exact = client.generate("a red circle", **MESH_REQUEST)
     assert exact.timings.cached_steps == 0
 

@@ -117,9 +117,10 @@ def check_preview_steps(steps: tuple[int, ...], total: int, runner: Runner) -> N
 
 
 class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
-    def __init__(self, runner: Runner, on_fatal=None) -> None:
+    def __init__(self, runner: Runner, on_fatal=None, speed: Speedups = EAGER) -> None:
         self.runner = runner
         self.on_fatal = on_fatal
+        self.speedups = speed.reported()
 
     def Denoise(self, request_iterator, context: grpc.ServicerContext):
         job = read_job(request_iterator, self.runner)
@@ -141,6 +142,7 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
         )
 
         fast = fast_attn(self.runner)
+        speedups = self.speedups + (["step-cache"] if job.cache_threshold > 0 else [])
 
         def on_step(step: int, total: int) -> None:
             if cancelled.is_set():
@@ -153,6 +155,7 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
                         total=total,
                         cached_steps=job.cached_steps,
                         attention_computed=0.0 if fast is None else fast.fraction(),
+                        speedups=speedups,
                     )
                 )
             )
@@ -230,7 +233,7 @@ def serve(
             return None
         runner = GangRunner(spec, env)
     holder: dict = {}
-    service = DenoiserService(runner, on_fatal=lambda why: holder["server"].fail(why))
+    service = DenoiserService(runner, on_fatal=lambda why: holder["server"].fail(why), speed=speed)
     running = start_server(
         o.server_config("denoiser"),
         [

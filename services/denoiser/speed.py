@@ -82,6 +82,13 @@ class Speedups:
                 "a captured forward cannot)"
             )
 
+    def reported(self) -> list[str]:
+        """The names a request's result gives for the speed-ups of this service that can
+        change its pixels or its speed (DenoiseStep.speedups)."""
+        names = {"compile": "compile", "cuda_graphs": "cuda-graphs", "fp8": "fp8"}
+        on = [name for attr, name in names.items() if getattr(self, attr)]
+        return on + (["fast-attn"] if self.fast_attn else [])
+
     def describe(self) -> str:
         on = [n for n in ("compile", "cuda_graphs", "fuse_qkv", "fp8") if getattr(self, n)]
         if self.compile and self.compile_mode != "default":

@@ -46,16 +46,18 @@ class DenoiseRequest(_message.Message):
     def __init__(self, params: _Optional[_Union[DenoiseParams, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ..., done: _Optional[_Union[_tensor_pb2.TensorsDone, _Mapping]] = ...) -> None: ...
 
 class DenoiseStep(_message.Message):
-    __slots__ = ("step", "total", "cached_steps", "attention_computed")
+    __slots__ = ("step", "total", "cached_steps", "attention_computed", "speedups")
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     CACHED_STEPS_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_COMPUTED_FIELD_NUMBER: _ClassVar[int]
+    SPEEDUPS_FIELD_NUMBER: _ClassVar[int]
     step: int
     total: int
     cached_steps: int
     attention_computed: float
-    def __init__(self, step: _Optional[int] = ..., total: _Optional[int] = ..., cached_steps: _Optional[int] = ..., attention_computed: _Optional[float] = ...) -> None: ...
+    speedups: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, step: _Optional[int] = ..., total: _Optional[int] = ..., cached_steps: _Optional[int] = ..., attention_computed: _Optional[float] = ..., speedups: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DenoisePreview(_message.Message):
     __slots__ = ("step", "total", "latents")

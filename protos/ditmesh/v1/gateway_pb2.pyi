@@ -96,7 +96,7 @@ class Decoded(_message.Message):
     def __init__(self, seconds: _Optional[float] = ...) -> None: ...
 
 class Finished(_message.Message):
-    __slots__ = ("seed", "num_images", "encode_seconds", "denoise_seconds", "decode_seconds", "total_seconds", "stages", "cached_steps", "steps_total", "attention_computed")
+    __slots__ = ("seed", "num_images", "encode_seconds", "denoise_seconds", "decode_seconds", "total_seconds", "stages", "cached_steps", "steps_total", "attention_computed", "speedups")
     SEED_FIELD_NUMBER: _ClassVar[int]
     NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
     ENCODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +107,7 @@ class Finished(_message.Message):
     CACHED_STEPS_FIELD_NUMBER: _ClassVar[int]
     STEPS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_COMPUTED_FIELD_NUMBER: _ClassVar[int]
+    SPEEDUPS_FIELD_NUMBER: _ClassVar[int]
     seed: int
     num_images: int
     encode_seconds: float
@@ -117,7 +118,8 @@ class Finished(_message.Message):
     cached_steps: int
     steps_total: int
     attention_computed: float
-    def __init__(self, seed: _Optional[int] = ..., num_images: _Optional[int] = ..., encode_seconds: _Optional[float] = ..., denoise_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., cached_steps: _Optional[int] = ..., steps_total: _Optional[int] = ..., attention_computed: _Optional[float] = ...) -> None: ...
+    speedups: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, seed: _Optional[int] = ..., num_images: _Optional[int] = ..., encode_seconds: _Optional[float] = ..., denoise_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., cached_steps: _Optional[int] = ..., steps_total: _Optional[int] = ..., attention_computed: _Optional[float] = ..., speedups: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StageTiming(_message.Message):
     __slots__ = ("stage", "queue_seconds", "work_seconds", "transfer_seconds", "image_encode_seconds", "attempts", "replica")
