@@ -18,7 +18,8 @@ in the blocks; on CPU the emulation, DITMESH_FP8_CPU=1 is set for it) and `+cach
 (step caching at threshold T, e.g. `+cache0.1`: the row's `skipped` is the fraction of
 steps whose later blocks were skipped), e.g. `pf2w0`, `u2+compile`, `single+cache0.2`.
 
-    python bench/quality.py --model models/shapes --layouts single,u2,pf2,pf2w0 --device cpu
+    python bench/quality.py --model models/shapes --layouts single,u2,pf2,pf2w0 --device cpu \
+        --threads 1
 
 CFG parallel splits the two CFG branches; without CFG both halves compute the same
 branch, so score cfg2 with `--true-cfg 2` (every layout of that run, the reference too,
@@ -182,7 +183,18 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads of each process (0: torch's default); gang workers inherit it. "
+        "On a shared CPU 1 is far faster: busy threads waiting on each other",
+    )
     args = ap.parse_args()
+    if args.threads:
+        # The environment for the gang's workers (spawned interpreters read it at start).
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
 
     model = resolve_model(args.model)
     dev = pick_device(args.device)
