@@ -98,17 +98,18 @@ phase() {
       # (forced on the random model; compile without graphs, which caching refuses),
       # caching alone, DiTFastAttn with the shapes plan at FA_T mapped onto the model (it
       # does not compose with caching); the peers: xfuser compiled, diffusers, xfuser
-      # compiled + fbcache, + FP8 as its model runner applies it (fp8q); last caching at
-      # CACHE_B and compile alone (the base of the cached rows). Rows in order of need:
-      # a phase cut short keeps the first.
+      # compiled + fbcache, + FP8 (each applied as xfuser's model runner applies them: its
+      # FluxPipeline path ignores both flags, see .peers/bench_xfuser_as_runner.py); last
+      # caching at CACHE_B and compile alone (the base of the cached rows). Rows in order
+      # of need: a phase cut short keeps the first.
       export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1
       timeout -k 10 240 python3 bench/fp8_gemm.py --json $L/fp8_gemm.json > $L/fp8_gemm.log 2>&1
       echo "fp8_gemm rc=$?"; tail -8 $L/fp8_gemm.log
       local a=${CACHE_A:-0.05} b=${CACHE_B:-0.1} f=${FA_T:-0.1}
       SIZES=1024 LIMIT=240 PEER_LIMIT=240 LAYOUTS="single single+compile+graphs \
         single+compile+graphs+fp8 single+compile+fp8+shapescache$a single+compile+shapescache$a \
-        single+compile+shapesfa$f" PEERS="xfuser-u1-compile diffusers xfuser-u1-compile-fbcache \
-        xfuser-u1-compile-fp8q" bash bench/gpu_session.sh
+        single+compile+shapesfa$f" PEERS="xfuser-u1-compile diffusers \
+        xfuser-u1-compile-fbcache-runner xfuser-u1-compile-fp8-runner" bash bench/gpu_session.sh
       SIZES=1024 LIMIT=240 LAYOUTS="single+compile+shapescache$b single+compile" \
         PEERS="${SPEED_PEERS:-}" bash bench/gpu_session.sh ;;
     speed2048)

@@ -9,10 +9,11 @@
 # LAYOUTS: bench/gang_gpu.py layouts, each run in its own process under LIMIT seconds
 #   (`single` first: it is the reference the others are compared with).
 # PEERS: diffusers (1 GPU), diffusers-cp-uN, xfuser-pfN (PipeFusion) on N GPUs, and
-#   xfuser-uN with any of -compile (--use_torch_compile), -fp8 (--use_fp8_gemms, which
-#   xfuser's FluxPipeline path ignores), -fp8q (the blocks in FP8 by xfuser's own torchao
-#   helper, as its model runner does: .peers/bench_xfuser_fp8.py), -fbcache / -teacache
-#   (--cache_method), e.g. xfuser-u1-compile-fbcache. fp8q needs the torchao wheel in .whl.
+#   xfuser-uN with any of -compile (--use_torch_compile), -fp8 (--use_fp8_gemms),
+#   -fbcache / -teacache (--cache_method), -runner; e.g. xfuser-u1-compile-fbcache-runner.
+#   xfuser's FluxPipeline path ignores --use_fp8_gemms and --cache_method; -runner runs
+#   .peers/bench_xfuser_as_runner.py, which applies them as xfuser's model runner does
+#   (FP8 through torchao: the torchao wheel in .whl).
 # REPEATS: timed requests per layout (default 2); GANG_ARGS: more bench/gang_gpu.py flags.
 # VAE_RANKS / VAE_SIZES: also time the VAE decode gang (bench/vae_gpu.py).
 # FLUX=tiny uses a small random Flux (a smoke test of the GPU paths, not a benchmark).
@@ -71,13 +72,13 @@ for H in ${SIZES-1024}; do  # SIZES="" runs no denoiser sizes (e.g. the VAE alon
         peer $P torchrun --nproc_per_node $n .peers/bench_diffusers_cp.py $M $H $S $n 1 ;;
       xfuser-pf*) n=${P#xfuser-pf}
         peer $P torchrun --nproc_per_node $n .peers/bench_xfuser.py $X --pipefusion_parallel_degree $n ;;
-      xfuser-u*)  # xfuser-uN[-compile][-fp8|-fp8q][-fbcache|-teacache]
+      xfuser-u*)  # xfuser-uN[-compile][-fp8][-fbcache|-teacache][-runner]
         spec=${P#xfuser-u}; n=${spec%%-*}; flags=""; script=.peers/bench_xfuser.py
         for part in $(echo "${spec#$n}" | tr '-' ' '); do
           case $part in
             compile) flags="$flags --use_torch_compile" ;;
             fp8) flags="$flags --use_fp8_gemms" ;;
-            fp8q) flags="$flags --use_fp8_gemms"; script=.peers/bench_xfuser_fp8.py ;;
+            runner) script=.peers/bench_xfuser_as_runner.py ;;
             fbcache|teacache) flags="$flags --cache_method $part" ;;
             *) echo "unknown xfuser variant $part in $P"; continue 2 ;;
           esac
