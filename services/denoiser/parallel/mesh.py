@@ -71,6 +71,16 @@ class ParallelConfig:
     """PipeFusion: first steps run on the whole image, in sync, before patches use stale
     keys and values (0: patches from the first step, which attend only to the rows
     computed so far; see parallel/pipefusion.py)."""
+    ulysses_chunks: int = 1
+    """Ulysses alone: each rank's heads in this many chunks, so the exchange of one chunk
+    runs under the attention of another (parallel/usp.py, ChunkedHeadExchange). A layout
+    of the exchange rather than a speed-up of the blocks: it is checked against the
+    model's heads with --ulysses, and the sequence plan reads it from the mesh. 1: one
+    exchange each for q, k, v and the output (the plain path)."""
+    ulysses_fp8: bool = False
+    """Ulysses alone: q, k, v and the attention output cross the all-to-all in FP8 e4m3
+    with one scale per (token, head), dequantised on arrival (parallel/ulysses.py).
+    Approximate: changes the output a little."""
 
     def __post_init__(self) -> None:
         for name in DIMS:
@@ -90,11 +100,28 @@ class ParallelConfig:
                 "--pipefusion-warmup must be 0 or more (whole-image steps before the "
                 f"patches); got {self.pipefusion_warmup!r}"
             )
+        self._check_exchange()
         if self.pipefusion > 1 and self.ring > 1:
             raise ParallelConfigError(
                 "--pipefusion does not combine with --ring yet; use --ulysses with it "
                 "(it composes with --ulysses, --cfg and --dp)"
             )
+
+    def _check_exchange(self) -> None:
+        """--ulysses-chunks and --ulysses-fp8 act on the exchange of Ulysses alone: with ring
+        the heads travel once before the ring's own exchange, and PipeFusion has its own."""
+        c = self.ulysses_chunks
+        if not isinstance(c, int) or isinstance(c, bool) or c < 1:
+            raise ParallelConfigError(f"--ulysses-chunks must be a positive integer; got {c!r}")
+        on = [f for f, v in (("--ulysses-chunks", c > 1), ("--ulysses-fp8", self.ulysses_fp8)) if v]
+        for flag in on:
+            if self.ulysses == 1:
+                raise ParallelConfigError(f"{flag} needs --ulysses > 1 (there is no exchange)")
+            if self.ring > 1 or self.pipefusion > 1:
+                raise ParallelConfigError(
+                    f"{flag} applies to Ulysses alone; not with --ring or --pipefusion (their "
+                    "exchanges are their own)"
+                )
 
     @property
     def num_patches(self) -> int:
@@ -110,9 +137,11 @@ class ParallelConfig:
         return self.ulysses * self.ring
 
     def describe(self) -> str:
+        extra = [f"chunks{self.ulysses_chunks}"] * (self.ulysses_chunks > 1)
+        extra += ["fp8 exchange"] * self.ulysses_fp8
         return (
             " x ".join(f"{n}{getattr(self, n)}" for n in DIMS if getattr(self, n) > 1) or "single"
-        )
+        ) + "".join(f" ({e})" for e in extra)
 
     def check_world(self, world_size: int) -> None:
         if self.world_size != world_size:
@@ -139,6 +168,12 @@ class ParallelConfig:
             raise ParallelConfigError(
                 f"--ulysses {self.ulysses} does not divide the model's {heads} attention heads "
                 f"(heads % ulysses must be 0)"
+            )
+        if (heads // self.ulysses) % self.ulysses_chunks:
+            raise ParallelConfigError(
+                f"--ulysses-chunks {self.ulysses_chunks} does not divide the "
+                f"{heads // self.ulysses} heads each of the {self.ulysses} Ulysses ranks holds "
+                f"({heads} heads / {self.ulysses})"
             )
 
     def coords(self, rank: int) -> dict[str, int]:

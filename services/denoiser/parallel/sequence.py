@@ -97,6 +97,8 @@ def attach(model: torch.nn.Module, plan: SequencePlan, mesh: RankGroups) -> Atta
         sp=mesh["sp"],
         shard_index=mesh.sp_shard,
         shards=SequenceShards(),
+        chunks=cfg.ulysses_chunks,
+        fp8=cfg.ulysses_fp8,
     )
     order = [
         cfg.coords(r)["ring"] * cfg.ulysses + cfg.coords(r)["ulysses"] for r in mesh["sp"].ranks

@@ -4,9 +4,15 @@ Before attention each rank holds a slice of the sequence with all heads; one
 all-to-all gives it the whole (group's) sequence for a slice of the heads, so
 attention itself is local. A second all-to-all restores the sequence split.
 Tensors are [batch, seq, heads, head_dim].
+
+Also the FP8 wire format of `--ulysses-fp8` (`Transfer`): each row of head_dim values
+travels as e4m3 bytes followed by its float32 scale, one collective per tensor. How the
+exchanges of one attention are ordered is usp.py's (HeadExchange, ChunkedHeadExchange).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.distributed as dist
@@ -101,3 +107,79 @@ def gather_dim0(x: torch.Tensor, group: Group) -> torch.Tensor:
     out = x.new_empty((group.size * x.shape[0], *x.shape[1:]))
     dist.all_gather_into_tensor(out, x, group=group.pg)
     return out
+
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+"""The largest finite e4m3 value: a row's absolute maximum maps onto it."""
+SCALE_BYTES = 4
+CPU_ENV = "DITMESH_FP8_CPU"
+"""Set to 1 to allow --ulysses-fp8 on CPU (gloo gangs in tests); fp8.py's variable too."""
+
+
+def check_fp8_exchange(device: torch.device) -> None:
+    """Refuses the FP8 exchange on CPU unless CPU_ENV is set: there it is an emulation for
+    tests, never faster. Any CUDA GPU casts to e4m3 (no FP8 GEMM is involved)."""
+    if device.type == "cpu" and os.environ.get(CPU_ENV) != "1":
+        raise ValueError(
+            f"--ulysses-fp8 is for GPU gangs (NCCL); on CPU it is an emulation for tests "
+            f"only (set {CPU_ENV}=1)"
+        )
+
+
+def pack_fp8(x: torch.Tensor) -> torch.Tensor:
+    """[..., D] -> [..., D + 4] uint8: each row's values in e4m3 after dividing by its
+    scale (absolute maximum / 448), then the scale's float32 bytes. One buffer, so one
+    collective carries both."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float()
+    scale = (amax / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    values = (x.float() / scale).to(FP8).view(torch.uint8)
+    return torch.cat([values, scale.view(torch.uint8)], dim=-1)
+
+
+def unpack_fp8(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of `pack_fp8`: [..., D + 4] uint8 -> [..., D] in `dtype`."""
+    d = x.shape[-1] - SCALE_BYTES
+    scale = x[..., d:].contiguous().view(torch.float32)
+    return (x[..., :d].contiguous().view(FP8).float() * scale).to(dtype)
+
+
+class Transfer:
+    """One all-to-all in flight (`exchange` with `async_op` where eager; the functional
+    collective under torch.compile), optionally in the FP8 wire format; `result()` waits
+    and gives the received tensor in the sender's dtype."""
+
+    def __init__(
+        self,
+        send: torch.Tensor,
+        group: Group,
+        *,
+        fp8: bool = False,
+        output_splits: list[int] | None = None,
+        input_splits: list[int] | None = None,
+    ) -> None:
+        self.dtype = send.dtype
+        self.fp8 = fp8
+        payload = pack_fp8(send) if fp8 else send
+        self.work = None
+        if torch.compiler.is_compiling():
+            self.received = exchange(
+                payload, group, output_splits=output_splits, input_splits=input_splits
+            )
+            return
+        rows = payload.shape[0] if output_splits is None else sum(output_splits)
+        self.received = payload.new_empty((rows, *payload.shape[1:]))
+        self.work = exchange(
+            payload,
+            group,
+            out=self.received,
+            async_op=True,
+            output_splits=output_splits,
+            input_splits=input_splits,
+        )
+
+    def result(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        return unpack_fp8(self.received, self.dtype) if self.fp8 else self.received

@@ -4,6 +4,11 @@ Image tokens are split across the sp group (ulysses x ring); text tokens are
 whole on every rank and attended exactly once: under Ulysses each rank takes
 its heads of them, under Ring they join the rank's own KV block at step 0.
 Tensors are [batch, seq, heads, head_dim].
+
+Longer than most modules (~400 lines) because the two ways one Ulysses attention is
+exchanged (`HeadExchange`, and `ChunkedHeadExchange` for --ulysses-chunks and
+--ulysses-fp8) share their geometry by inheritance and read best side by side; the
+collectives and the FP8 wire format themselves are ulysses.py's.
 """
 
 from __future__ import annotations
@@ -46,6 +51,10 @@ class SequenceParallel:
     text_whole: bool = False
     """Keep the text tokens whole on every rank even under Ulysses alone (PipeFusion:
     the text travels with one patch only)."""
+    chunks: int = 1
+    """Ulysses alone: this rank's heads in this many chunks (ParallelConfig.ulysses_chunks)."""
+    fp8: bool = False
+    """Ulysses alone: the exchange in FP8 (ParallelConfig.ulysses_fp8)."""
 
     def can_shard_text(self, text_len: int) -> bool:
         """Whether text tokens can be split like image tokens: under Ulysses alone (ring
@@ -71,17 +80,21 @@ class SequenceParallel:
         """
         if self.ring.size > 1:
             return self._ring_attention(q, k, v, text)
-        ex = HeadExchange(self, q.shape, 0 if text is None else text[0].shape[1], q)
-        for i, x in enumerate((q, k, v)):
-            ex.send(i, x, None if text is None else text[i])
+        ex = self.head_exchange(q.shape, 0 if text is None else text[0].shape[1], q)
+        qkv = (q, k, v)
+        for i in ex.send_order:
+            ex.send(i, qkv[i], None if text is None else text[i])
         return ex.attend()
 
     def head_exchange(self, shape: tuple[int, ...], t_len: int, like: torch.Tensor):
         """A `HeadExchange` for one attention of image tokens `shape` [B, L, H, D] and
-        `t_len` text tokens, or None where the attention is not Ulysses alone (ring > 1)."""
+        `t_len` text tokens (a `ChunkedHeadExchange` with chunks or the FP8 exchange), or
+        None where the attention is not Ulysses alone (ring > 1)."""
         if self.ring.size > 1:
             return None
-        return HeadExchange(self, shape, t_len, like)
+        if self.chunks == 1 and not self.fp8:
+            return HeadExchange(self, shape, t_len, like)
+        return ChunkedHeadExchange(self, shape, t_len, like, chunks=self.chunks, fp8=self.fp8)
 
     # Ring attention's point-to-point exchange stays eager (outside compiled graphs).
     @torch.compiler.disable
@@ -136,6 +149,11 @@ class HeadExchange:
     the way out, none on the way in); the kernels take the [B, h, S, D] view.
     """
 
+    send_order = (0, 1, 2)
+    """The order `SequenceParallel.attention_joint` sends q, k, v in (all computed already)."""
+    preallocate = True
+    """Eager: receive straight into one [3, rows, B, h, D] buffer."""
+
     def __init__(
         self, sp: SequenceParallel, shape: tuple[int, ...], t_len: int, like: torch.Tensor
     ) -> None:
@@ -157,7 +175,7 @@ class HeadExchange:
         self.rows_total = self.local_text + sum(self.blocks)
         self.compiling = torch.compiler.is_compiling()
         self.rows = None
-        if not self.compiling:
+        if not self.compiling and self.preallocate:
             self.rows = like.new_empty((3, self.rows_total, self.b, self.h, self.d))
         self.received: list = [None, None, None]
         self.pending: list = []
@@ -257,3 +275,130 @@ class HeadExchange:
             text_heads = U.gather_dim0(out[:, :lt], ug).view(u, b, lt, h, d)
             parts.insert(0, text_heads.permute(1, 2, 0, 3, 4))
         return torch.cat(parts, dim=1).reshape(b, self.t_len + self.seq, self.heads, d)
+
+
+class ChunkedHeadExchange(HeadExchange):
+    """A `HeadExchange` whose exchange hides under the attention (--ulysses-chunks C) and/or
+    travels in FP8 (--ulysses-fp8; ulysses.Transfer).
+
+    v and k each travel whole as soon as they are projected (under the next projection, as
+    in HeadExchange); q travels as C chunks of this rank's heads, one all-to-all each, so
+    chunk 0's attention starts once its share of q has arrived and runs while the rest of
+    q is in flight, and each chunk's output starts back at once and travels under the next
+    chunk's attention. What stays exposed is 1/C of q's exchange and 1/C of the output's,
+    where HeadExchange exposes both whole. Each chunk attends over the same heads' queries,
+    keys and values as HeadExchange does, so only the kernel's rounding can differ.
+
+    Sending v and k in chunks too would add collectives (each with its own latency) and
+    hide nothing more: one communicator runs its collectives in the order issued, so
+    chunk 0 of q arrives after all of v and k either way.
+
+    Received tensors are used as the collective returns them (no preallocated rows, so
+    the FP8 bytes can be dequantised on arrival); text rows held locally join them by
+    concatenation. Eager: asynchronous collectives (CUDA graphs capture them, as they do
+    HeadExchange's); under torch.compile: functional collectives, waits at first use.
+    """
+
+    send_order = (2, 1, 0)
+    preallocate = False
+
+    def __init__(
+        self,
+        sp: SequenceParallel,
+        shape: tuple[int, ...],
+        t_len: int,
+        like: torch.Tensor,
+        *,
+        chunks: int,
+        fp8: bool,
+    ) -> None:
+        super().__init__(sp, shape, t_len, like)
+        if self.h % chunks:
+            raise ValueError(f"{chunks} chunks do not divide the {self.h} heads of a rank")
+        if fp8 and not self.compiling:
+            U.check_fp8_exchange(like.device)
+        self.chunks, self.fp8 = chunks, fp8
+
+    def send(self, i: int, x: torch.Tensor, text: torch.Tensor | None = None) -> None:
+        """Starts moving `x` [B, L, H, D] (q, k or v by `i`; q in chunks), with `text`."""
+        if (text is None) != (self.t_len == 0):
+            raise ValueError("text tokens must be given for each of q, k, v, or for none")
+        ug, u, b, d = self.sp.ulysses, self.u, self.b, self.d
+        pieces = self.chunks if i == 0 else 1
+        hc = self.h // pieces
+
+        def to_destinations(t: torch.Tensor) -> torch.Tensor:
+            # [B, n, H, D] -> [piece, destination, n, B, hc, D]: rank j gets heads j*h + ...
+            return t.unflatten(2, (u, pieces, hc)).permute(3, 2, 1, 0, 4, 5)
+
+        if self.sharded:
+            send = x.new_empty((pieces, u, self.block, b, hc, d))
+            send[:, :, : self.t_len].copy_(to_destinations(text))
+            send[:, :, self.t_len :].copy_(to_destinations(x))
+        else:
+            send = to_destinations(x).contiguous()
+        text_rows = None
+        if text is not None and not self.sharded:
+            text_rows = U.head_slice(text, ug).transpose(0, 1)  # [T, B, h, D]
+        self.received[i] = [
+            (
+                None if text_rows is None else text_rows[:, :, p * hc : (p + 1) * hc],
+                U.Transfer(
+                    send[p].view(u * self.block, b, hc, d),
+                    ug,
+                    fp8=self.fp8,
+                    output_splits=self.splits,
+                ),
+            )
+            for p in range(pieces)
+        ]
+
+    @staticmethod
+    def _joined(text_rows, transfer) -> torch.Tensor:
+        got = transfer.result()  # [rows, B, heads, D]
+        return got if text_rows is None else torch.cat([text_rows, got])
+
+    def _send_back(self, out: torch.Tensor):
+        """Starts one chunk's output [B, S, hc, D] back to the ranks its rows came from."""
+        ug, u, b, lt = self.sp.ulysses, self.u, self.b, self.local_text
+        hc, d = out.shape[2], self.d
+        if self.splits is None:
+            back = out[:, lt:].unflatten(1, (u, self.block)).transpose(0, 1).contiguous()
+            return U.Transfer(back.view(u * b * self.block, hc, d), ug, fp8=self.fp8)
+        starts = [lt + sum(self.blocks[:j]) for j in range(u)]
+        back = torch.cat(
+            [
+                out[:, s : s + n].reshape(b * n, hc, d)
+                for s, n in zip(starts, self.blocks, strict=True)
+            ]
+        )
+        return U.Transfer(
+            back,
+            ug,
+            fp8=self.fp8,
+            output_splits=[b * self.block] * u,
+            input_splits=[b * n for n in self.blocks],
+        )
+
+    def attend(self) -> torch.Tensor:
+        """Attention output of this rank's text tokens, then its image tokens: [B, T+L, H, D]."""
+        ug, u, b, d, lt = self.sp.ulysses, self.u, self.b, self.d, self.local_text
+        if any(r is None for r in self.received):
+            raise ValueError("q, k and v must all be sent before attending")
+        kh, vh = (self._joined(*self.received[i][0]).permute(1, 2, 0, 3) for i in (1, 2))
+        kh, vh = self._real_keys(kh, vh)  # [B, h, S, D]
+        backs, text_parts = [], []
+        for c, piece in enumerate(self.received[0]):
+            qh = self._joined(*piece).permute(1, 2, 0, 3)  # [B, hc, S, D]
+            heads = slice(c * qh.shape[1], (c + 1) * qh.shape[1])
+            out = attention(qh, kh[:, heads], vh[:, heads]).transpose(1, 2)  # [B, S, hc, D]
+            backs.append(self._send_back(out))
+            text_parts.append(out[:, :lt])
+        # Source j, chunk c holds heads j*h + c*hc ... of this rank's rows.
+        back = torch.stack([t.result().view(u, b, self.block, -1, d) for t in backs], dim=3)
+        parts = [back.permute(1, 2, 0, 3, 4, 5).reshape(b, self.block, self.heads, d)]
+        if lt:
+            mine = torch.cat(text_parts, dim=2)  # [B, lt, h, D]: this rank's heads in order
+            text_heads = U.gather_dim0(mine, ug).view(u, b, lt, self.h, d)
+            parts.insert(0, text_heads.permute(1, 2, 0, 3, 4).reshape(b, lt, self.heads, d))
+        return torch.cat(parts, dim=1)

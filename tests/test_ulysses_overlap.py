@@ -1,0 +1,193 @@
+"""--ulysses-chunks (the exchange hidden under the attention) and --ulysses-fp8 (the
+exchange in FP8) on gloo gangs, against the single process.
+
+Chunks reorder the exchange only: every chunk count gives the single process's latents
+within the exact layouts' tolerance (helpers.REL_TOL). The FP8 exchange is approximate
+(e4m3 keeps 3 mantissa bits: each value within 1/16 of itself, one scale per token and
+head); on the tiny Flux its latents stay within FP8_TOL of the single process's, and
+differ from it by more than the exact tolerance, so it really ran in FP8.
+
+The model here is the tiny Flux with 8 heads of 16 (make_tiny's has 4), so that 4
+Ulysses ranks hold 2 heads each and 2 ranks hold 4: chunk counts 2 and 4 both run.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from ditmesh.denoiser.job import DenoiseJob
+from ditmesh.denoiser.parallel import ulysses as U
+from ditmesh.denoiser.parallel.mesh import ParallelConfig, ParallelConfigError
+from ditmesh.denoiser.speed import Speedups
+
+from .helpers import REL_TOL, flux_jobs, relative_error, single, spawn_layouts
+
+FP8_TOL = 0.05
+"""Max |fp8 exchange - single| / max |single| on the tiny Flux, 3 steps (measured: ~0.01)."""
+
+HEADS = 8
+
+
+@pytest.fixture(scope="module")
+def flux8(tiny_flux, tmp_path_factory) -> str:
+    """The tiny Flux with an 8-head transformer (same inner width per head, new weights)."""
+    from diffusers import FluxTransformer2DModel
+
+    folder = tmp_path_factory.mktemp("flux8") / "model"
+    shutil.copytree(tiny_flux, folder)
+    config = dict(FluxTransformer2DModel.load_config(str(folder), subfolder="transformer"))
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    config["num_attention_heads"] = HEADS
+    torch.manual_seed(3)
+    transformer = FluxTransformer2DModel(**config).eval()
+    shutil.rmtree(folder / "transformer")
+    transformer.save_pretrained(folder / "transformer")
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def jobs(flux8) -> list[DenoiseJob]:
+    # Job 0: 16 image tokens, 8 text tokens split evenly; job 1: 15 image tokens (padded),
+    # 7 text tokens split unevenly (uneven exchange splits); job 2: one text token, held
+    # whole on every rank (each rank places its heads of it in front of what it receives).
+    base = flux_jobs(flux8)
+    whole_text = DenoiseJob(
+        request_id="t1",
+        height=48,
+        width=80,
+        steps=2,
+        guidance=3.5,
+        seed=7,
+        true_cfg_scale=1.0,
+        num_images=1,
+        cond={
+            "prompt_embeds": base[0].cond["prompt_embeds"][:, :1],
+            "pooled_prompt_embeds": base[0].cond["pooled_prompt_embeds"],
+        },
+    )
+    return [base[0], base[1], whole_text]
+
+
+@pytest.fixture(scope="module")
+def reference(flux8, jobs):
+    return single(flux8, jobs)
+
+
+def _check_exact(results, reference, layouts):
+    for layout in layouts:
+        for i, (got, want) in enumerate(zip(results[layout], reference, strict=True)):
+            err = relative_error(got, want)
+            assert err <= REL_TOL, f"{layout} job {i}: relative error {err:.2e}"
+
+
+# ------------------------------------------------------------ refusals (no processes)
+
+
+@pytest.mark.parametrize(
+    "degrees, words",
+    [
+        (dict(ulysses_chunks=2), "needs --ulysses > 1"),
+        (dict(ulysses_fp8=True), "needs --ulysses > 1"),
+        (dict(ulysses=2, ring=2, ulysses_chunks=2), "Ulysses alone"),
+        (dict(ulysses=2, ring=2, ulysses_fp8=True), "Ulysses alone"),
+        (dict(ulysses=2, pipefusion=2, ulysses_chunks=2), "Ulysses alone"),
+        (dict(ulysses=2, ulysses_chunks=0), "positive integer"),
+    ],
+)
+def test_layouts_the_options_do_not_apply_to_are_refused(degrees, words):
+    with pytest.raises(ParallelConfigError, match=words):
+        ParallelConfig(**degrees)
+
+
+def test_chunks_that_do_not_divide_a_ranks_heads_are_refused():
+    ParallelConfig(ulysses=4, ulysses_chunks=6).check_model(heads=24)  # 6 heads a rank
+    with pytest.raises(ParallelConfigError, match="does not divide the 6 heads"):
+        ParallelConfig(ulysses=4, ulysses_chunks=4).check_model(heads=24)
+    with pytest.raises(ParallelConfigError, match="does not divide the 1 heads"):
+        ParallelConfig(ulysses=4, ulysses_chunks=2).check_model(heads=4)
+
+
+def test_fp8_exchange_is_refused_on_cpu_without_the_test_variable(monkeypatch):
+    monkeypatch.delenv(U.CPU_ENV, raising=False)
+    with pytest.raises(ValueError, match=U.CPU_ENV):
+        U.check_fp8_exchange(torch.device("cpu"))
+    monkeypatch.setenv(U.CPU_ENV, "1")
+    U.check_fp8_exchange(torch.device("cpu"))
+
+
+def test_the_config_describes_the_options():
+    assert ParallelConfig(ulysses=4, ulysses_chunks=2, ulysses_fp8=True).describe() == (
+        "ulysses4 (chunks2) (fp8 exchange)"
+    )
+    assert ParallelConfig(ulysses=4).describe() == "ulysses4"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_wire_format_round_trip(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(6, 2, 3, 16, generator=g) * torch.logspace(-3, 3, 16)).to(dtype)
+    x[0, 0, 0] = 0  # an all-zero row: its scale must not divide by zero
+    packed = U.pack_fp8(x)
+    assert packed.dtype == torch.uint8 and packed.shape == (6, 2, 3, 16 + U.SCALE_BYTES)
+    back = U.unpack_fp8(packed, dtype)
+    assert back.dtype == dtype and torch.equal(back[0, 0, 0], x[0, 0, 0])
+    amax = x.float().abs().amax(-1, keepdim=True)
+    err = (back.float() - x.float()).abs()
+    # e4m3: within 1/16 of each value (normal range), or of 2^-9 * scale (subnormal),
+    # plus the rounding of `dtype` on the way back.
+    bound = x.float().abs() / 16 + amax / 448 * 2**-9 + x.float().abs() * 2**-7
+    assert (err <= bound).all()
+    assert not torch.equal(back, x)  # really quantised
+
+
+# ------------------------------------------------------------ gangs (slow)
+
+
+@pytest.mark.slow
+def test_chunked_and_fp8_exchanges_on_two_ranks(flux8, jobs, reference, tmp_path, monkeypatch):
+    monkeypatch.setenv(U.CPU_ENV, "1")  # inherited by the spawned ranks
+    layouts = {
+        "u2": dict(ulysses=2),
+        "u2c2": dict(ulysses=2, ulysses_chunks=2),
+        "u2c4": dict(ulysses=2, ulysses_chunks=4),
+        "u2fp8": dict(ulysses=2, ulysses_fp8=True),
+        "u2c2fp8": dict(ulysses=2, ulysses_chunks=2, ulysses_fp8=True),
+    }
+    results = spawn_layouts(flux8, jobs, 2, tmp_path, layouts=layouts)
+    _check_exact(results, reference, ("u2", "u2c2", "u2c4"))
+    for layout in ("u2fp8", "u2c2fp8"):
+        for i, (got, want) in enumerate(zip(results[layout], reference, strict=True)):
+            err = relative_error(got, want)
+            assert err <= FP8_TOL, f"{layout} job {i}: relative error {err:.2e}"
+        worst = max(relative_error(g, w) for g, w in zip(results[layout], reference, strict=True))
+        assert worst > REL_TOL, f"{layout}: as exact as float32, so not in FP8"
+
+
+@pytest.mark.slow
+def test_chunked_exchange_on_four_ranks(flux8, jobs, reference, tmp_path):
+    layouts = {
+        "u4c2": dict(ulysses=4, ulysses_chunks=2),
+        "cfg2u2c4": dict(cfg=2, ulysses=2, ulysses_chunks=4),
+    }
+    results = spawn_layouts(flux8, jobs, 4, tmp_path, layouts=layouts)
+    _check_exact(results, reference, layouts)
+
+
+@pytest.mark.slow
+def test_chunked_exchange_compiles_into_the_blocks(flux8, jobs, reference, tmp_path):
+    # Under --compile the chunks' collectives are traced into the blocks' graphs like
+    # HeadExchange's (functional collectives, no graph break), waits at first use.
+    results = spawn_layouts(
+        flux8,
+        jobs[:2],
+        2,
+        tmp_path,
+        layouts={"u2c2": dict(ulysses=2, ulysses_chunks=2)},
+        speed=Speedups(compile=True),
+    )
+    _check_exact(results, reference[:2], ("u2c2",))
+    breaks = torch.load(tmp_path / "world2.pt.graph_breaks")
+    assert breaks == {"graph_break": {}, "unimplemented": {}}, breaks
