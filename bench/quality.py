@@ -122,10 +122,11 @@ def encode(model, device, dtype, prompts, true_cfg: float = 1.0) -> list[dict]:
 
 
 def run_layout(
-    runner, layout: Layout, model, conds, *, steps, size=128, true_cfg=1.0, images=1, seed=1000
+    runner, layout: Layout, model, conds, *, steps, size=128, true_cfg=1.0, images=1, seeds=None
 ) -> tuple[list[torch.Tensor], float]:
-    """Each prompt's latents through `runner` (prompt i with seed `seed + i`), and the
-    fraction of steps step caching skipped."""
+    """Each prompt's latents through `runner` (prompt i with `seeds[i]`, by default
+    1000 + i: held-out prompt i's seed), and the fraction of steps step caching skipped."""
+    seeds = seeds or [1000 + i for i in range(len(conds))]
     if images % layout.parallel.dp:
         raise SystemExit(f"{layout.name}: --images {images} does not split over dp")
     latents, skipped = [], 0
@@ -137,7 +138,7 @@ def run_layout(
             steps=steps,
             guidance=model.default_guidance,
             true_cfg_scale=true_cfg,
-            seed=seed + i,
+            seed=seeds[i],
             num_images=images,
             cond=cond,
             cache_threshold=layout.cache_threshold,
