@@ -167,6 +167,12 @@ case ${1:-} in
     mkdir -p $P/models && cp -r models/shapes $P/models/ || exit 1
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/*.whl || exit 1
+    # Wheels only the xfuser -runner peers import (torchao, cache-dit), kept off the path of
+    # every other run (diffusers imports torchao whenever it is installed).
+    if ls .whl/extras/*.whl > /dev/null 2>&1; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site-extras .whl/extras/*.whl || exit 1
+    fi
     PHASES="${PHASES:-}" CACHE_A="${CACHE_A:-}" CACHE_B="${CACHE_B:-}" FA_T="${FA_T:-}" \
       SPEED_PEERS="${SPEED_PEERS:-}" setsid nohup bash $P/bench/gpu_plan.sh run > $L/plan.log 2>&1 < /dev/null &
     wait_for ${2:-540}

@@ -13,7 +13,7 @@
 #   -fbcache / -teacache (--cache_method), -runner; e.g. xfuser-u1-compile-fbcache-runner.
 #   xfuser's FluxPipeline path ignores --use_fp8_gemms and --cache_method; -runner runs
 #   .peers/bench_xfuser_as_runner.py, which applies them as xfuser's model runner does
-#   (FP8 through torchao: the torchao wheel in .whl).
+#   (FP8 through torchao: the torchao wheel in .whl/extras, on their path only).
 # REPEATS: timed requests per layout (default 2); GANG_ARGS: more bench/gang_gpu.py flags.
 # VAE_RANKS / VAE_SIZES: also time the VAE decode gang (bench/vae_gpu.py).
 # FLUX=tiny uses a small random Flux (a smoke test of the GPU paths, not a benchmark).
@@ -26,6 +26,12 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 if [ -z "${SKIP_INSTALL:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
+  # torchao and cache-dit: on the path of the xfuser -runner peers only (diffusers imports
+  # torchao whenever it is installed).
+  if ls .whl/extras/*.whl > /dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site-extras .whl/extras/*.whl || exit 1
+  fi
 fi
 export PYTHONPATH=/tmp/site
 nvidia-smi -L
@@ -73,17 +79,17 @@ for H in ${SIZES-1024}; do  # SIZES="" runs no denoiser sizes (e.g. the VAE alon
       xfuser-pf*) n=${P#xfuser-pf}
         peer $P torchrun --nproc_per_node $n .peers/bench_xfuser.py $X --pipefusion_parallel_degree $n ;;
       xfuser-u*)  # xfuser-uN[-compile][-fp8][-fbcache|-teacache][-runner]
-        spec=${P#xfuser-u}; n=${spec%%-*}; flags=""; script=.peers/bench_xfuser.py
+        spec=${P#xfuser-u}; n=${spec%%-*}; flags=""; script=.peers/bench_xfuser.py; path=/tmp/site
         for part in $(echo "${spec#$n}" | tr '-' ' '); do
           case $part in
             compile) flags="$flags --use_torch_compile" ;;
             fp8) flags="$flags --use_fp8_gemms" ;;
-            runner) script=.peers/bench_xfuser_as_runner.py ;;
+            runner) script=.peers/bench_xfuser_as_runner.py; path=/tmp/site-extras:/tmp/site ;;
             fbcache|teacache) flags="$flags --cache_method $part" ;;
             *) echo "unknown xfuser variant $part in $P"; continue 2 ;;
           esac
         done
-        peer $P torchrun --nproc_per_node $n $script $X --ulysses_degree $n $flags ;;
+        peer $P env PYTHONPATH=$path torchrun --nproc_per_node $n $script $X --ulysses_degree $n $flags ;;
       *) echo "unknown peer $P" ;;
     esac
   done
