@@ -147,7 +147,9 @@ def test_the_table_renders_the_new_rows(tmp_path):
 @pytest.mark.slow
 def test_the_options_run_on_a_tiny_flux_on_cpu(tiny_flux, tmp_path):
     """gang_gpu.py itself, on CPU: a forced pattern skips exactly its steps, real caching
-    reports its threshold, the reference row comes first."""
+    reports its threshold, the shapes model's pattern (2 prompts) is the one forced."""
+    import os
+
     cmd = [
         sys.executable,
         str(ROOT / "bench" / "gang_gpu.py"),
@@ -166,11 +168,35 @@ def test_the_options_run_on_a_tiny_flux_on_cpu(tiny_flux, tmp_path):
         "--out",
         str(tmp_path),
         "--layouts",
-        "single,single+skip2_4_5,single+cache1.0",
+        "single,single+skip2_4_5,single+cache1.0,single+shapescache0.1",
+        "--shapes",
+        str(ROOT / "models" / "shapes"),
+        "--shapes-prompts",
+        "2",
     ]
-    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # a shared CPU: threads only wait on each other
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=900, env=env)
     rows = [json.loads(x) for x in (tmp_path / "ours.jsonl").read_text().splitlines()]
-    assert [r["layout"] for r in rows] == ["single", "single+skip2_4_5", "single+cache1.0"]
+    assert [r["layout"] for r in rows] == [
+        "single",
+        "single+skip2_4_5",
+        "single+cache1.0",
+        "single+shapescache0.1",
+    ]
     assert rows[1]["forced_skips"] == [2, 4, 5] and rows[1]["skipped_steps"] == 3
     assert rows[2]["cache_threshold"] == 1.0 and rows[2]["skipped_steps"] > 0
     assert 0 < rows[1]["rel_l2_vs_single"] < 0.05
+    measured = json.loads((tmp_path / "shapes-skips-0.1-8.json").read_text())
+    assert len(measured["patterns"]) == 2 and all(len(p) == 8 for p in measured["patterns"])
+    patterns = measured["patterns"]
+    assert not any(p[0] for p in patterns)  # the first step is always computed
+    counts = [sum(p) for p in patterns]
+    shapes = rows[3]
+    picked = [i for i, s in enumerate(gang_pick(patterns)) if s]
+    assert shapes["forced_skips"] == picked
+    assert shapes["skipped_steps"] == len(picked) > 0
+    assert shapes["shapes_skipped_min_max"] == [min(counts), max(counts)]
+
+
+def gang_pick(patterns):
+    return _load("gang_gpu").pick_pattern(patterns)
