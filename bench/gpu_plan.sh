@@ -103,6 +103,10 @@ phase() {
       # caching at CACHE_B and compile alone (the base of the cached rows). Rows in order
       # of need: a phase cut short keeps the first.
       export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1
+      # What the -runner peers import, said up front (their rows fail alone if it breaks).
+      PYTHONPATH=/tmp/site-extras:/tmp/site timeout 120 python3 -c "import torchao, xfuser;
+print('torchao', torchao.__version__)" > $L/extras.log 2>&1
+      echo "peer extras rc=$? $(tail -1 $L/extras.log)"
       timeout -k 10 240 python3 bench/fp8_gemm.py --json $L/fp8_gemm.json > $L/fp8_gemm.log 2>&1
       echo "fp8_gemm rc=$?"; tail -8 $L/fp8_gemm.log
       local a=${CACHE_A:-0.05} b=${CACHE_B:-0.1} f=${FA_T:-0.1}
