@@ -98,6 +98,20 @@ def _add_gang_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ulysses", type=int, default=1, help="Ulysses sequence parallel degree")
     g.add_argument("--ring", type=int, default=1, help="Ring sequence parallel degree")
     g.add_argument(
+        "--ulysses-chunks",
+        type=int,
+        default=1,
+        metavar="C",
+        help="Ulysses alone: exchange q and the attention output in C chunks of each rank's "
+        "heads, each under another chunk's attention (C divides heads / ulysses)",
+    )
+    g.add_argument(
+        "--ulysses-fp8",
+        action="store_true",
+        help="Ulysses alone: q, k, v and the attention output cross the all-to-all in FP8 "
+        "e4m3 with a scale per token and head (GPU; changes the output a little)",
+    )
+    g.add_argument(
         "--collective-timeout",
         type=float,
         default=120.0,
@@ -214,7 +228,18 @@ def _parallel_config(args: argparse.Namespace):
         ring=args.ring,
         patches=args.patches,
         pipefusion_warmup=args.pipefusion_warmup,
+        ulysses_chunks=args.ulysses_chunks,
+        ulysses_fp8=args.ulysses_fp8,
     )
+
+
+def _check_ulysses_fp8(args: argparse.Namespace) -> None:
+    """--ulysses-fp8 on CPU is refused before any process starts (ParallelConfigError)."""
+    if args.ulysses_fp8:
+        from ditmesh.common.models import pick_device
+        from ditmesh.denoiser.parallel.ulysses import check_fp8_exchange
+
+        check_fp8_exchange(pick_device(args.device))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -407,6 +432,7 @@ def _serve(args: argparse.Namespace) -> int:
                     collective_timeout_s=args.collective_timeout,
                     speed=_speedups(args),
                 )
+                _check_ulysses_fp8(args)
             elif args.stage == "vae":
                 gang = dict(parallel=args.parallel, collective_timeout_s=args.collective_timeout)
             elif args.stage == "encoder":
@@ -472,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
                 from ditmesh.denoiser.fp8 import check as check_fp8
 
                 check_fp8(args.device, args.dtype)
+            _check_ulysses_fp8(args)
             if args.fast_attn:
                 from ditmesh.denoiser.fastattn import check_serving
 
@@ -482,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
         gang = [
             f"--{d}={getattr(parallel, d)}" for d in ("dp", "cfg", "pipefusion", "ulysses", "ring")
         ] + [f"--patches={parallel.patches}", f"--pipefusion-warmup={parallel.pipefusion_warmup}"]
+        gang += [f"--ulysses-chunks={parallel.ulysses_chunks}"]
+        gang += ["--ulysses-fp8"] if parallel.ulysses_fp8 else []
         return run_up(
             UpConfig(
                 model=args.model,

@@ -25,8 +25,8 @@ from ditmesh.denoiser.speed import Speedups
 
 from .helpers import REL_TOL, flux_jobs, relative_error, single, spawn_layouts
 
-FP8_TOL = 0.05
-"""Max |fp8 exchange - single| / max |single| on the tiny Flux, 3 steps (measured: ~0.01)."""
+FP8_TOL = 0.01
+"""Max |fp8 exchange - single| / max |single| on the tiny Flux, 3 steps (measured: ~1e-3)."""
 
 HEADS = 8
 
@@ -118,6 +118,24 @@ def test_fp8_exchange_is_refused_on_cpu_without_the_test_variable(monkeypatch):
     U.check_fp8_exchange(torch.device("cpu"))
 
 
+@pytest.mark.parametrize(
+    "argv, sentence",
+    [
+        (["--ulysses-chunks", "2"], "--ulysses-chunks needs --ulysses > 1"),
+        (["--ulysses", "2", "--ring", "2", "--ulysses-fp8"], "applies to Ulysses alone"),
+        (["--ulysses", "2", "--ulysses-fp8", "--device", "cpu"], "--ulysses-fp8 is for GPU"),
+    ],
+)
+@pytest.mark.parametrize("command", ["up", "serve"])
+def test_the_cli_refuses_in_one_line(capsys, monkeypatch, argv, sentence, command):
+    from ditmesh.cli import main
+
+    monkeypatch.delenv(U.CPU_ENV, raising=False)
+    head = ["up"] if command == "up" else ["serve", "denoiser"]
+    assert main([*head, "--model", "/nonexistent", *argv]) == 2
+    assert sentence in capsys.readouterr().err
+
+
 def test_the_config_describes_the_options():
     assert ParallelConfig(ulysses=4, ulysses_chunks=2, ulysses_fp8=True).describe() == (
         "ulysses4 (chunks2) (fp8 exchange)"
@@ -177,17 +195,26 @@ def test_chunked_exchange_on_four_ranks(flux8, jobs, reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_chunked_exchange_compiles_into_the_blocks(flux8, jobs, reference, tmp_path):
+def test_chunked_and_fp8_exchanges_compile_into_the_blocks(
+    flux8, jobs, reference, tmp_path, monkeypatch
+):
     # Under --compile the chunks' collectives are traced into the blocks' graphs like
-    # HeadExchange's (functional collectives, no graph break), waits at first use.
+    # HeadExchange's (functional collectives, no graph break), waits at first use; the
+    # FP8 packing (bit casts between float32, e4m3 and bytes) is traced with them.
+    monkeypatch.setenv(U.CPU_ENV, "1")
     results = spawn_layouts(
         flux8,
         jobs[:2],
         2,
         tmp_path,
-        layouts={"u2c2": dict(ulysses=2, ulysses_chunks=2)},
+        layouts={
+            "u2c2": dict(ulysses=2, ulysses_chunks=2),
+            "u2c2fp8": dict(ulysses=2, ulysses_chunks=2, ulysses_fp8=True),
+        },
         speed=Speedups(compile=True),
     )
     _check_exact(results, reference[:2], ("u2c2",))
+    for got, want in zip(results["u2c2fp8"], reference[:2], strict=True):
+        assert relative_error(got, want) <= FP8_TOL
     breaks = torch.load(tmp_path / "world2.pt.graph_breaks")
     assert breaks == {"graph_break": {}, "unimplemented": {}}, breaks

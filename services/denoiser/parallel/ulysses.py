@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
-from ditmesh.denoiser.parallel.mesh import Group
+from ditmesh.denoiser.parallel.mesh import Group, ParallelConfigError
 
 
 def seq_to_heads(x: torch.Tensor, group: Group) -> torch.Tensor:
@@ -117,11 +117,11 @@ CPU_ENV = "DITMESH_FP8_CPU"
 """Set to 1 to allow --ulysses-fp8 on CPU (gloo gangs in tests); fp8.py's variable too."""
 
 
-def check_fp8_exchange(device: torch.device) -> None:
+def check_fp8_exchange(device: torch.device | str) -> None:
     """Refuses the FP8 exchange on CPU unless CPU_ENV is set: there it is an emulation for
     tests, never faster. Any CUDA GPU casts to e4m3 (no FP8 GEMM is involved)."""
-    if device.type == "cpu" and os.environ.get(CPU_ENV) != "1":
-        raise ValueError(
+    if torch.device(device).type == "cpu" and os.environ.get(CPU_ENV) != "1":
+        raise ParallelConfigError(
             f"--ulysses-fp8 is for GPU gangs (NCCL); on CPU it is an emulation for tests "
             f"only (set {CPU_ENV}=1)"
         )
