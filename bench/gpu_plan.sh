@@ -27,6 +27,9 @@ P=/tmp/plan; L=/tmp/logs
 #   speed2048 issue 20 at 2048x2048, one timed request a row, xfuser compiled, ~9 min
 #   speed2048x what speed2048 leaves out (caching at CACHE_B, compile alone, diffusers)
 #   speed    speed1024 then speed2048 (on a 1-GPU machine)
+#   ulysses4 issue 21 on 4 GPUs: the Ulysses exchange in chunks / in FP8, u2r2 compiled,
+#            xfuser's PipeFusion 4 (bf16 buffers) and --use_fp8_comms peers, ~17 min
+#   ulysses2g the same on a 2-GPU machine, ~9 min
 # and for a 2-GPU machine:
 #   pf2g     PipeFusion-2 (eager) against one GPU and xfuser's PipeFusion-2, 1024x1024
 #   vae2g    the VAE decode at M = 1, 2 from 4096 to 8192 (the largest size each M reaches)
@@ -128,8 +131,46 @@ print('torchao', torchao.__version__)" > $L/extras.log 2>&1
       SIZES=2048 LIMIT=300 PEER_LIMIT=300 REPEATS=1 PEERS="diffusers ${SPEED_PEERS:-}" \
         LAYOUTS="single+compile+shapescache${CACHE_B:-0.1} single+compile" bash bench/gpu_session.sh ;;
     speed) phase speed1024; phase speed2048 ;;
+    ulysses4)
+      # Issue 21, 4 GPUs, 1024x1024, against u4+compile+graphs (the 1.44 s row), each with a
+      # profile: the Ulysses exchange hidden under the attention (+chunksC: Flux's 24 heads
+      # are 6 a rank at u4, so 2 or 3 chunks; 12 at u2), the exchange in FP8 (+fp8comm,
+      # approximate: see rel_l2_vs_single), both, USP u2r2 compiled, u2 with and without
+      # chunks; one GPU eager first (the reference of the latent errors). Peers: xfuser
+      # compiled u4, and bench/peer_xfuser.py's PipeFusion 4 with bf16 pipeline buffers and
+      # compiled u4 with --use_fp8_comms. ~17 min.
+      SIZES=1024 PROFILE=1 PEER_LIMIT=240 LAYOUTS="single u4+compile+graphs \
+        u4+compile+graphs+chunks2 u4+compile+graphs+chunks3 u4+compile+graphs+fp8comm \
+        u4+compile+graphs+chunks2+fp8comm u2r2+compile+graphs u2+compile+graphs \
+        u2+compile+graphs+chunks2" PEERS="xfuser-u4-compile" bash bench/gpu_session.sh
+      xpeers 1024 "xfuser-pf4-bf16:4:--pipefusion_parallel_degree 4" \
+        "xfuser-u4-compile-fp8comms:4:--ulysses_degree 4 --use_torch_compile --use_fp8_comms" ;;
+    ulysses2g)
+      # The same on a 2-GPU machine (Ulysses 2: 12 heads a rank), ~9 min.
+      SIZES=1024 PROFILE=1 PEER_LIMIT=240 LAYOUTS="single u2+compile+graphs \
+        u2+compile+graphs+chunks2 u2+compile+graphs+chunks4 u2+compile+graphs+fp8comm \
+        u2+compile+graphs+chunks2+fp8comm" PEERS="" bash bench/gpu_session.sh
+      xpeers 1024 "xfuser-pf2-bf16:2:--pipefusion_parallel_degree 2" ;;
     *) echo "unknown phase $1" ;;
   esac
+}
+
+# bench/peer_xfuser.py rows (issue 21), "label:GPUs:xfuser flags" each, appended to
+# peers.jsonl as gpu_session.sh appends its peers' (it runs first and makes the model).
+xpeers() {
+  local H=$1 spec label n flags rc; shift
+  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+  for spec in "$@"; do
+    IFS=: read -r label n flags <<< "$spec"
+    PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 timeout -k 10 ${PEER_LIMIT:-300} torchrun \
+      --nproc_per_node $n bench/peer_xfuser.py --model /tmp/flux-full --height $H --width $H \
+      --num_inference_steps 28 $flags > $L/xpeer.log 2>&1
+    rc=$?; cat $L/xpeer.log >> $L/peers.log
+    if grep -q "^RESULT" $L/xpeer.log; then
+      grep "^RESULT" $L/xpeer.log | tail -1 | sed "s/^RESULT {/{\"label\": \"$label\", /" >> $L/peers.jsonl
+      tail -1 $L/peers.jsonl
+    else echo "$label rc=$rc"; tail -15 $L/xpeer.log; fi
+  done
 }
 
 phases() {
