@@ -20,7 +20,7 @@ Issue 20's approximate speed-ups (refused with `+graphs`, as the service refuses
   pattern); the row says which, and the mean fraction. Measured once per (T, steps),
   kept in `--out`.
 - `+shapesfaT`: DiTFastAttn with the plan calibrated on the shapes model at threshold T
-  (tools/fastattn_quality.py's recipe: 4 training captions, float32, 128 px, window
+  (tools/fastattn_quality.py's recipe: 4 training captions, CPU, float32, 128 px, window
   0.125) and mapped onto this model: each double block's attention takes the method of
   the shapes double block at the same relative depth, each single block likewise, step
   by step (same step count, same window fraction of the image tokens). Kept in `--out`.
@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import math
 import os
@@ -219,6 +220,17 @@ def _shapes_jobs(model, device, prompts: list[str], seeds: list[int], steps: int
     ]
 
 
+@contextlib.contextmanager
+def one_thread():
+    """The tiny shapes model on a CPU: one thread (many only wait on each other)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def pick_pattern(patterns: list[list[bool]]) -> list[bool]:
     """A pattern whose count of skipped steps is the median over the prompts (the upper
     median), the most common such pattern (ties: the first seen)."""
@@ -242,14 +254,15 @@ def shapes_skip_pattern(shapes_dir, device, threshold: float, steps: int, prompt
     held_out = list(HELD_OUT[:prompts])
     t = time.perf_counter()
     seeds = [1000 + i for i in range(len(held_out))]
-    jobs = _shapes_jobs(model, device, held_out, seeds, steps, threshold)
-    runner = LocalRunner(model, device, "float32")
-    patterns = []
-    for job in jobs:
-        seen: list[int] = []
-        # The loop sets job.cached_steps (skipped so far) before each step's callback.
-        runner.run(job, on_step=lambda i, n, job=job, seen=seen: seen.append(job.cached_steps))
-        patterns.append([b > a for a, b in zip([0, *seen], seen, strict=False)])
+    with one_thread() if device == "cpu" else contextlib.nullcontext():
+        jobs = _shapes_jobs(model, device, held_out, seeds, steps, threshold)
+        runner = LocalRunner(model, device, "float32")
+        patterns = []
+        for job in jobs:
+            seen: list[int] = []
+            # The loop sets job.cached_steps (skipped so far) before each step's callback.
+            runner.run(job, on_step=lambda i, n, job=job, seen=seen: seen.append(job.cached_steps))
+            patterns.append([b > a for a, b in zip([0, *seen], seen, strict=False)])
     pattern = pick_pattern(patterns)
     skip = tuple(i for i, skipped in enumerate(pattern) if skipped)
     counts = [sum(p) for p in patterns]
@@ -298,9 +311,10 @@ def map_plan(plan, config: dict):
     )
 
 
-def shapes_fastattn_plan(shapes_dir, device, threshold: float, steps: int, model_dir, out: str):
+def shapes_fastattn_plan(shapes_dir, threshold: float, steps: int, model_dir, out: str):
     """(plan path for `model_dir`, notes): calibrated on the shapes model as
-    tools/fastattn_quality.py calibrates, then mapped; both plans kept in `out`."""
+    tools/fastattn_quality.py calibrates (CPU, float32: the plan its yardstick rows
+    score; seconds on one thread), then mapped; both plans kept in `out`."""
     import random
 
     from diffusers import FluxTransformer2DModel
@@ -324,15 +338,16 @@ def shapes_fastattn_plan(shapes_dir, device, threshold: float, steps: int, model
         model = resolve_model(shapes_dir)
         rng = random.Random(12345)
         prompts = [caption(training_scene(rng)) for _ in range(4)]
-        jobs = _shapes_jobs(model, device, prompts, [500 + i for i in range(4)], steps, 0.0)
-        adapter = load_adapter(model, torch.device(device), "float32")
-        plan = calibrate(adapter, jobs, threshold, 0.125, prompts)
+        with one_thread():
+            jobs = _shapes_jobs(model, "cpu", prompts, [500 + i for i in range(4)], steps, 0.0)
+            adapter = load_adapter(model, torch.device("cpu"), "float32")
+            plan = calibrate(adapter, jobs, threshold, 0.125, prompts)
         plan.save(src_path)
     mapped = map_plan(plan, config)
     mapped.save(path)
     share = {m: round(mapped.count(m) / (mapped.steps * len(mapped.layers)), 3) for m in METHODS}
     notes = dict(
-        fastattn_source=f"{shapes_dir} calibrated at threshold {threshold} ({device}, float32), "
+        fastattn_source=f"{shapes_dir} calibrated at threshold {threshold} (cpu, float32), "
         "mapped by depth",
         fastattn_shapes_methods={m: plan.count(m) for m in METHODS},
         fastattn_methods_share=share,
@@ -342,10 +357,10 @@ def shapes_fastattn_plan(shapes_dir, device, threshold: float, steps: int, model
 
 
 def shapes_device(args) -> str:
-    """Where the shapes model runs (float32): the bench's device unless --shapes-device. A
-    GPU takes seconds where a CPU takes minutes; the decisions are the CPU's (bench/quality.py,
-    tools/fastattn_quality.py) unless a relative error lands within float32 rounding of the
-    threshold."""
+    """Where the shapes model's skip patterns are measured (float32): the bench's device
+    unless --shapes-device. On a GPU 50 prompts take seconds, on one CPU thread about a
+    minute; the decisions are the CPU's (bench/quality.py) unless a probe's relative
+    change lands within float32 rounding of the threshold."""
     return args.shapes_device or args.device
 
 
@@ -369,7 +384,6 @@ def resolve(layout: Layout, args) -> Speedups:
     if layout.shapes_fastattn is not None:
         path, notes = shapes_fastattn_plan(
             args.shapes,
-            shapes_device(args),
             layout.shapes_fastattn,
             args.steps,
             args.model,
@@ -444,7 +458,7 @@ def main() -> None:
         "--shapes-prompts", type=int, default=50, help="held-out prompts (+shapescache)"
     )
     ap.add_argument("--fast-attn-plan", default="", help="a DiTFastAttn plan (+fastattn)")
-    ap.add_argument("--shapes-device", default="", help="default: --device")
+    ap.add_argument("--shapes-device", default="", help="skip patterns; default: --device")
     args = ap.parse_args()
     layouts = [parse_layout(name) for name in args.layouts.split(",")]  # all checked first
     cuda = args.device == "cuda"
