@@ -103,8 +103,9 @@ phase() {
       # does not compose with caching); the peers: xfuser compiled, diffusers, xfuser
       # compiled + fbcache, + FP8 (each applied as xfuser's model runner applies them: its
       # FluxPipeline path ignores both flags, see .peers/bench_xfuser_as_runner.py); last
-      # caching at CACHE_B and compile alone (the base of the cached rows). Rows in order
-      # of need: a phase cut short keeps the first.
+      # caching at CACHE_B, compile alone (the base of the cached rows) and caching at
+      # CACHE_A decided by the probe (on random weights: no step skipped, the probe's
+      # cost alone). Rows in order of need: a phase cut short keeps the first.
       export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1
       # What the -runner peers import, said up front (their rows fail alone if it breaks).
       PYTHONPATH=/tmp/site-extras:/tmp/site timeout 120 python3 -c "import torchao, xfuser;
@@ -117,8 +118,8 @@ print('torchao', torchao.__version__)" > $L/extras.log 2>&1
         single+compile+graphs+fp8 single+compile+fp8+shapescache$a single+compile+shapescache$a \
         single+compile+shapesfa$f" PEERS="xfuser-u1-compile diffusers \
         xfuser-u1-compile-fbcache-runner xfuser-u1-compile-fp8-runner" bash bench/gpu_session.sh
-      SIZES=1024 LIMIT=240 LAYOUTS="single+compile+shapescache$b single+compile" \
-        PEERS="${SPEED_PEERS:-}" bash bench/gpu_session.sh ;;
+      SIZES=1024 LIMIT=240 LAYOUTS="single+compile+shapescache$b single+compile \
+        single+compile+cache$a" PEERS="${SPEED_PEERS:-}" bash bench/gpu_session.sh ;;
     speed2048)
       # The same at 2048x2048 (one timed request a row, the shapes measurements of
       # speed1024 reused when it ran first); the one peer to beat, xfuser compiled.
