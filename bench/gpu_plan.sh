@@ -23,7 +23,7 @@ P=/tmp/plan; L=/tmp/logs
 #   overlap  --comm-overlap reorder / schedule against plain compile + graphs (2 and 4 GPUs)
 #   mesh     whole-mesh throughput on 4 GPUs (text encoders added to the random Flux):
 #            stages split across the GPUs vs 4 whole-pipeline replicas vs one u4 gang
-#   speed1024 issue 20 on ONE GPU at 1024x1024 (see the phase below), ~16 min (estimate)
+#   speed1024 issue 20 on ONE GPU at 1024x1024 (see the phase below), ~17 min (estimate)
 #   speed2048 issue 20 at 2048x2048, one timed request a row, xfuser compiled, ~9 min
 #   speed2048x what speed2048 leaves out (caching at CACHE_B, compile alone, diffusers)
 #   speed    speed1024 then speed2048 (on a 1-GPU machine)
