@@ -6,6 +6,10 @@ optional speedups (PipeFusion runs eager only so far):
 graphs), `+fuse` (fused q/k/v), `+cudnn` / `+flash` (attention kernel first tried),
 `+reorder` / `+schedule` (with compile: inductor's compute/communication overlap),
 `+fp8` (the blocks' GEMMs in FP8, services/denoiser/fp8.py), e.g. `u2+compile+graphs`.
+Issue 21's Ulysses exchange options (ParallelConfig fields; `exchange_option`): `+chunksC`
+(--ulysses-chunks C: q and the attention output cross in C chunks of each rank's heads,
+each under another chunk's attention), `+fp8comm` (--ulysses-fp8: the exchange in FP8,
+approximate; on CPU with DITMESH_FP8_CPU=1), e.g. `u4+compile+graphs+chunks2+fp8comm`.
 
 Issue 20's approximate speed-ups (refused with `+graphs`, as the service refuses them):
 - `+cacheT` (e.g. `+cache0.1`): step caching at threshold T, decided by the probe. On
@@ -44,6 +48,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -57,7 +62,7 @@ from ditmesh.common.models import resolve_model
 from ditmesh.denoiser import step_cache
 from ditmesh.denoiser.gang import GangRunner
 from ditmesh.denoiser.job import DenoiseJob
-from ditmesh.denoiser.parallel.mesh import ParallelConfig
+from ditmesh.denoiser.parallel.mesh import ParallelConfig, ParallelConfigError
 from ditmesh.denoiser.runner import LocalRunner
 from ditmesh.denoiser.speed import Speedups
 
@@ -145,6 +150,17 @@ class Layout:
     """What the row reports about where its pattern or plan came from."""
 
 
+def exchange_option(opt: str) -> dict | None:
+    """Issue 21's options of the Ulysses exchange as ParallelConfig fields (`+chunksC`,
+    `+fp8comm`), or None where `opt` is not one of them. Checked against the base layout
+    (Ulysses alone) at once; against the model's heads when the gang starts."""
+    if m := re.fullmatch(r"chunks(\d+)", opt):
+        return dict(ulysses_chunks=int(m.group(1)))
+    if opt == "fp8comm":
+        return dict(ulysses_fp8=True)
+    return None
+
+
 def parse_layout(name: str) -> Layout:
     """`u2+compile+graphs` -> ulysses 2, compile and CUDA graphs; `single+compile+skip3_5`."""
     base, *opts = name.split("+")
@@ -166,10 +182,15 @@ def parse_layout(name: str) -> Layout:
             layout.shapes_fastattn = float(m.group(1))
         elif opt == "fastattn":
             layout.fastattn_file = True
+        elif (exchange := exchange_option(opt)) is not None:
+            try:
+                layout.parallel = dataclasses.replace(layout.parallel, **exchange)
+            except ParallelConfigError as exc:
+                raise SystemExit(f"{name}: {exc}") from None
         else:
             raise SystemExit(
                 f"{name}: unknown option {opt!r}; known: {', '.join(OPTIONS)}, cacheT, "
-                "skipI_J, shapescacheT, shapesfaT, fastattn"
+                "skipI_J, shapescacheT, shapesfaT, fastattn, chunksC, fp8comm"
             )
     cached = caches > 0
     fast = layout.shapes_fastattn is not None or layout.fastattn_file
