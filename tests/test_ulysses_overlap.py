@@ -218,3 +218,57 @@ def test_chunked_and_fp8_exchanges_compile_into_the_blocks(
         assert relative_error(got, want) <= FP8_TOL
     breaks = torch.load(tmp_path / "world2.pt.graph_breaks")
     assert breaks == {"graph_break": {}, "unimplemented": {}}, breaks
+
+
+# ------------------------------------------------------------ bench/gang_gpu.py's layouts
+
+
+def _gang_gpu():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "gang_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_gang_gpu_exchange", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_bench_layouts_parse_and_refuse():
+    gang = _gang_gpu()
+    layout = gang.parse_layout("u4+compile+graphs+chunks2+fp8comm")
+    assert (layout.parallel.ulysses, layout.parallel.ulysses_chunks) == (4, 2)
+    assert layout.parallel.ulysses_fp8
+    assert layout.speed == dict(compile=True, cuda_graphs=True)
+    assert gang.parse_layout("u2+chunks3").parallel.ulysses_chunks == 3
+    for name, words in [
+        ("single+chunks2", "needs --ulysses > 1"),
+        ("u2r2+compile+fp8comm", "Ulysses alone"),
+        ("pf2u2+chunks2", "Ulysses alone"),
+        ("u2+chunks", "unknown option"),
+    ]:
+        with pytest.raises(SystemExit, match=words):
+            gang.parse_layout(name)
+
+
+@pytest.mark.slow
+def test_the_bench_runs_the_layouts_on_cpu(tiny_flux, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    layouts = "single,u2,u2+chunks2,u2+fp8comm"
+    cmd = [sys.executable, str(root / "bench" / "gang_gpu.py"), "--model", str(tiny_flux)]
+    cmd += ["--device", "cpu", "--dtype", "float32", "--height", "64", "--steps", "4"]
+    cmd += ["--repeats", "1", "--no-decode", "--out", str(tmp_path), "--layouts", layouts]
+    env = dict(os.environ, OMP_NUM_THREADS="1", **{U.CPU_ENV: "1"})
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=900, env=env)
+    rows = [json.loads(x) for x in (tmp_path / "ours.jsonl").read_text().splitlines()]
+    assert [r["layout"] for r in rows] == layouts.split(",")
+    assert rows[1]["rel_l2_vs_single"] <= REL_TOL and rows[2]["rel_l2_vs_single"] <= REL_TOL
+    assert REL_TOL < rows[3]["rel_l2_vs_single"] <= FP8_TOL
