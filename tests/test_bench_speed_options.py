@@ -200,3 +200,24 @@ def test_the_options_run_on_a_tiny_flux_on_cpu(tiny_flux, tmp_path):
 
 def gang_pick(patterns):
     return _load("gang_gpu").pick_pattern(patterns)
+
+
+def test_a_mapped_plan_names_the_layers_a_flux_transformer_has(gang):
+    from diffusers import FluxTransformer2DModel
+
+    from ditmesh.denoiser.fastattn_plan import FastAttnPlan, attention_layers
+
+    config = dict(
+        num_layers=3,
+        num_single_layers=5,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        pooled_projection_dim=16,
+        axes_dims_rope=(2, 2, 4),
+    )
+    model = FluxTransformer2DModel(**config)
+    layers = ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"]
+    plan = FastAttnPlan(steps=1, layers=layers, window=0.5, methods=[["full", "full"]])
+    mapped = gang.map_plan(plan, config)
+    mapped.check_layers(attention_layers(model))  # raises where the names differ
