@@ -113,7 +113,7 @@ print('torchao', torchao.__version__)" > $L/extras.log 2>&1
       echo "peer extras rc=$? $(tail -1 $L/extras.log)"
       timeout -k 10 240 python3 bench/fp8_gemm.py --json $L/fp8_gemm.json > $L/fp8_gemm.log 2>&1
       echo "fp8_gemm rc=$?"; tail -8 $L/fp8_gemm.log
-      local a=${CACHE_A:-0.05} b=${CACHE_B:-0.1} f=${FA_T:-0.1}
+      local a=${CACHE_A:-0.1} b=${CACHE_B:-0.2} f=${FA_T:-0.1}
       SIZES=1024 LIMIT=240 PEER_LIMIT=240 LAYOUTS="single single+compile+graphs \
         single+compile+graphs+fp8 single+compile+fp8+shapescache$a single+compile+shapescache$a \
         single+compile+shapesfa$f" PEERS="xfuser-u1-compile diffusers \
@@ -123,14 +123,14 @@ print('torchao', torchao.__version__)" > $L/extras.log 2>&1
     speed2048)
       # The same at 2048x2048 (one timed request a row, the shapes measurements of
       # speed1024 reused when it ran first); the one peer to beat, xfuser compiled.
-      local a=${CACHE_A:-0.05} f=${FA_T:-0.1}
+      local a=${CACHE_A:-0.1} f=${FA_T:-0.1}
       SIZES=2048 LIMIT=300 PEER_LIMIT=300 REPEATS=1 LAYOUTS="single single+compile+graphs \
         single+compile+graphs+fp8 single+compile+fp8+shapescache$a single+compile+shapesfa$f \
         single+compile+shapescache$a" PEERS="xfuser-u1-compile" bash bench/gpu_session.sh ;;
     speed2048x)
       # What speed2048 leaves out: caching at CACHE_B, compile alone, plain diffusers.
       SIZES=2048 LIMIT=300 PEER_LIMIT=300 REPEATS=1 PEERS="diffusers ${SPEED_PEERS:-}" \
-        LAYOUTS="single+compile+shapescache${CACHE_B:-0.1} single+compile" bash bench/gpu_session.sh ;;
+        LAYOUTS="single+compile+shapescache${CACHE_B:-0.2} single+compile" bash bench/gpu_session.sh ;;
     speed) phase speed1024; phase speed2048 ;;
     ulysses4)
       # Issue 21, 4 GPUs, 1024x1024, against u4+compile+graphs (the 1.44 s row), each with a
