@@ -41,6 +41,13 @@ Conditioning is random tensors of the real shapes (T5 512 x 4096, CLIP pooled
 768), like the peer scripts. Prints `RESULT {json}` per layout and a table.
 
     python bench/gang_gpu.py --model DIR --layouts single,u2,r2 --height 1024 --steps 28
+    python bench/gang_gpu.py --model DIR --layouts single,single+compile+fp8+shapescache0.1
+    OMP_NUM_THREADS=1 python bench/gang_gpu.py --model TINY --device cpu --dtype float32 \
+        --height 64 --layouts single,single+shapesfa0.1    # a smoke run of the options
+
+The warm-up request is 3 steps (with the row's cache threshold and forced steps); with a
+DiTFastAttn plan it is a whole request (a plan runs only at its own step count), so no
+compile of its kernels lands in a timed one.
 """
 
 from __future__ import annotations
