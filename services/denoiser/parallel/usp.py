@@ -394,11 +394,15 @@ class ChunkedHeadExchange(HeadExchange):
             out = attention(qh, kh[:, heads], vh[:, heads]).transpose(1, 2)  # [B, S, hc, D]
             backs.append(self._send_back(out))
             text_parts.append(out[:, :lt])
-        # Source j, chunk c holds heads j*h + c*hc ... of this rank's rows.
-        back = torch.stack([t.result().view(u, b, self.block, -1, d) for t in backs], dim=3)
-        parts = [back.permute(1, 2, 0, 3, 4, 5).reshape(b, self.block, self.heads, d)]
-        if lt:
-            mine = torch.cat(text_parts, dim=2)  # [B, lt, h, D]: this rank's heads in order
-            text_heads = U.gather_dim0(mine, ug).view(u, b, lt, self.h, d)
-            parts.insert(0, text_heads.permute(1, 2, 0, 3, 4).reshape(b, lt, self.heads, d))
-        return torch.cat(parts, dim=1)
+        # Source j, chunk c holds heads j*h + c*hc ... of this rank's rows: one copy puts
+        # them in head order, [B, block, u, C, hc, D].
+        img = torch.stack(
+            [t.result().view(u, b, self.block, -1, d).permute(1, 2, 0, 3, 4) for t in backs],
+            dim=3,
+        ).view(b, self.block, self.heads, d)
+        if not lt:
+            return img
+        mine = torch.cat(text_parts, dim=2)  # [B, lt, h, D]: this rank's heads in order
+        text_heads = U.gather_dim0(mine, ug).view(u, b, lt, self.h, d)
+        text = text_heads.permute(1, 2, 0, 3, 4).reshape(b, lt, self.heads, d)
+        return torch.cat([text, img], dim=1)
