@@ -434,6 +434,40 @@ def resolve(layout: Layout, args) -> Speedups:
     return Speedups(**layout.speed)
 
 
+def _union(intervals) -> list[list[float]]:
+    merged: list[list[float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return merged
+
+
+def nccl_alone_s(kernels) -> float:
+    """Seconds in which an NCCL kernel ran on this GPU and no other kernel did (issue 21):
+    the part of the exchange compute did not hide, where `nccl_s` counts NCCL kernels
+    whole, hidden or not. Profiler events, times in microseconds."""
+
+    def spans(want_nccl: bool):
+        return _union(
+            (e.time_range.start, e.time_range.end)
+            for e in kernels
+            if ("nccl" in e.name.lower()) == want_nccl
+        )
+
+    other, alone, j = spans(False), 0.0, 0
+    for start, end in spans(True):
+        alone += end - start
+        while j < len(other) and other[j][1] <= start:
+            j += 1
+        k = j
+        while k < len(other) and other[k][0] < end:
+            alone -= min(end, other[k][1]) - max(start, other[k][0])
+            k += 1
+    return alone / 1e6
+
+
 def profile(runner, job: DenoiseJob, path: str) -> dict:
     """One request under torch.profiler (rank 0): kernel table and how busy the GPU was."""
     from torch.profiler import ProfilerActivity
@@ -454,9 +488,11 @@ def profile(runner, job: DenoiseJob, path: str) -> dict:
         span = (
             max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)
         ) / 1e6
+    alone = nccl_alone_s(kernels)
     with open(path, "w") as f:
         f.write(
-            f"wall {wall:.3f} s, GPU span {span:.3f} s, kernel time {busy:.3f} s (nccl {nccl:.3f} s)\n"
+            f"wall {wall:.3f} s, GPU span {span:.3f} s, kernel time {busy:.3f} s (nccl {nccl:.3f} s"
+            f", of which {alone:.3f} s with no other kernel running)\n"
         )
         f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
     return dict(
@@ -464,6 +500,7 @@ def profile(runner, job: DenoiseJob, path: str) -> dict:
         gpu_span_s=round(span, 3),
         kernel_s=round(busy, 3),
         nccl_s=round(nccl, 3),
+        nccl_alone_s=round(alone, 3),
     )
 
 

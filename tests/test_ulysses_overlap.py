@@ -272,3 +272,22 @@ def test_the_bench_runs_the_layouts_on_cpu(tiny_flux, tmp_path):
     assert [r["layout"] for r in rows] == layouts.split(",")
     assert rows[1]["rel_l2_vs_single"] <= REL_TOL and rows[2]["rel_l2_vs_single"] <= REL_TOL
     assert REL_TOL < rows[3]["rel_l2_vs_single"] <= FP8_TOL
+
+
+def test_the_profile_counts_nccl_time_no_compute_hid():
+    from types import SimpleNamespace
+
+    def kernel(name, start, end):
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end))
+
+    kernels = [
+        kernel("ncclDevKernel_SendRecv", 0, 100),  # 0-10 alone, 10-60 under gemm, 60-100 alone
+        kernel("gemm", 10, 40),
+        kernel("flash_fwd", 30, 60),
+        kernel("ncclDevKernel_SendRecv", 90, 130),  # overlaps the first: 100-130 alone
+        kernel("ncclKernel_AllGather", 200, 250),  # 200-220 alone, 220-250 under elementwise
+        kernel("elementwise", 220, 300),
+        kernel("gemm", 400, 500),  # no NCCL here
+    ]
+    assert _gang_gpu().nccl_alone_s(kernels) == pytest.approx((10 + 40 + 30 + 20) / 1e6)
+    assert _gang_gpu().nccl_alone_s([kernel("gemm", 0, 5)]) == 0
