@@ -291,3 +291,11 @@ def test_the_profile_counts_nccl_time_no_compute_hid():
     ]
     assert _gang_gpu().nccl_alone_s(kernels) == pytest.approx((10 + 40 + 30 + 20) / 1e6)
     assert _gang_gpu().nccl_alone_s([kernel("gemm", 0, 5)]) == 0
+
+
+def test_a_gang_refuses_chunks_its_model_cannot_split_before_starting(tiny_flux):
+    from ditmesh.denoiser.gang import GangRunner
+
+    # make_tiny's Flux: 4 heads, 2 a rank under Ulysses 2.
+    with pytest.raises(ParallelConfigError, match="does not divide the 2 heads"):
+        GangRunner.of(tiny_flux, ParallelConfig(ulysses=2, ulysses_chunks=4), device="cpu")
