@@ -299,3 +299,26 @@ def test_a_gang_refuses_chunks_its_model_cannot_split_before_starting(tiny_flux)
     # make_tiny's Flux: 4 heads, 2 a rank under Ulysses 2.
     with pytest.raises(ParallelConfigError, match="does not divide the 2 heads"):
         GangRunner.of(tiny_flux, ParallelConfig(ulysses=2, ulysses_chunks=4), device="cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sd3", "pixart-sigma"])
+def test_other_families_take_the_chunked_exchange(family, tmp_path, monkeypatch):
+    # SD3: joint attention through JointParallelProcessor (image tokens first); PixArt:
+    # self-attention with no text in the exchange (and cross-attention left local).
+    from ditmesh.tiny import make_tiny
+
+    from .helpers import pixart_jobs, sd3_jobs
+
+    monkeypatch.setenv(U.CPU_ENV, "1")
+    model = str(make_tiny(family, tmp_path / "model"))
+    jobs = (sd3_jobs if family == "sd3" else pixart_jobs)(model)[:2]
+    reference = single(model, jobs)
+    layouts = {
+        "u2c2": dict(ulysses=2, ulysses_chunks=2),
+        "u2c2fp8": dict(ulysses=2, ulysses_chunks=2, ulysses_fp8=True),
+    }
+    results = spawn_layouts(model, jobs, 2, tmp_path, layouts=layouts)
+    _check_exact(results, reference, ("u2c2",))
+    for got, want in zip(results["u2c2fp8"], reference, strict=True):
+        assert relative_error(got, want) <= FP8_TOL
