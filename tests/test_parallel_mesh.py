@@ -36,7 +36,7 @@ def test_every_rank_is_in_exactly_one_group_of_each_kind():
         (dict(ulysses=3), 3, 4, r"--ulysses 3 does not divide the model's 4 attention heads"),
         (dict(cfg=3), 3, 4, r"--cfg must be 1 or 2"),
         (dict(pipefusion=2, ring=2), 4, 4, r"--pipefusion does not combine with --ring"),
-        (dict(pipefusion=2, pipefusion_warmup=0), 2, 4, r"--pipefusion-warmup must be at least 1"),
+        (dict(pipefusion=2, pipefusion_warmup=-1), 2, 4, r"--pipefusion-warmup must be 0 or more"),
         (dict(pipefusion=2, patches=-1), 2, 4, r"--patches must be 0"),
         (dict(ring=0), 1, 4, r"--ring must be a positive integer"),
     ],
