@@ -99,6 +99,7 @@ def test_a_host_read_in_the_loop_is_caught(tiny_flux, monkeypatch):
 
 def _gang_rank(rank: int, port: int, model_dir: str, out_dir: str) -> None:
     torch.set_num_threads(1)
+    os.environ["DITMESH_FP8_CPU"] = "1"  # the u2fp8 layout's exchange, emulated
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
@@ -130,7 +131,13 @@ def _gang_rank(rank: int, port: int, model_dir: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-GANG_LAYOUTS = {"u2": dict(ulysses=2), "r2": dict(ring=2), "cfg2": dict(cfg=2)}
+GANG_LAYOUTS = {
+    "u2": dict(ulysses=2),
+    "r2": dict(ring=2),
+    "cfg2": dict(cfg=2),
+    "u2c2": dict(ulysses=2, ulysses_chunks=2),
+    "u2fp8": dict(ulysses=2, ulysses_fp8=True),  # DITMESH_FP8_CPU=1 in the ranks
+}
 
 
 @pytest.mark.slow

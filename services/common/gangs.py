@@ -116,6 +116,10 @@ class GangLaunch:
         device = rank_device(self.device, local_rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        else:
+            # N ranks on one CPU would otherwise each start a thread per core and wait on
+            # each other (3-40x slower on two cores with two ranks).
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world))
         dist.init_process_group(
             "nccl" if device.type == "cuda" else "gloo",
             # Under torchrun its agent already serves the rendezvous store at MASTER_PORT.

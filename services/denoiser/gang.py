@@ -45,6 +45,7 @@ from ditmesh.denoiser.parallel.mesh import (
 from ditmesh.denoiser.parallel.pipefusion import attach_pipefusion
 from ditmesh.denoiser.parallel.pipefusion import check_speed as check_pipefusion_speed
 from ditmesh.denoiser.parallel.sequence import attach
+from ditmesh.denoiser.parallel.ulysses import check_fp8_exchange
 from ditmesh.denoiser.runner import load_adapter, warm_up, warmup_job, warmup_sizes
 from ditmesh.denoiser.sampler import sample
 from ditmesh.denoiser.speed import EAGER, Speedups, check_comm_overlap
@@ -188,6 +189,8 @@ class GangRunner(GangLeader):
             check_comm_overlap(speed.comm_overlap)
         if speed.fp8:  # each rank converts its own blocks; refused here before any starts
             check_fp8(spec.launch.device, spec.launch.dtype)
+        if parallel.ulysses_fp8:
+            check_fp8_exchange(spec.launch.device)
         sizes = warmup_sizes(model, speed)
         self.parallel = parallel
         world = parallel.world_size

@@ -121,6 +121,8 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
         self.runner = runner
         self.on_fatal = on_fatal
         self.speedups = speed.reported()
+        if isinstance(runner, GangRunner) and runner.parallel.ulysses_fp8:
+            self.speedups.append("ulysses-fp8")  # the exchange in FP8 changes the pixels
 
     def Denoise(self, request_iterator, context: grpc.ServicerContext):
         job = read_job(request_iterator, self.runner)

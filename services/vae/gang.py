@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,7 +42,7 @@ from ditmesh.common.gangs import (
     follow_leader,
     leave_process_group,
 )
-from ditmesh.common.models import ModelRef, pick_device, pick_dtype, resolve_model
+from ditmesh.common.models import ModelRef, pick_dtype, resolve_model
 from ditmesh.vae.decoder import VaeDecoder, to_uint8
 
 log = logging.getLogger(__name__)
@@ -104,10 +103,7 @@ def parallel_copy(vae: torch.nn.Module, group: dist.ProcessGroup | None = None) 
 
 def init_gang(spec: VaeGangSpec, rank: int) -> torch.device:
     """Joins the default process group (NCCL on GPU, gloo on CPU); returns this rank's device."""
-    if pick_device(spec.launch.device).type != "cuda":
-        # M ranks on one CPU would otherwise each start a thread per core and fight for them.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.launch.world))
-    return spec.launch.join(rank, rank)
+    return spec.launch.join(rank, rank)  # on a CPU it also shares the cores out
 
 
 class VaeMember:
