@@ -102,7 +102,7 @@ phase() {
       # caching alone, DiTFastAttn with the shapes plan at FA_T mapped onto the model (it
       # does not compose with caching); the peers: xfuser compiled, diffusers, xfuser
       # compiled + fbcache, + FP8 (each applied as xfuser's model runner applies them: its
-      # FluxPipeline path ignores both flags, see .peers/bench_xfuser_as_runner.py); last
+      # FluxPipeline path ignores both flags, see bench/peer_xfuser_runner.py); last
       # caching at CACHE_B, compile alone (the base of the cached rows) and caching at
       # CACHE_A decided by the probe (on random weights: no step skipped, the probe's
       # cost alone). Rows in order of need: a phase cut short keeps the first.

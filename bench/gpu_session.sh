@@ -12,7 +12,7 @@
 #   xfuser-uN with any of -compile (--use_torch_compile), -fp8 (--use_fp8_gemms),
 #   -fbcache / -teacache (--cache_method), -runner; e.g. xfuser-u1-compile-fbcache-runner.
 #   xfuser's FluxPipeline path ignores --use_fp8_gemms and --cache_method; -runner runs
-#   .peers/bench_xfuser_as_runner.py, which applies them as xfuser's model runner does
+#   bench/peer_xfuser_runner.py, which applies them as xfuser's model runner does
 #   (FP8 through torchao: the torchao wheel in .whl/extras, on their path only).
 # REPEATS: timed requests per layout (default 2); GANG_ARGS: more bench/gang_gpu.py flags.
 # VAE_RANKS / VAE_SIZES: also time the VAE decode gang (bench/vae_gpu.py).
@@ -84,7 +84,7 @@ for H in ${SIZES-1024}; do  # SIZES="" runs no denoiser sizes (e.g. the VAE alon
           case $part in
             compile) flags="$flags --use_torch_compile" ;;
             fp8) flags="$flags --use_fp8_gemms" ;;
-            runner) script=.peers/bench_xfuser_as_runner.py; path=/tmp/site-extras:/tmp/site ;;
+            runner) script=bench/peer_xfuser_runner.py; path=/tmp/site-extras:/tmp/site ;;
             fbcache|teacache) flags="$flags --cache_method $part" ;;
             *) echo "unknown xfuser variant $part in $P"; continue 2 ;;
           esac
