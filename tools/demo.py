@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -77,6 +78,7 @@ def main() -> int:
                 seed=args.seed,
                 on_progress=progress,
             )
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         paths = result.save(args.out)
     print(
         f"wrote {', '.join(map(str, paths))} (seed {result.seed}, {result.timings.total:.2f} s in the mesh)"
