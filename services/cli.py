@@ -5,7 +5,7 @@ parser and `generate` import only the client SDK; every server piece is imported
 inside the subcommand that needs it, and those subcommands first check that the
 `server` extra is installed, saying so in one line when it is not.
 
-About 530 lines on purpose: every flag of `serve` and `up` (gang, TLS, metrics, video
+About 560 lines on purpose: every flag of `serve` and `up` (gang, TLS, metrics, video
 families in make-tiny) and of fastattn-calibrate is declared here, where an operator
 reads them in one place (the gateway's own live in gateway/flags.py); splitting `up`'s
 flags out is the next step if it grows again.

@@ -24,6 +24,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import grpc
@@ -649,3 +651,20 @@ class FakeMember:
 
     def leave(self) -> bool:
         return True
+
+
+@contextmanager
+def one_cpu_thread() -> Iterator[None]:
+    """One torch thread in this process and (through OMP_NUM_THREADS, read at start) in
+    the processes it starts; both restored after."""
+    threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if env is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = env

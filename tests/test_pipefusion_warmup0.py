@@ -19,8 +19,6 @@ Gang tolerance as the other parallel tests: REL_TOL of the reference's max (floa
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -35,7 +33,7 @@ from ditmesh.denoiser.parallel.pipefusion import sample_pipefusion
 from ditmesh.denoiser.parallel.pipefusion_attention import PatchContext, StaleSelfProcessor
 from ditmesh.denoiser.runner import load_adapter
 
-from .helpers import REL_TOL, flux_jobs, relative_error, sd3_jobs, single
+from .helpers import REL_TOL, flux_jobs, one_cpu_thread, relative_error, sd3_jobs, single
 
 # First-step staleness on the tiny random Flux, 3 steps, 3 patches: about 6e-3 of the
 # latents' max (one warm-up step: about 3e-3). The bound says "close, not wild".
@@ -46,15 +44,8 @@ NO_WARMUP_BOUND = 0.03
 def one_thread():
     """One CPU thread a process, the gangs' workers too (they read OMP_NUM_THREADS at
     start): 4 processes of 2 threads on 2 shared cores mostly wait on each other."""
-    threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    yield
-    torch.set_num_threads(threads)
-    if env is None:
-        del os.environ["OMP_NUM_THREADS"]
-    else:
-        os.environ["OMP_NUM_THREADS"] = env
+    with one_cpu_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

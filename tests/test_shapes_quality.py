@@ -26,12 +26,13 @@ docs/shapes.md (bench/results-2026-11-29-shapes-quality/).
 from __future__ import annotations
 
 import importlib.util
-import os
 import pathlib
 import sys
 
 import pytest
 import torch
+
+from .helpers import one_cpu_thread
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "shapes"
@@ -75,15 +76,8 @@ def one_thread():
     """One CPU thread a process, the gang's workers too (they read OMP_NUM_THREADS at
     start): on a shared 2-core machine two threads a process wait on each other and the
     test takes minutes instead of seconds."""
-    threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    yield
-    torch.set_num_threads(threads)
-    if env is None:
-        del os.environ["OMP_NUM_THREADS"]
-    else:
-        os.environ["OMP_NUM_THREADS"] = env
+    with one_cpu_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
