@@ -192,6 +192,7 @@ def main() -> None:
         "On a shared CPU 1 is far faster: busy threads waiting on each other",
     )
     args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)  # before any work: a run is minutes long
     if args.threads:
         # The environment for the gang's workers (spawned interpreters read it at start).
         os.environ["OMP_NUM_THREADS"] = str(args.threads)

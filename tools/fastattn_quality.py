@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import random
 
 import numpy as np
@@ -48,6 +49,8 @@ def main() -> None:
     ap.add_argument("--save-plans", default="", help="folder to write each plan to")
     args = ap.parse_args()
 
+    if args.save_plans:
+        os.makedirs(args.save_plans, exist_ok=True)  # before any work: a run is minutes long
     model = resolve_model(args.model)
     dev = pick_device(args.device)
     dt = pick_dtype(args.dtype, dev)
