@@ -27,6 +27,7 @@ P=/tmp/plan; L=/tmp/logs
 #   speed2048 issue 20 at 2048x2048, one timed request a row, xfuser compiled, ~9 min
 #   speed2048x what speed2048 leaves out (caching at CACHE_B, compile alone, diffusers)
 #   speed    speed1024 then speed2048 (on a 1-GPU machine)
+#   fp8prof  compile+graphs with and without --fp8 at 1024x1024, profiled, ~4 min
 #   ulysses4 issue 21 on 4 GPUs: the Ulysses exchange in chunks / in FP8, u2r2 compiled,
 #            xfuser's PipeFusion 4 (bf16 buffers) and --use_fp8_comms peers, ~17 min
 #   ulysses2g the same on a 2-GPU machine, ~9 min
@@ -131,6 +132,13 @@ print('torchao', torchao.__version__)" > $L/extras.log 2>&1
       # What speed2048 leaves out: caching at CACHE_B, compile alone, plain diffusers.
       SIZES=2048 LIMIT=300 PEER_LIMIT=300 REPEATS=1 PEERS="diffusers ${SPEED_PEERS:-}" \
         LAYOUTS="single+compile+shapescache${CACHE_B:-0.2} single+compile" bash bench/gpu_session.sh ;;
+    fp8prof)
+      # Where FP8's time goes at 1024x1024: compile+graphs with and without --fp8, each
+      # with its torch.profiler table (kernel time by kind: GEMMs, the activations'
+      # quantisation, attention, the rest).
+      SIZES=1024 PROFILE=1 LIMIT=240 \
+        LAYOUTS="single single+compile+graphs single+compile+graphs+fp8" PEERS="" \
+        bash bench/gpu_session.sh ;;
     speed) phase speed1024; phase speed2048 ;;
     ulysses4)
       # Issue 21, 4 GPUs, 1024x1024, against u4+compile+graphs (the 1.44 s row), each with a
