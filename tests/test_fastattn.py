@@ -307,6 +307,24 @@ def test_compiled_blocks_follow_a_plan_as_eager_ones_do(model_dir, jobs, tmp_pat
     assert compiled_adapter.fast_attn.fraction() < 1.0
 
 
+def test_the_warm_up_runs_the_plans_step_count(model_dir, tmp_path):
+    """Other step counts run every layer in full: a 2-step warm-up would leave the
+    window's compiled kernel to the first user's request."""
+    from ditmesh.denoiser.runner import warmup_job
+
+    model = resolve_model(model_dir)
+    fresh = load_adapter(model, torch.device("cpu"), "float32")
+    assert warmup_job(fresh, model, cfg=False).steps == 2
+    path = str(tmp_path / "plan.json")
+    plan_with(fresh, "window").save(path)
+    state = fastattn.load_and_install(fresh, path)
+    job = warmup_job(fresh, model, cfg=False)
+    assert job.steps == STEPS
+    sample(fresh, job, single_process_mesh())
+    assert state.fraction() < 1.0  # the plan ran, window kernel and all
+    assert warmup_job(fresh, model, cfg=False, steps=3).steps == 3  # asked for: kept
+
+
 # ------------------------------------------------------------ served: one process, dp2, a mesh
 
 

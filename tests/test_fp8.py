@@ -182,6 +182,51 @@ def test_only_the_blocks_linears_convert(cpu_fp8, tiny_flux):
     assert all(".norm" in n for n in kept if n.split(".")[0] in fp8.BLOCK_LISTS)
 
 
+def test_with_fp8_the_weights_cross_to_the_device_one_converted_block_at_a_time(
+    cpu_fp8, tiny_flux, monkeypatch
+):
+    """The runner loads the transformer on the host for --fp8, and apply moves each block
+    just before converting it, the rest after: on a GPU the device never holds the bf16
+    model (on CPU host and device are one, so the order is what can be checked here)."""
+    from ditmesh.denoiser import runner as runner_module
+
+    events: list[tuple[str, str]] = []
+    on_host = []
+    real_load, real_to, real_init = runner_module.load_adapter, nn.Module.to, fp8.Fp8Linear.__init__
+
+    def load(*args, **kwargs):
+        on_host.append(kwargs.get("on_host", False))
+        adapter = real_load(*args, **kwargs)
+        events.clear()  # what follows the load is apply's
+        return adapter
+
+    def to(self, *args, **kwargs):
+        events.append(("to", type(self).__name__))
+        return real_to(self, *args, **kwargs)
+
+    def init(self, linear, granularity):
+        events.append(("fp8", ""))
+        real_init(self, linear, granularity)
+
+    monkeypatch.setattr(runner_module, "load_adapter", load)
+    monkeypatch.setattr(nn.Module, "to", to)
+    monkeypatch.setattr(fp8.Fp8Linear, "__init__", init)
+    runner = runner_module.LocalRunner(resolve_model(tiny_flux), "cpu", "float32", speed=FP8)
+    assert on_host == [True]
+    t = runner.adapter.transformer
+    blocks = len(t.transformer_blocks) + len(t.single_transformer_blocks)
+    moves = [i for i, (kind, _) in enumerate(events) if kind == "to"]
+    assert [events[i][1] for i in moves[:blocks]] == [
+        type(b).__name__ for b in [*t.transformer_blocks, *t.single_transformer_blocks]
+    ]
+    # Each block's move comes right before its own conversions, none before the first.
+    converted = [i for i, (kind, _) in enumerate(events) if kind == "fp8"]
+    assert len(converted) == TINY_FLUX_FP8_LINEARS and moves[0] < converted[0]
+    for start, end in zip(moves[:blocks], moves[1:blocks] + [len(events)], strict=True):
+        assert any(start < i < end for i in converted), events
+    assert runner.adapter.weights_on == runner.adapter.device
+
+
 def test_fuse_qkv_then_fp8_converts_the_fused_projections(cpu_fp8, tiny_flux):
     t = _adapter(tiny_flux, Speedups(fuse_qkv=True, fp8=True)).transformer
     assert isinstance(t.transformer_blocks[0].attn.to_qkv, fp8.Fp8Linear)

@@ -160,6 +160,8 @@ class TransformerAdapterBase:
     family cannot run PipeFusion."""
     pipefusion_stage: Stage | None = None
     """This rank's PipeFusion stage, once attached (the gang's, or the one-rank form)."""
+    fast_attn = None
+    """The DiTFastAttn state installed by --fast-attn (fastattn.FastAttnState), or None."""
 
     def __init__(
         self,

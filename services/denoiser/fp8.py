@@ -28,7 +28,9 @@ PyTorch's row-wise `_scaled_mm` is not promised. Per-tensor activation scales de
 which tokens a rank holds, so there the gang layouts are close to one process, not equal.
 
 What this leaves to others: when to convert (speed.apply, after q/k/v fusion and before
-torch.compile), refusing before weights load (the CLI and the gang call `check`).
+torch.compile; the runners load the weights on the host when --fp8 is on, and apply
+converts each block on its way to the device), refusing before weights load (the CLI and
+the gang call `check`).
 """
 
 from __future__ import annotations
@@ -138,14 +140,20 @@ def eligible(name: str, linear: nn.Linear) -> bool:
     return not in_norm and linear.in_features % 16 == 0 and linear.out_features % 16 == 0
 
 
-def convert_blocks(transformer: nn.Module, granularity: str) -> int:
+def convert_blocks(
+    transformer: nn.Module, granularity: str, device: torch.device | None = None
+) -> int:
     """Replaces the eligible Linears of every repeated block by `Fp8Linear`; returns how many.
 
     The bf16 weights go (a q/k/v fused by --fuse-qkv gets its own FP8 copy of each view,
-    a few percent of the blocks' weights)."""
+    a few percent of the blocks' weights). `device`: each block moves there just before
+    its conversion, so a transformer loaded on the host reaches the GPU with at most one
+    block in bf16 there at a time (the GPU never holds the whole bf16 model)."""
     converted = 0
     for list_name in BLOCK_LISTS:
         for block in getattr(transformer, list_name, ()):
+            if device is not None:
+                block.to(device)
             for name, module in list(block.named_modules()):
                 if type(module) is nn.Linear and eligible(name, module):
                     parent_name, _, child = name.rpartition(".")

@@ -48,7 +48,7 @@ from ditmesh.denoiser.parallel.sequence import attach
 from ditmesh.denoiser.parallel.ulysses import check_fp8_exchange
 from ditmesh.denoiser.runner import load_adapter, warm_up, warmup_job, warmup_sizes
 from ditmesh.denoiser.sampler import sample
-from ditmesh.denoiser.speed import EAGER, Speedups, check_comm_overlap
+from ditmesh.denoiser.speed import EAGER, Speedups, check_comm_overlap, load_on_host
 from ditmesh.denoiser.speed import apply as apply_speedups
 from ditmesh.denoiser.speed import release as release_speedups
 
@@ -110,7 +110,8 @@ class GangMember:
         # A PipeFusion stage keeps a part of the blocks: it loads on the host and drops the
         # others before its weights go to the device, which never holds the whole model.
         staged = spec.parallel.pipefusion > 1
-        self.adapter = load_adapter(self.model, self.device, spec.launch.dtype, on_host=staged)
+        on_host = staged or load_on_host(spec.speed)  # --fp8: converted on the way over
+        self.adapter = load_adapter(self.model, self.device, spec.launch.dtype, on_host=on_host)
         spec.parallel.check_model(heads=self.adapter.heads, family=self.model.family.name)
         self.mesh: RankGroups = build_mesh(
             spec.parallel, rank, spec.launch.world, timeout=spec.launch.timeout
@@ -119,8 +120,7 @@ class GangMember:
         self.adapter.pipefusion_stage = attach_pipefusion(
             self.adapter, self.mesh, self.attached.sp if self.attached else None
         )
-        self.adapter.to_device()
-        self.warm = apply_speedups(self.adapter, spec.speed)
+        self.warm = apply_speedups(self.adapter, spec.speed)  # moves the weights over
 
     def broadcast_job(self, job: DenoiseJob | None) -> DenoiseJob | None:
         """Leader: sends `job` (None = stop). Workers: pass None, get the job."""

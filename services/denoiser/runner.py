@@ -19,7 +19,7 @@ from ditmesh.common.models import ModelRef, load_class, pick_device, pick_dtype
 from ditmesh.denoiser.job import DenoiseJob, PreviewCallback, StepCallback
 from ditmesh.denoiser.parallel.mesh import single_process_mesh
 from ditmesh.denoiser.sampler import Adapter, sample
-from ditmesh.denoiser.speed import EAGER, Speedups
+from ditmesh.denoiser.speed import EAGER, Speedups, load_on_host
 from ditmesh.denoiser.speed import apply as apply_speedups
 
 log = logging.getLogger(__name__)
@@ -47,14 +47,18 @@ def warmup_job(
     model: ModelRef,
     *,
     cfg: bool,
-    steps: int = 2,
+    steps: int = 0,
     size: tuple[int, int] | None = None,
     num_images: int = 1,
 ) -> DenoiseJob:
     """A request at `size` (default: the model's default size) and the default guidance,
     so compiling or capturing happens at start rather than in the first user's request.
     Negative conditioning is always sent: families that guide by default use it; Flux
-    only with `cfg` (true CFG)."""
+    only with `cfg` (true CFG). `steps` 0: 2, or with a DiTFastAttn plan its step count
+    (other counts run every layer in full, so its window kernels would first compile in
+    a user's request)."""
+    if not steps:
+        steps = adapter.fast_attn.plan.steps if adapter.fast_attn is not None else 2
     cond = adapter.warmup_cond()
     cond.update({"negative_" + k: v.clone() for k, v in cond.items()})
     height, width = size or model.family.default_hw
@@ -121,7 +125,7 @@ class LocalRunner:
     ) -> None:
         self.model = model
         sizes = warmup_sizes(model, speed)  # a bad size fails before the model loads
-        self.adapter = load_adapter(model, device, dtype)
+        self.adapter = load_adapter(model, device, dtype, on_host=load_on_host(speed))
         warm = apply_speedups(self.adapter, speed)
         self.mesh = single_process_mesh()
         self._lock = threading.Lock()

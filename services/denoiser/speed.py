@@ -242,8 +242,16 @@ class WithAttentionKernel:
             return self.fn(*args, **kwargs)
 
 
+def load_on_host(speed: Speedups) -> bool:
+    """Whether the transformer should load on the host and reach the device in `apply`:
+    with --fp8 its blocks go over converted, one at a time, so the device's peak is the FP8
+    model's rather than the bf16 one's."""
+    return speed.fp8
+
+
 def apply(adapter, speed: Speedups) -> bool:
-    """Applies `speed` to the adapter's transformer and its `forward` callable.
+    """Applies `speed` to the adapter's transformer and its `forward` callable, moving the
+    weights to the device first if they are still on the host (`load_on_host`).
 
     Returns whether a warm-up request is worth running at start: something compiles
     or captures on first use (CUDA graphs are GPU-only and skipped elsewhere).
@@ -259,9 +267,12 @@ def apply(adapter, speed: Speedups) -> bool:
     if speed.fp8:
         from ditmesh.denoiser import fp8
 
-        granularity = fp8.check(next(transformer.parameters()).device, adapter.dtype)
-        n = fp8.convert_blocks(transformer, granularity)
+        granularity = fp8.check(adapter.device, adapter.dtype)
+        # Weights still on the host (loaded there for --fp8, see load_on_host): each block
+        # goes to the device as it is converted, the rest after.
+        n = fp8.convert_blocks(transformer, granularity, device=adapter.device)
         log.info("fp8: %d Linear layers of the blocks in e4m3 (%s-wise scales)", n, granularity)
+    adapter.to_device()
     if speed.fast_attn:
         from ditmesh.denoiser.fastattn import load_and_install
 
@@ -273,7 +284,7 @@ def apply(adapter, speed: Speedups) -> bool:
         warm = True
     if speed.attention != "auto":
         adapter.forward = WithAttentionKernel(adapter.forward, speed.attention)
-    if speed.cuda_graphs and next(transformer.parameters()).device.type == "cuda":
+    if speed.cuda_graphs and adapter.device.type == "cuda":
         from ditmesh.denoiser.graphs import GraphedForward
 
         adapter.forward = GraphedForward(adapter.forward)
