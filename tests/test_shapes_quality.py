@@ -129,6 +129,23 @@ def _score(ctx, name: str, runner=None):
     return bench.score_latents(ctx["decoder"], latents, ctx["prompts"]), latents, skipped
 
 
+def _job(model, i: int, cond: dict, seed: int):
+    """The job bench/quality.py's run_layout makes for prompt i (128x128, STEPS steps)."""
+    from ditmesh.denoiser.job import DenoiseJob
+
+    return DenoiseJob(
+        request_id=f"q{i}",
+        height=128,
+        width=128,
+        steps=STEPS,
+        guidance=model.default_guidance,
+        true_cfg_scale=1.0,
+        seed=seed,
+        num_images=1,
+        cond=cond,
+    )
+
+
 def _against_exact(ctx, summary, latents) -> dict[str, float]:
     return ctx["bench"].compare(summary, latents, *ctx["reference"])
 
@@ -187,7 +204,6 @@ def test_fastattn_drop_is_bounded(setup):
 
     from ditmesh.denoiser import fastattn
     from ditmesh.denoiser.fastattn_calibrate import calibrate
-    from ditmesh.denoiser.job import DenoiseJob
     from ditmesh.denoiser.parallel.mesh import single_process_mesh
     from ditmesh.denoiser.runner import load_adapter
     from ditmesh.denoiser.sampler import sample
@@ -198,27 +214,15 @@ def test_fastattn_drop_is_bounded(setup):
     captions = [caption(training_scene(rng)) for _ in range(2)]
     cal_conds = setup["bench"].encode(model, cpu, torch.float32, captions)
 
-    def job(i: int, cond: dict, seed: int) -> DenoiseJob:
-        return DenoiseJob(
-            request_id=f"fa{i}",
-            height=128,
-            width=128,
-            steps=STEPS,
-            guidance=model.default_guidance,
-            true_cfg_scale=1.0,
-            seed=seed,
-            num_images=1,
-            cond=cond,
-        )
-
     adapter = load_adapter(model, cpu, "float32")
-    plan = calibrate(adapter, [job(i, c, 500 + i) for i, c in enumerate(cal_conds)], FA_THRESHOLD)
+    cal_jobs = [_job(model, i, c, 500 + i) for i, c in enumerate(cal_conds)]
+    plan = calibrate(adapter, cal_jobs, FA_THRESHOLD)
     state = fastattn.FastAttnState(plan)
     fastattn.install(adapter, state)
     latents, computed = [], []
     try:
         for i, cond in enumerate(setup["conds"]):
-            latents.append(sample(adapter, job(i, cond, SEEDS[i]), single_process_mesh()))
+            latents.append(sample(adapter, _job(model, i, cond, SEEDS[i]), single_process_mesh()))
             computed.append(state.fraction())
     finally:
         fastattn.uninstall(adapter)
@@ -231,7 +235,6 @@ def test_fastattn_drop_is_bounded(setup):
 
 def test_pipefusion_without_warmup_drop_is_bounded(setup):
     """Two patches, no whole-image step, on one process (the gang's computation)."""
-    from ditmesh.denoiser.job import DenoiseJob
     from ditmesh.denoiser.parallel.mesh import ParallelConfig, RankGroups, single_process_mesh
     from ditmesh.denoiser.parallel.pipefusion import sample_pipefusion
     from ditmesh.denoiser.runner import load_adapter
@@ -243,19 +246,7 @@ def test_pipefusion_without_warmup_drop_is_bounded(setup):
     mesh = RankGroups(config=config, rank=0, coords=one.coords, groups=one.groups)
     latents = []
     for i, cond in enumerate(setup["conds"]):
-        # The job bench/quality.py's run_layout makes for prompt i.
-        job = DenoiseJob(
-            request_id=f"q{i}",
-            height=128,
-            width=128,
-            steps=STEPS,
-            guidance=model.default_guidance,
-            true_cfg_scale=1.0,
-            seed=SEEDS[i],
-            num_images=1,
-            cond=cond,
-        )
-        latents.append(sample_pipefusion(adapter, job, mesh))
+        latents.append(sample_pipefusion(adapter, _job(model, i, cond, SEEDS[i]), mesh))
     summary = setup["bench"].score_latents(setup["decoder"], latents, setup["prompts"])
     got = _against_exact(setup, summary, latents)
     assert got["drop_points"] <= PF_DROP, got
