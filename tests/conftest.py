@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny Flux model built offline, and real meshes on loopback."""
+"""Shared fixtures: a tiny Flux model built offline, and real meshes on loopback; one torch
+thread a process under pytest-xdist."""
 
 from __future__ import annotations
 
@@ -10,7 +11,20 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Under pytest-xdist (`make test` runs two workers on the two cores), each worker and every
+# process it starts computes on one torch thread: two workers that each spin a thread per
+# core wait on each other's threads, which makes them slower than one worker alone.
+# OMP_NUM_THREADS is read when torch and each child start, so it is set before the import.
+UNDER_XDIST = "PYTEST_XDIST_WORKER" in os.environ
+if UNDER_XDIST:
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+import torch  # noqa: E402
+
 from .helpers import InProcessMesh, UpProcess  # noqa: E402
+
+if UNDER_XDIST:
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
