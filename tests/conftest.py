@@ -3,7 +3,11 @@ thread a process under pytest-xdist."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -25,6 +29,44 @@ from .helpers import InProcessMesh, UpProcess  # noqa: E402
 
 if UNDER_XDIST:
     torch.set_num_threads(1)
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "alone: under pytest-xdist, runs while no other worker runs a test (its timings "
+        "assume the machine's cores are its own)",
+    )
+
+
+@contextmanager
+def _turn(item) -> Iterator[None]:
+    """A readers-writer lock across the xdist workers of one run, on two files: a test marked
+    `alone` holds the run lock exclusively, every other test holds it shared. The gate is a
+    turnstile: an `alone` test holds it while it waits and runs, so the other worker, which
+    takes the gate on its way to every test, cannot keep the run lock shared forever."""
+    base = os.path.join(
+        tempfile.gettempdir(), f"ditmesh-tests-{item.config.workerinput['testrunuid']}"
+    )
+    alone = item.get_closest_marker("alone") is not None
+    with open(base + ".gate", "a") as gate, open(base + ".run", "a") as run:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(run, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        finally:
+            if not alone:
+                fcntl.flock(gate, fcntl.LOCK_UN)
+        yield  # closing the files releases what is still held
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Setup, call and teardown of each test (so a module's mesh starting or stopping too)
+    under the workers' lock; without xdist, nothing to share."""
+    if not UNDER_XDIST:
+        return (yield)
+    with _turn(item):
+        return (yield)
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,9 @@
 
 Each stage is a `ditmesh serve` child process (so a stage can be killed, frozen with
 SIGSTOP and restarted on its port); the gateway runs in this process so its queues
-can be inspected. Stage processes use one CPU thread each, leaving the gateway a core.
+can be inspected. Stage processes use one CPU thread each, leaving the gateway a core;
+under pytest-xdist each test runs while the other worker waits (`alone`), since admission
+and the one-second bounds here are measured against that.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from ditmesh.gateway.settings import GatewayConfig, QueueLimits, WatchdogPolicy
 
 from .helpers import ProcessMesh, Stage, health, request, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.alone]
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
