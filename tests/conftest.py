@@ -15,7 +15,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# Under pytest-xdist (`make test` runs two workers on the two cores), each worker and every
+# Under pytest-xdist (`-n 2 --dist loadfile`: two workers on two cores), each worker and every
 # process it starts computes on one torch thread: two workers that each spin a thread per
 # core wait on each other's threads, which makes them slower than one worker alone.
 # OMP_NUM_THREADS is read when torch and each child start, so it is set before the import.
