@@ -129,9 +129,11 @@ print('torchao', torchao.__version__)" > $L/extras.log 2>&1
         single+compile+graphs+fp8 single+compile+fp8+shapescache$a single+compile+shapesfa$f \
         single+compile+shapescache$a" PEERS="xfuser-u1-compile" bash bench/gpu_session.sh ;;
     speed2048x)
-      # What speed2048 leaves out: caching at CACHE_B, compile alone, plain diffusers.
+      # What speed2048 leaves out: caching at CACHE_B, compile alone, plain diffusers; with
+      # compile + graphs again so the peers' ratios at 2048 come from the same call.
       SIZES=2048 LIMIT=300 PEER_LIMIT=300 REPEATS=1 PEERS="diffusers ${SPEED_PEERS:-}" \
-        LAYOUTS="single+compile+shapescache${CACHE_B:-0.2} single+compile" bash bench/gpu_session.sh ;;
+        LAYOUTS="single+compile+graphs single+compile+shapescache${CACHE_B:-0.2} single+compile" \
+        bash bench/gpu_session.sh ;;
     fp8prof)
       # Where FP8's time goes at 1024x1024: compile+graphs with and without --fp8, each
       # with its torch.profiler table (kernel time by kind: GEMMs, the activations'
