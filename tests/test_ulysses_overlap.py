@@ -161,6 +161,18 @@ def test_fp8_wire_format_round_trip(dtype):
     assert not torch.equal(back, x)  # really quantised
 
 
+def test_scale_bytes_do_not_depend_on_the_stride_of_the_size_one_dim():
+    # The compiler may lay a [..., 1] amax out with any stride on its last dim (seen on
+    # an H200: 55296), and a dtype view of such a dim is refused; the bytes must be the
+    # float32's either way.
+    scales = torch.tensor([1.5, -2.0, 3.25e-5], dtype=torch.float32)
+    odd = torch.empty_strided((3, 1), (1, 55296)).copy_(scales.view(3, 1))
+    assert odd.stride() == (1, 55296)
+    out = U.scale_bytes(odd)
+    assert out.shape == (3, 4) and out.dtype == torch.uint8
+    assert torch.equal(out.view(torch.float32).view(3), scales)
+
+
 # ------------------------------------------------------------ gangs (slow)
 
 

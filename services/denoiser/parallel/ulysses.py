@@ -134,7 +134,13 @@ def pack_fp8(x: torch.Tensor) -> torch.Tensor:
     amax = x.abs().amax(dim=-1, keepdim=True).float()
     scale = (amax / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
     values = (x.float() / scale).to(FP8).view(torch.uint8)
-    return torch.cat([values, scale.view(torch.uint8)], dim=-1)
+    return torch.cat([values, scale_bytes(scale)], dim=-1)
+
+
+def scale_bytes(scale: torch.Tensor) -> torch.Tensor:
+    """[..., 1] float32 -> [..., 4] uint8. Flattened first: the compiler may give the
+    size-1 last dim any stride, and a dtype view needs it to be 1."""
+    return scale.reshape(-1).view(torch.uint8).view(*scale.shape[:-1], 4)
 
 
 def unpack_fp8(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
