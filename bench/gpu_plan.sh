@@ -31,6 +31,7 @@ P=/tmp/plan; L=/tmp/logs
 #   ulysses4 issue 21 on 4 GPUs: the Ulysses exchange in chunks / in FP8, u2r2 compiled,
 #            xfuser's PipeFusion 4 (bf16 buffers) and --use_fp8_comms peers, ~17 min
 #   ulysses2g the same on a 2-GPU machine, ~9 min
+#   fp8comm2g the FP8 exchange alone on 2 GPUs with xfuser's --use_fp8_comms, ~6 min
 # and for a 2-GPU machine:
 #   pf2g     PipeFusion-2 (eager) against one GPU and xfuser's PipeFusion-2, 1024x1024
 #   vae2g    the VAE decode at M = 1, 2 from 4096 to 8192 (the largest size each M reaches)
@@ -162,6 +163,11 @@ print('torchao', torchao.__version__)" > $L/extras.log 2>&1
         u2+compile+graphs+chunks2 u2+compile+graphs+chunks4 u2+compile+graphs+fp8comm \
         u2+compile+graphs+chunks2+fp8comm" PEERS="" bash bench/gpu_session.sh
       xpeers 1024 "xfuser-pf2-bf16:2:--pipefusion_parallel_degree 2" ;;
+    fp8comm2g)
+      # The FP8 exchange on 2 GPUs against its base in the same call, then xfuser's.
+      SIZES=1024 PROFILE=1 PEER_LIMIT=240 LAYOUTS="single u2+compile+graphs \
+        u2+compile+graphs+fp8comm" PEERS="" bash bench/gpu_session.sh
+      xpeers 1024 "xfuser-u2-compile-fp8comms:2:--ulysses_degree 2 --use_torch_compile --use_fp8_comms" ;;
     *) echo "unknown phase $1" ;;
   esac
 }
