@@ -59,7 +59,7 @@ demo: install
 	@echo "image written to $(DEMO_DIR)/demo.png"
 
 test: install chart-tools
-	$(PY) -m pytest -q --durations=30 tests
+	$(PY) -m pytest -q --durations=30 -n 2 --dist loadfile tests
 
 # Unit tests only (no processes, no meshes): under a minute.
 test-fast: install chart-tools

@@ -625,6 +625,7 @@ def test_the_gateway_serves_while_the_api_server_is_gone_and_scales_once_it_is_b
     assert code == 0, gw.log()[-3000:]
 
 
+@pytest.mark.alone  # bounds how long the gateway takes to stop
 def test_a_hung_api_server_neither_stops_serving_nor_holds_up_the_gateways_exit(
     k8s, stages, tmp_path
 ):

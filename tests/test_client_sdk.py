@@ -360,6 +360,7 @@ def test_status_codes_map_to_errors_with_the_servers_sentence(peer, client, code
     assert info.value.__cause__ is None and len(peer.requests) == 1
 
 
+@pytest.mark.alone  # bounds the wall time of a deadline
 def test_client_deadline_raises_deadline_exceeded(peer, client):
     peer.streams = [[*progress_events()[:1], Pause(3.0)]]
     started = time.monotonic()

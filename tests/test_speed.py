@@ -222,6 +222,7 @@ def test_fused_qkv_and_math_kernel_in_a_ulysses_gang_match_the_single_process(
     assert err <= REL_TOL, f"u2 with {speed.describe()}: relative error {err:.2e}"
 
 
+@pytest.mark.alone  # bounds a wall time
 def test_leave_process_group_without_a_group_is_true():
     assert not dist.is_initialized()
     start = time.monotonic()
@@ -229,6 +230,7 @@ def test_leave_process_group_without_a_group_is_true():
     assert time.monotonic() - start < 1.0
 
 
+@pytest.mark.alone  # bounds a wall time
 def test_leave_process_group_gives_up_on_a_blocked_teardown(monkeypatch):
     entered, unblock = threading.Event(), threading.Event()
 

@@ -205,6 +205,7 @@ def test_generate_cli_over_tls(tls_mesh, pki, tmp_path, capsys):
     assert "Traceback" not in err
 
 
+@pytest.mark.alone  # bounds the wall time of a refused handshake
 def test_sdk_with_the_wrong_ca_fails_at_once_and_says_why(tls_mesh, pki):
     gateway, _ = tls_mesh
     t0 = time.monotonic()

@@ -171,6 +171,7 @@ def test_sigterm_drains_the_request_in_flight_and_the_queued_one(up):
     assert not [p for p in up.children if alive(p)]
 
 
+@pytest.mark.alone  # bounds how long the stop takes
 def test_second_ctrl_c_stops_everything_at_once(up):
     running = Request(up.address, seed=3, wait_for="step", steps=500)  # the most it takes
     assert running.started.wait(60), up.log()
