@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import io
-import multiprocessing as mp
 import os
 import pathlib
 import re
@@ -122,35 +121,6 @@ def _rank_main(
         dist.destroy_process_group()
 
 
-# What a rank of the gangs below imports before its first collective; their ranks fork from
-# one server per test process that imported these once (see spawn_ranks).
-GANG_PRELOAD = ["tests.helpers", "diffusers.models.transformers"]
-
-
-def spawn_ranks(fn, args: tuple, nprocs: int) -> None:
-    """`torch.multiprocessing.spawn`, but each rank forks from a forkserver that has already
-    imported torch, diffusers' transformers and ditmesh: importing them is most of a rank's
-    start-up on a small CPU machine, paid here once per test process instead of per rank.
-    The services' own gangs start as their users' do (their tests cover that path).
-
-    A forked rank has the server's environment, not this process's now, so the caller's
-    (a test's monkeypatched variables included) is handed over and set first."""
-    mp.get_context("forkserver").set_forkserver_preload(GANG_PRELOAD)
-    tmp.start_processes(
-        _with_environ,
-        args=(dict(os.environ), fn, args),
-        nprocs=nprocs,
-        join=True,
-        start_method="forkserver",
-    )
-
-
-def _with_environ(rank: int, environ: dict[str, str], fn, args: tuple) -> None:
-    os.environ.clear()
-    os.environ.update(environ)
-    fn(rank, *args)
-
-
 def spawn_layouts(
     model_dir: str,
     jobs: list[DenoiseJob],
@@ -163,10 +133,11 @@ def spawn_layouts(
 
     out_path = str(tmp_path / f"world{world}.pt")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    spawn_ranks(
+    tmp.spawn(
         _rank_main,
-        (world, free_port(), model_dir, jobs, layouts or LAYOUTS[world], out_path, speed),
-        world,
+        args=(world, free_port(), model_dir, jobs, layouts or LAYOUTS[world], out_path, speed),
+        nprocs=world,
+        join=True,
     )
     return torch.load(out_path)
 

@@ -14,6 +14,7 @@ import grpc
 import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as tmp
 
 from ditmesh.common import codec
 from ditmesh.common.gangs import (
@@ -25,7 +26,7 @@ from ditmesh.common.gangs import (
 )
 from ditmesh.v1 import denoiser_pb2, denoiser_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 
-from .helpers import UpProcess, decode_events, max_diff, reference, spawn_ranks
+from .helpers import UpProcess, decode_events, max_diff, reference
 
 
 @pytest.fixture(scope="module")
@@ -304,7 +305,7 @@ def _broadcast_rank(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_broadcast_tensor_dict_round_trip_on_two_processes(tmp_path):
-    spawn_ranks(_broadcast_rank, (free_port(), str(tmp_path)), 2)
+    tmp.spawn(_broadcast_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         out = torch.load(tmp_path / f"{rank}.pt")
         (header, tensors), (got_header, got) = out["sent"], out["got"]

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as tmp
 
 from ditmesh.common.errors import InvalidArgument
 from ditmesh.common.models import resolve_model
@@ -58,7 +59,6 @@ from .helpers import (
     pixart_jobs,
     relative_error,
     single,
-    spawn_ranks,
 )
 
 
@@ -128,7 +128,12 @@ def spawn(model_dir, jobs, world, layouts, tmp_path):
 
     out_path = str(tmp_path / f"pf{world}.pt")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    spawn_ranks(_rank_main, (world, free_port(), model_dir, jobs, layouts, out_path), world)
+    tmp.spawn(
+        _rank_main,
+        args=(world, free_port(), model_dir, jobs, layouts, out_path),
+        nprocs=world,
+        join=True,
+    )
     return torch.load(out_path)
 
 

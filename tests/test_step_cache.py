@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as tmp
 
 from ditmesh.common.models import resolve_model
 from ditmesh.denoiser import step_cache
@@ -18,7 +19,7 @@ from ditmesh.denoiser.parallel.sequence import attach
 from ditmesh.denoiser.runner import load_adapter
 from ditmesh.denoiser.sampler import sample
 
-from .helpers import LAYOUTS, REL_TOL, flux_jobs, join_gloo, relative_error, spawn_ranks
+from .helpers import LAYOUTS, REL_TOL, flux_jobs, join_gloo, relative_error
 
 STEPS = 8
 # On the tiny random Flux the probe's rel lies between 0.33 and 0.5 at every step: 0.4
@@ -214,7 +215,12 @@ def test_gloo_layouts_make_the_single_process_decisions(
     assert any(any(p) for p in want_patterns)
     out_path = str(tmp_path / f"world{world}.pt")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    spawn_ranks(_rank_main, (world, free_port(), tiny_flux_dir, jobs, out_path), world)
+    tmp.spawn(
+        _rank_main,
+        args=(world, free_port(), tiny_flux_dir, jobs, out_path),
+        nprocs=world,
+        join=True,
+    )
     results = torch.load(out_path)
     assert set(results) == set(LAYOUTS[world])
     for layout, (latents, patterns) in results.items():
