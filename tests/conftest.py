@@ -31,14 +31,6 @@ if UNDER_XDIST:
     torch.set_num_threads(1)
 
 
-def pytest_configure(config) -> None:
-    config.addinivalue_line(
-        "markers",
-        "alone: under pytest-xdist, runs while no other worker runs a test (its timings "
-        "assume the machine's cores are its own)",
-    )
-
-
 @contextmanager
 def _turn(item) -> Iterator[None]:
     """A readers-writer lock across the xdist workers of one run, on two files: a test marked

@@ -138,9 +138,9 @@ def pack_fp8(x: torch.Tensor) -> torch.Tensor:
 
 
 def scale_bytes(scale: torch.Tensor) -> torch.Tensor:
-    """[..., 1] float32 -> [..., 4] uint8. Flattened first: the compiler may give the
-    size-1 last dim any stride, and a dtype view needs it to be 1."""
-    return scale.reshape(-1).view(torch.uint8).view(*scale.shape[:-1], 4)
+    """[..., 1] float32 -> [..., SCALE_BYTES] uint8. Flattened first: the compiler may give
+    the size-1 last dim any stride, and a dtype view needs it to be 1."""
+    return scale.reshape(-1).view(torch.uint8).view(*scale.shape[:-1], SCALE_BYTES)
 
 
 def unpack_fp8(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
